@@ -1,0 +1,21 @@
+# `make demo` and `make test` do all set-up themselves (scripts/install.sh, once per checkout).
+PYTHON ?= python
+
+.PHONY: install demo test test-fast bench
+
+.installed: setup.cfg pyproject.toml scripts/install.sh
+	PYTHON=$(PYTHON) bash scripts/install.sh
+
+install: .installed
+
+demo: .installed
+	$(PYTHON) -m hf_lrp_surgery.cli report --output runs/report
+
+test: .installed
+	$(PYTHON) -m pytest -q
+
+test-fast: .installed
+	$(PYTHON) -m pytest -q -m "not e2e"
+
+bench: .installed
+	$(PYTHON) benchmarks/relevance_speed.py

@@ -1,0 +1,23 @@
+"""The relevance engine: AttnLRP rules, architecture registry, collectors (no knowledge of pruning).
+
+References: Achtibat et al., "AttnLRP: Attention-Aware Layer-wise Relevance Propagation for
+Transformers", ICML 2024 (arXiv 2402.05602); Arras et al., arXiv 2502.15886 (LRP as modified
+gradient x input).
+"""
+
+from hf_lrp_surgery.lrp.architectures import REGISTRY, resolve, supported_model_types
+from hf_lrp_surgery.lrp.attach import LRPRules
+from hf_lrp_surgery.lrp.collect import COMPONENTS, ReferenceSample, as_samples, collect_relevance
+from hf_lrp_surgery.lrp.result import RelevanceResult
+
+__all__ = [
+    "COMPONENTS",
+    "LRPRules",
+    "REGISTRY",
+    "ReferenceSample",
+    "RelevanceResult",
+    "as_samples",
+    "collect_relevance",
+    "resolve",
+    "supported_model_types",
+]

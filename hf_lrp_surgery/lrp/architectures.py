@@ -1,0 +1,433 @@
+"""The architecture registry: one declarative entry per ``config.model_type``.
+
+An entry names, relative to the causal-LM module, where the decoder blocks, embeddings and head
+live, and relative to a decoder block, where the attention projections and the MLP are. It also
+lists the activation and norm classes the engine knows how to treat. :func:`resolve` binds an entry
+to a model instance and checks that every activation and norm module in the model is one the entry
+handles; anything else is an :class:`~hf_lrp_surgery.exceptions.UnsupportedArchitectureError`
+naming the class, never a silently wrong relevance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal, Mapping
+
+import torch
+from torch import nn
+
+from hf_lrp_surgery.exceptions import UnsupportedArchitectureError
+
+__all__ = [
+    "ArchitectureSpec",
+    "LayerModules",
+    "PrunableModule",
+    "ResolvedArchitecture",
+    "REGISTRY",
+    "resolve",
+    "supported_model_types",
+    "unwrap_model",
+]
+
+NormKind = Literal["rms", "rms_one_plus", "layernorm"]
+MLPKind = Literal["gated", "plain"]
+Orientation = Literal["linear", "conv1d"]
+
+_LLAMA_STYLE_ACTS = MappingProxyType({"SiLUActivation": "silu", "SiLU": "silu"})
+_GEMMA_ACTS = MappingProxyType({"GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh"})
+_OPT_ACTS = MappingProxyType({"ReLU": "relu", "GELUActivation": "gelu", "GELU": "gelu"})
+_GPT2_ACTS = MappingProxyType(
+    {
+        "NewGELUActivation": "gelu_tanh",
+        "GELUTanh": "gelu_tanh",
+        "GELUActivation": "gelu",
+        "ReLU": "relu",
+        "QuickGELUActivation": "quick_gelu",
+    }
+)
+_LAYERNORM = MappingProxyType({"LayerNorm": "layernorm"})
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """Where things are in one model family.
+
+    Paths to the model-level modules are relative to the causal-LM module; paths to the block-level
+    modules are relative to one decoder block.
+
+    Attributes:
+        model_type: The ``config.model_type`` this entry serves.
+        decoder_layers: Path of the ``ModuleList`` of decoder blocks.
+        token_embedding: Path of the token embedding.
+        position_embedding: Path of a learned position embedding (OPT, GPT-2), else ``None``.
+        q_proj, k_proj, v_proj: Separate query/key/value projections (``None`` when fused).
+        qkv_proj: A fused q|k|v projection (GPT-2's ``c_attn``), else ``None``.
+        o_proj: The attention output projection (its input holds the per-head outputs).
+        mlp_kind: ``"gated"`` (``down(act(gate(x)) * up(x))``) or ``"plain"`` (``out(act(in(x)))``).
+        mlp_in: The MLP's input projections: ``(gate, up)`` for gated, ``(in,)`` for plain.
+        mlp_act: The MLP's activation module.
+        mlp_out: The MLP's output projection (its input holds the neurons).
+        activations: Activation class name -> rule kind (a key of ``ACTIVATION_RATIOS``).
+        norms: Norm class name -> norm kind.
+        orientation: ``"linear"`` for ``nn.Linear`` weights ``[out, in]``, ``"conv1d"`` for GPT-2's
+            ``Conv1D`` weights ``[in, out]``.
+        unsupported_config: Config attributes that add a non-linearity the engine has no rule for;
+            a non-``None`` value is refused.
+        module_roots: Paths of the submodules a text forward runs through, whose activation and norm
+            modules get rules (``""``: the whole model). Gemma 3's multimodal model lists its language
+            model and head, so that its vision tower (never run on text) does not have to be supported.
+    """
+
+    model_type: str
+    decoder_layers: str
+    token_embedding: str
+    o_proj: str
+    mlp_kind: MLPKind
+    mlp_in: tuple[str, ...]
+    mlp_act: str
+    mlp_out: str
+    activations: Mapping[str, str]
+    norms: Mapping[str, NormKind]
+    position_embedding: str | None = None
+    q_proj: str | None = None
+    k_proj: str | None = None
+    v_proj: str | None = None
+    qkv_proj: str | None = None
+    orientation: Orientation = "linear"
+    unsupported_config: tuple[str, ...] = ()
+    module_roots: tuple[str, ...] = ("",)
+
+    def __post_init__(self) -> None:
+        separate = all(p is not None for p in (self.q_proj, self.k_proj, self.v_proj))
+        if separate == (self.qkv_proj is not None):
+            raise ValueError(f"{self.model_type}: give either q/k/v projections or a fused qkv_proj")
+        expected = 2 if self.mlp_kind == "gated" else 1
+        if len(self.mlp_in) != expected:
+            raise ValueError(f"{self.model_type}: a {self.mlp_kind} MLP has {expected} input projection(s)")
+
+    @property
+    def attention_projections(self) -> tuple[str, ...]:
+        """The block-relative paths of the q/k/v projection(s)."""
+        if self.qkv_proj is not None:
+            return (self.qkv_proj,)
+        return (self.q_proj, self.k_proj, self.v_proj)  # type: ignore[return-value]
+
+    @property
+    def prunable(self) -> tuple[str, ...]:
+        """Block-relative paths of every prunable weight, attention first, then MLP."""
+        return (*self.attention_projections, self.o_proj, *self.mlp_in, self.mlp_out)
+
+
+def _llama_like(model_type: str, *, acts: Mapping[str, str] = _LLAMA_STYLE_ACTS, norm_class: str,
+                norm_kind: NormKind = "rms", prefix: str = "model",
+                unsupported: tuple[str, ...] = (), module_roots: tuple[str, ...] = ("",)) -> ArchitectureSpec:
+    return ArchitectureSpec(
+        model_type=model_type,
+        decoder_layers=f"{prefix}.layers",
+        token_embedding=f"{prefix}.embed_tokens",
+        q_proj="self_attn.q_proj",
+        k_proj="self_attn.k_proj",
+        v_proj="self_attn.v_proj",
+        o_proj="self_attn.o_proj",
+        mlp_kind="gated",
+        mlp_in=("mlp.gate_proj", "mlp.up_proj"),
+        mlp_act="mlp.act_fn",
+        mlp_out="mlp.down_proj",
+        activations=acts,
+        norms=MappingProxyType({norm_class: norm_kind}),
+        unsupported_config=unsupported,
+        module_roots=module_roots,
+    )
+
+
+_OPT = ArchitectureSpec(
+    model_type="opt",
+    decoder_layers="model.decoder.layers",
+    token_embedding="model.decoder.embed_tokens",
+    position_embedding="model.decoder.embed_positions",
+    q_proj="self_attn.q_proj",
+    k_proj="self_attn.k_proj",
+    v_proj="self_attn.v_proj",
+    o_proj="self_attn.out_proj",
+    mlp_kind="plain",
+    mlp_in=("fc1",),
+    mlp_act="activation_fn",
+    mlp_out="fc2",
+    activations=_OPT_ACTS,
+    norms=_LAYERNORM,
+)
+
+_GPT2 = ArchitectureSpec(
+    model_type="gpt2",
+    decoder_layers="transformer.h",
+    token_embedding="transformer.wte",
+    position_embedding="transformer.wpe",
+    qkv_proj="attn.c_attn",
+    o_proj="attn.c_proj",
+    mlp_kind="plain",
+    mlp_in=("mlp.c_fc",),
+    mlp_act="mlp.act",
+    mlp_out="mlp.c_proj",
+    activations=_GPT2_ACTS,
+    norms=_LAYERNORM,
+    orientation="conv1d",
+)
+
+_GEMMA_SOFTCAP = ("attn_logit_softcapping", "final_logit_softcapping")
+
+#: ``config.model_type`` -> entry.
+REGISTRY: Mapping[str, ArchitectureSpec] = MappingProxyType(
+    {
+        "llama": _llama_like("llama", norm_class="LlamaRMSNorm"),
+        "qwen2": _llama_like("qwen2", norm_class="Qwen2RMSNorm"),
+        "qwen3": _llama_like("qwen3", norm_class="Qwen3RMSNorm"),
+        "gemma3_text": _llama_like(
+            "gemma3_text", acts=_GEMMA_ACTS, norm_class="Gemma3RMSNorm", norm_kind="rms_one_plus",
+            unsupported=_GEMMA_SOFTCAP,
+        ),
+        "gemma3": _llama_like(
+            "gemma3", acts=_GEMMA_ACTS, norm_class="Gemma3RMSNorm", norm_kind="rms_one_plus",
+            prefix="model.language_model", unsupported=_GEMMA_SOFTCAP,
+            module_roots=("model.language_model", "lm_head"),
+        ),
+        "opt": _OPT,
+        "gpt2": _GPT2,
+    }
+)
+
+
+def supported_model_types() -> list[str]:
+    """The ``model_type`` values the engine supports, sorted."""
+    return sorted(REGISTRY)
+
+
+@dataclass(frozen=True)
+class PrunableModule:
+    """One prunable weight of a decoder block.
+
+    Attributes:
+        name: The module's full name in the model (``model.layers.3.mlp.down_proj``).
+        layer: The decoder block index.
+        role: The block-relative path (``mlp.down_proj``).
+        module: The module itself.
+        orientation: ``"linear"`` (weight ``[out, in]``) or ``"conv1d"`` (weight ``[in, out]``).
+    """
+
+    name: str
+    layer: int
+    role: str
+    module: nn.Module
+    orientation: Orientation
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The module's weight parameter."""
+        return self.module.weight
+
+
+@dataclass(frozen=True)
+class LayerModules:
+    """The modules of one decoder block that the engine attaches to."""
+
+    index: int
+    attention_projections: tuple[nn.Module, ...]
+    o_proj: nn.Module
+    mlp_act: nn.Module
+    mlp_out: nn.Module
+
+
+@dataclass(frozen=True)
+class ResolvedArchitecture:
+    """An :class:`ArchitectureSpec` bound to one model instance.
+
+    Attributes:
+        spec: The registry entry.
+        model: The causal-LM module (PEFT wrappers removed).
+        layers: Per decoder block, the modules the rules and collectors use.
+        prunable: Every prunable weight of every block, in block order.
+        activations: ``(module, kind)`` for every activation module in the model.
+        norms: ``(module, kind)`` for every norm module in the model.
+        token_embedding, position_embedding: The embedding modules.
+        num_heads, head_dim, num_kv_heads: Attention geometry (from the o_proj width and config).
+        num_neurons: MLP width (neurons per block).
+        max_positions: The model's context length, if the config states it.
+    """
+
+    spec: ArchitectureSpec
+    model: nn.Module
+    layers: tuple[LayerModules, ...]
+    prunable: tuple[PrunableModule, ...]
+    activations: tuple[tuple[nn.Module, str], ...]
+    norms: tuple[tuple[nn.Module, NormKind], ...]
+    token_embedding: nn.Module
+    position_embedding: nn.Module | None
+    num_heads: int
+    head_dim: int
+    num_kv_heads: int
+    num_neurons: int
+    max_positions: int | None = field(default=None)
+
+    @property
+    def num_layers(self) -> int:
+        """Number of decoder blocks."""
+        return len(self.layers)
+
+    def qkv_split(self) -> tuple[int, int, int]:
+        """Widths of the q, k and v outputs (the split of a fused projection)."""
+        kv = self.num_kv_heads * self.head_dim
+        return self.num_heads * self.head_dim, kv, kv
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Return the causal-LM module inside a PEFT wrapper (or ``model`` itself).
+
+    Args:
+        model: A ``PreTrainedModel`` or a ``peft.PeftModel`` around one.
+
+    Returns:
+        The module whose ``config.model_type`` names the architecture.
+    """
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base) and hasattr(model, "peft_config"):
+        return get_base()
+    return model
+
+
+def _weight_module(module: nn.Module) -> nn.Module:
+    """The module that owns the weight: a PEFT layer's ``base_layer`` or the module itself."""
+    return getattr(module, "base_layer", module)
+
+
+def _looks_like_activation(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__module__ in ("transformers.activations", "torch.nn.modules.activation") and not isinstance(
+        module, (nn.Softmax, nn.MultiheadAttention)
+    )
+
+
+def _looks_like_norm(module: nn.Module) -> bool:
+    name = type(module).__name__
+    return "Norm" in name and not name.endswith(("Model", "Layer"))
+
+
+def _get(root: nn.Module, path: str, model_type: str) -> nn.Module:
+    try:
+        return root.get_submodule(path)
+    except AttributeError as err:
+        raise UnsupportedArchitectureError(
+            f"model_type {model_type!r}: expected a module at {path!r} but the model has none; "
+            "this model's layout differs from the registry entry (open an issue with the model id)"
+        ) from err
+
+
+def resolve(model: nn.Module) -> ResolvedArchitecture:
+    """Bind the registry entry for ``model.config.model_type`` to ``model``.
+
+    Args:
+        model: A causal LM (``...ForCausalLM`` or ``Gemma3ForConditionalGeneration``), optionally
+            wrapped by PEFT.
+
+    Returns:
+        The resolved modules and geometry.
+
+    Raises:
+        UnsupportedArchitectureError: The model type has no entry; a config option adds a
+            non-linearity without a rule (e.g. Gemma logit soft-capping); or an activation or norm
+            module of a class the entry does not handle was found (the message names it).
+
+    Example:
+        >>> arch = resolve(model)  # doctest: +SKIP
+        >>> arch.num_layers, arch.num_neurons, arch.num_heads  # doctest: +SKIP
+        (30, 1536, 9)
+    """
+    model = unwrap_model(model)
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    spec = REGISTRY.get(model_type)  # type: ignore[arg-type]
+    if spec is None:
+        raise UnsupportedArchitectureError(
+            f"model_type {model_type!r} is not supported by the relevance engine; supported: "
+            f"{', '.join(supported_model_types())}. Adding one is a new entry in "
+            "hf_lrp_surgery/lrp/architectures.py with its activation and norm classes."
+        )
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in spec.unsupported_config:
+        if getattr(text_config, key, None) is not None:
+            raise UnsupportedArchitectureError(
+                f"model_type {model_type!r} with {key}={getattr(text_config, key)!r}: the tanh soft-capping "
+                f"has no LRP rule in this engine; set config.{key} = None only if the model was trained without it"
+            )
+
+    activations: list[tuple[nn.Module, str]] = []
+    norms: list[tuple[nn.Module, NormKind]] = []
+    scanned = [(_get(model, root, spec.model_type) if root else model, root) for root in spec.module_roots]
+    for path, module in (named for scope, root in scanned for named in scope.named_modules(prefix=root)):
+        cls_name = type(module).__name__
+        if cls_name in spec.activations:
+            activations.append((module, spec.activations[cls_name]))
+        elif cls_name in spec.norms:
+            norms.append((module, spec.norms[cls_name]))
+        elif _looks_like_activation(module) or _looks_like_norm(module):
+            raise UnsupportedArchitectureError(
+                f"{model_type}: module {path!r} is a {type(module).__module__}.{cls_name}, which the "
+                f"registry entry does not handle (activations: {sorted(spec.activations)}, norms: "
+                f"{sorted(spec.norms)}). Add its rule to the entry, or use a model with supported classes."
+            )
+
+    blocks = _get(model, spec.decoder_layers, spec.model_type)
+    layers: list[LayerModules] = []
+    prunable: list[PrunableModule] = []
+    for index, block in enumerate(blocks):
+        act = _get(block, spec.mlp_act, spec.model_type)
+        if type(act).__name__ not in spec.activations:
+            raise UnsupportedArchitectureError(
+                f"{model_type}: the MLP activation of block {index} is a {type(act).__name__}, which has no "
+                f"identity rule here (known: {sorted(spec.activations)})"
+            )
+        layers.append(
+            LayerModules(
+                index=index,
+                attention_projections=tuple(_get(block, p, spec.model_type) for p in spec.attention_projections),
+                o_proj=_get(block, spec.o_proj, spec.model_type),
+                mlp_act=act,
+                mlp_out=_get(block, spec.mlp_out, spec.model_type),
+            )
+        )
+        for role in spec.prunable:
+            prunable.append(
+                PrunableModule(
+                    name=f"{spec.decoder_layers}.{index}.{role}",
+                    layer=index,
+                    role=role,
+                    module=_weight_module(_get(block, role, spec.model_type)),
+                    orientation=spec.orientation,
+                )
+            )
+
+    num_heads = int(text_config.num_attention_heads)
+    o_width = _in_features(layers[0].o_proj, spec.orientation)
+    head_dim = o_width // num_heads
+    num_kv_heads = int(getattr(text_config, "num_key_value_heads", None) or num_heads)
+    return ResolvedArchitecture(
+        spec=spec,
+        model=model,
+        layers=tuple(layers),
+        prunable=tuple(prunable),
+        activations=tuple(activations),
+        norms=tuple(norms),
+        token_embedding=_get(model, spec.token_embedding, spec.model_type),
+        position_embedding=(
+            _get(model, spec.position_embedding, spec.model_type) if spec.position_embedding else None
+        ),
+        num_heads=num_heads,
+        head_dim=head_dim,
+        num_kv_heads=num_kv_heads,
+        num_neurons=_in_features(layers[0].mlp_out, spec.orientation),
+        max_positions=getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None),
+    )
+
+
+def _in_features(module: nn.Module, orientation: Orientation) -> int:
+    weight = _weight_module(module).weight
+    return int(weight.shape[1] if orientation == "linear" else weight.shape[0])

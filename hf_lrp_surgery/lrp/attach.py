@@ -1,0 +1,267 @@
+"""Reversible attachment of the AttnLRP rules to one model instance.
+
+Nothing is patched on a class or in a global registry. The rules live in
+
+* instance-level ``forward`` overrides on the activation and norm modules (removed on detach, so
+  attribute lookup falls back to the class method again), and
+* forward (pre-)hooks that put gradient-scaling tensor hooks on the q/k/v projection outputs and on
+  the gated product consumed by the MLP output projection (hook handles removed on detach).
+
+Every forward value stays bit-identical; only the backward changes. See :mod:`.rules`.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from typing import Any, Callable, Literal
+
+import torch
+from torch import nn
+
+from hf_lrp_surgery.exceptions import RulesAlreadyAttachedError, TrainingModeError
+from hf_lrp_surgery.lrp.architectures import ResolvedArchitecture, resolve
+from hf_lrp_surgery.lrp.rules import activation_rule, epsilon_factor, norm_rule
+
+__all__ = ["LRPRules", "Variant", "VARIANT_FACTORS"]
+
+Variant = Literal["attnlrp", "cp"]
+
+#: Gradient factors per variant: q, k, v projection outputs and the gated MLP product.
+#: AttnLRP: uniform rule on Q.K^T (1/2 each) behind the uniform rule on P.V (1/2 to P, 1/2 to V).
+#: CP: no relevance through the softmax (P and the MLP gate held constant).
+VARIANT_FACTORS: dict[str, dict[str, float]] = {
+    "attnlrp": {"q": 0.25, "k": 0.25, "v": 0.5, "gated_product": 0.5},
+    "cp": {"q": 0.0, "k": 0.0, "v": 1.0, "gated_product": 1.0},
+}
+
+_DROPOUT_CONFIG_KEYS = (
+    "dropout",
+    "attention_dropout",
+    "activation_dropout",
+    "attn_pdrop",
+    "resid_pdrop",
+    "embd_pdrop",
+    "hidden_dropout",
+)
+
+_ATTACHED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def _scale_hook(factor: float | torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        return grad * factor
+
+    return hook
+
+
+def _check_no_active_dropout(model: nn.Module) -> None:
+    active = [name for name, m in model.named_modules() if isinstance(m, nn.Dropout) and m.training and m.p > 0]
+    if model.training:
+        config = getattr(model, "config", None)
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        active += [
+            f"config.{key}={getattr(text_config, key)}"
+            for key in _DROPOUT_CONFIG_KEYS
+            if isinstance(getattr(text_config, key, None), (int, float)) and getattr(text_config, key) > 0
+        ]
+    if active:
+        raise TrainingModeError(
+            f"the model is in training mode with active dropout ({', '.join(active[:4])}"
+            f"{', ...' if len(active) > 4 else ''}); relevance needs a deterministic forward: call "
+            "model.eval() before the relevance pass (and model.train() after it)"
+        )
+
+
+class LRPRules:
+    """Attach the AttnLRP (or CP-LRP) rules to one model instance, reversibly.
+
+    While attached, ``input * gradient`` of the model's backward pass is LRP relevance. After
+    :meth:`detach` (or leaving the ``with`` block) the model's forward and backward are exactly
+    what they were; other models and torch classes are never touched.
+
+    Args:
+        model: A supported causal LM (see :func:`~hf_lrp_surgery.lrp.architectures.resolve`),
+            optionally wrapped by PEFT, in eval mode (or without active dropout).
+        variant: ``"attnlrp"`` (default) or ``"cp"`` (no relevance through softmax and gates;
+            exactly conservative).
+        epsilon: LRP-epsilon stabiliser on the prunable linear layers; 0 (default) is plain
+            gradient x input there.
+
+    Attributes:
+        arch: The resolved architecture.
+        inputs: After each forward pass, the embedding outputs whose ``input * gradient`` is the
+            input relevance: ``"tokens"`` and, for OPT/GPT-2, ``"positions"``.
+
+    Raises:
+        UnsupportedArchitectureError: See ``resolve``.
+        TrainingModeError: The model has active dropout.
+        RulesAlreadyAttachedError: Rules are already attached to this model.
+
+    Example:
+        >>> with LRPRules(model) as rules:  # doctest: +SKIP
+        ...     logits = model(input_ids).logits
+        ...     emb = rules.inputs["tokens"]
+        ...     (grad,) = torch.autograd.grad(logits[0, -1].max(), emb)
+        ...     token_relevance = (emb * grad).sum(-1)
+    """
+
+    def __init__(self, model: nn.Module, *, variant: Variant = "attnlrp", epsilon: float = 0.0) -> None:
+        if variant not in VARIANT_FACTORS:
+            raise ValueError(f"variant must be one of {sorted(VARIANT_FACTORS)}, got {variant!r}")
+        if epsilon < 0:
+            raise ValueError(f"epsilon must be >= 0, got {epsilon}")
+        self.arch: ResolvedArchitecture = resolve(model)
+        self.variant: Variant = variant
+        self.epsilon = float(epsilon)
+        self.inputs: dict[str, torch.Tensor] = {}
+        self._handles: list[Any] = []
+        self._patched: list[tuple[nn.Module, Any]] = []
+        self._attached = False
+
+    # -- public -------------------------------------------------------------------------------
+    def attach(self) -> "LRPRules":
+        """Install the rules. Returns ``self``."""
+        model = self.arch.model
+        if model in _ATTACHED:
+            raise RulesAlreadyAttachedError(
+                "LRP rules are already attached to this model; leave the other LRPRules context first"
+            )
+        _check_no_active_dropout(model)
+        try:
+            self._install()
+        except BaseException:
+            self._uninstall()
+            raise
+        _ATTACHED.add(model)
+        self._attached = True
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook and instance override; the model is as it was before :meth:`attach`."""
+        if self._attached:
+            _ATTACHED.discard(self.arch.model)
+            self._attached = False
+        self._uninstall()
+        self.inputs = {}
+
+    def __enter__(self) -> "LRPRules":
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    # -- installation -------------------------------------------------------------------------
+    def _install(self) -> None:
+        arch = self.arch
+        factors = VARIANT_FACTORS[self.variant]
+        gated = arch.spec.mlp_kind == "gated"
+        gate_modules = {id(layer.mlp_act) for layer in arch.layers} if gated else set()
+
+        for module, kind in arch.activations:
+            if gated and id(module) in gate_modules and factors["gated_product"] == 1.0:
+                self._override_forward(module, _detached_forward)
+            else:
+                self._override_forward(module, functools.partial(_activation_forward, kind=kind))
+        for module, kind in arch.norms:
+            self._override_forward(module, functools.partial(_norm_forward, module=module, kind=kind))
+
+        q_width, kv_width, _ = arch.qkv_split()
+        for layer in arch.layers:
+            if len(layer.attention_projections) == 1:
+                factor = torch.cat(
+                    [
+                        torch.full((q_width,), factors["q"]),
+                        torch.full((kv_width,), factors["k"]),
+                        torch.full((kv_width,), factors["v"]),
+                    ]
+                )
+                self._scale_output(layer.attention_projections[0], factor)
+            else:
+                for module, key in zip(layer.attention_projections, ("q", "k", "v")):
+                    self._scale_output(module, factors[key])
+            if gated and factors["gated_product"] != 1.0:
+                self._handles.append(
+                    layer.mlp_out.register_forward_pre_hook(_input_scale_pre_hook(factors["gated_product"]))
+                )
+
+        if self.epsilon > 0:
+            for prunable in arch.prunable:
+                self._handles.append(prunable.module.register_forward_hook(_epsilon_hook(self.epsilon)))
+
+        self._handles.append(arch.token_embedding.register_forward_hook(self._input_hook("tokens")))
+        if arch.position_embedding is not None:
+            self._handles.append(arch.position_embedding.register_forward_hook(self._input_hook("positions")))
+
+    def _override_forward(self, module: nn.Module, rule_forward: Callable[..., torch.Tensor]) -> None:
+        previous = module.__dict__.get("forward")
+        original = module.forward
+        self._patched.append((module, previous))
+        module.forward = functools.partial(rule_forward, original=original)  # type: ignore[method-assign]
+
+    def _scale_output(self, module: nn.Module, factor: float | torch.Tensor) -> None:
+        self._handles.append(module.register_forward_hook(_output_scale_hook(factor)))
+
+    def _input_hook(self, key: str) -> Callable[..., torch.Tensor]:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            if not output.requires_grad:
+                output = output.detach().requires_grad_(True)
+            self.inputs[key] = output
+            return output
+
+        return hook
+
+    def _uninstall(self) -> None:
+        for handle in reversed(self._handles):
+            handle.remove()
+        self._handles = []
+        for module, previous in reversed(self._patched):
+            if previous is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = previous  # type: ignore[method-assign]
+        self._patched = []
+
+
+def _activation_forward(x: torch.Tensor, *, original: Callable, kind: str) -> torch.Tensor:
+    if not torch.is_grad_enabled():
+        return original(x)
+    return activation_rule(x, original, kind)
+
+
+def _detached_forward(x: torch.Tensor, *, original: Callable) -> torch.Tensor:
+    return original(x).detach()
+
+
+def _norm_forward(x: torch.Tensor, *, original: Callable, module: nn.Module, kind: str) -> torch.Tensor:
+    if not torch.is_grad_enabled():
+        return original(x)
+    eps = getattr(module, "variance_epsilon", None)
+    if eps is None:
+        eps = module.eps
+    return norm_rule(x, getattr(module, "weight", None), getattr(module, "bias", None), original, kind, float(eps))
+
+
+def _output_scale_hook(factor: float | torch.Tensor) -> Callable[..., None]:
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if output.requires_grad:
+            scale = factor.to(output.device, output.dtype) if isinstance(factor, torch.Tensor) else factor
+            output.register_hook(_scale_hook(scale))
+
+    return hook
+
+
+def _input_scale_pre_hook(factor: float) -> Callable[..., None]:
+    def hook(module: nn.Module, args: tuple) -> None:
+        if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
+            args[0].register_hook(_scale_hook(factor))
+
+    return hook
+
+
+def _epsilon_hook(epsilon: float) -> Callable[..., None]:
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if output.requires_grad:
+            output.register_hook(_scale_hook(epsilon_factor(output, epsilon)))
+
+    return hook

@@ -1,0 +1,467 @@
+"""Seeds, collectors and aggregation: relevance of inputs, neurons, heads and weights.
+
+One relevance pass is one forward and one backward pass with the rules of
+:class:`~hf_lrp_surgery.lrp.attach.LRPRules` attached. The backward is seeded with the explained
+output (a logit, a target-token logit or the teacher-forced logits of a continuation); since every
+seed is linear in the logits and samples do not interact, a batch yields each sample's relevance.
+
+Collectors are hooks that read ``input * gradient`` where it means something:
+
+* MLP neurons: the input of the MLP output projection (``down_proj`` / ``fc2`` / ``c_proj``);
+* attention heads: the input of the attention output projection, split per head;
+* weights: ``W * dL/dW`` of every prunable Linear/Conv1D, computed in the backward from the saved
+  layer input and the incoming gradient, and added straight into an fp32 buffer (no gradient is
+  written to ``.grad``, so an optimizer's gradients are never touched);
+* inputs: token (and position) embedding ``* gradient``, summed over the hidden dimension.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence, Union
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from hf_lrp_surgery import __version__
+from hf_lrp_surgery.exceptions import NonFiniteRelevanceError, ReferenceSetError, SequenceTooLongError
+from hf_lrp_surgery.fingerprint import fingerprint
+from hf_lrp_surgery.lrp.architectures import ResolvedArchitecture
+from hf_lrp_surgery.lrp.attach import LRPRules, Variant
+from hf_lrp_surgery.lrp.result import RelevanceResult
+
+__all__ = ["ReferenceSample", "SampleLike", "SeedMode", "collect_relevance", "as_samples", "COMPONENTS"]
+
+SeedMode = Literal["logit", "logprob"]
+#: What :func:`collect_relevance` can collect.
+COMPONENTS = ("neurons", "heads", "weights", "inputs")
+_ARGMAX = -1
+
+
+@dataclass(frozen=True)
+class ReferenceSample:
+    """One sample to explain.
+
+    Exactly one of three seeds applies:
+
+    * only ``prompt``: the largest logit at the prompt's last token (what the model predicts);
+    * ``target``: the logit of that token at the prompt's last token;
+    * ``continuation``: teacher forcing; the sum over the continuation's tokens of the logit each
+      one gets at the position before it (``prompt + continuation`` is the behaviour explained).
+
+    Text is tokenised with the tokenizer given to :func:`collect_relevance` (special tokens, such
+    as a BOS, are added to the prompt only); token ids are used as they are.
+
+    Attributes:
+        prompt: Text or token ids.
+        continuation: Text or token ids to teacher-force after the prompt.
+        target: A token id, or text that is exactly one token.
+    """
+
+    prompt: str | Sequence[int]
+    continuation: str | Sequence[int] | None = None
+    target: str | int | None = None
+
+    def __post_init__(self) -> None:
+        if self.continuation is not None and self.target is not None:
+            raise ValueError("give a continuation or a target, not both")
+
+
+SampleLike = Union[ReferenceSample, str, Sequence[int], tuple[str, str], Mapping[str, Any]]
+
+
+def as_samples(items: Iterable[SampleLike]) -> list[ReferenceSample]:
+    """Normalise user input into :class:`ReferenceSample` objects.
+
+    Args:
+        items: Samples, prompt strings, token-id lists, ``(prompt, continuation)`` pairs, or
+            mappings with keys ``prompt`` and optionally ``continuation`` / ``target``.
+
+    Returns:
+        The samples.
+
+    Raises:
+        ReferenceSetError: An item has none of these forms.
+    """
+    samples: list[ReferenceSample] = []
+    for i, item in enumerate(items):
+        if isinstance(item, ReferenceSample):
+            samples.append(item)
+        elif isinstance(item, str):
+            samples.append(ReferenceSample(item))
+        elif isinstance(item, Mapping):
+            if "prompt" not in item:
+                raise ReferenceSetError(f"sample {i} is a mapping without a 'prompt' key: {sorted(item)}")
+            samples.append(ReferenceSample(item["prompt"], item.get("continuation"), item.get("target")))
+        elif isinstance(item, tuple) and len(item) == 2 and all(isinstance(x, str) for x in item):
+            samples.append(ReferenceSample(item[0], item[1]))
+        elif isinstance(item, torch.Tensor) and not item.is_floating_point() and item.dim() == 1:
+            samples.append(ReferenceSample(item.tolist()))
+        elif isinstance(item, (list, tuple)) and all(isinstance(x, int) for x in item):
+            samples.append(ReferenceSample(list(item)))
+        else:
+            raise ReferenceSetError(
+                f"sample {i} ({type(item).__name__}) is not a prompt string, token-id list, (prompt, "
+                "continuation) pair, mapping with a 'prompt' key, or ReferenceSample"
+            )
+    return samples
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    ids: list[int]
+    # (position whose logits are read, token id or _ARGMAX)
+    seeds: list[tuple[int, int]]
+
+
+def _tokens(text_or_ids: str | Sequence[int], tokenizer: Any, *, special: bool, what: str) -> list[int]:
+    if isinstance(text_or_ids, str):
+        if tokenizer is None:
+            raise ReferenceSetError(f"{what} is text but no tokenizer was given; pass tokenizer= or token ids")
+        return list(tokenizer(text_or_ids, add_special_tokens=special)["input_ids"])
+    return [int(x) for x in text_or_ids]
+
+
+def _encode(sample: ReferenceSample, index: int, tokenizer: Any, max_positions: int | None) -> _Encoded:
+    prompt = _tokens(sample.prompt, tokenizer, special=True, what=f"sample {index}'s prompt")
+    if not prompt:
+        raise ReferenceSetError(f"sample {index} has an empty prompt; every sample needs at least one token")
+    if sample.continuation is not None:
+        continuation = _tokens(sample.continuation, tokenizer, special=False, what=f"sample {index}'s continuation")
+        if not continuation:
+            raise ReferenceSetError(
+                f"sample {index}: the continuation {sample.continuation!r} has no tokens, so there is nothing "
+                "to explain; drop the sample or give a non-empty continuation"
+            )
+        ids = prompt + continuation
+        seeds = [(len(prompt) - 1 + j, token) for j, token in enumerate(continuation)]
+    elif sample.target is not None:
+        target = _tokens([sample.target] if isinstance(sample.target, int) else sample.target, tokenizer,
+                         special=False, what=f"sample {index}'s target")
+        if len(target) != 1:
+            raise ReferenceSetError(
+                f"sample {index}: the target {sample.target!r} is {len(target)} tokens; a target must be exactly "
+                "one token (use a continuation to explain several)"
+            )
+        ids, seeds = prompt, [(len(prompt) - 1, target[0])]
+    else:
+        ids, seeds = prompt, [(len(prompt) - 1, _ARGMAX)]
+    if max_positions is not None and len(ids) > max_positions:
+        raise SequenceTooLongError(
+            f"sample {index} is {len(ids)} tokens, beyond the model's context of {max_positions}; shorten the "
+            "prompt/continuation"
+        )
+    return _Encoded(ids, seeds)
+
+
+@dataclass
+class _Batch:
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T], 1 for real tokens
+    position_ids: torch.Tensor  # [B, T]
+    seed_rows: torch.Tensor  # [N] batch index of each seeded position
+    seed_positions: torch.Tensor  # [N]
+    seed_tokens: torch.Tensor  # [N], _ARGMAX for "the largest logit"
+
+
+def _make_batch(encoded: Sequence[_Encoded], pad_id: int, padding_side: str, device: torch.device) -> _Batch:
+    width = max(len(e.ids) for e in encoded)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    rows, positions, tokens = [], [], []
+    for b, e in enumerate(encoded):
+        offset = width - len(e.ids) if padding_side == "left" else 0
+        ids[b, offset:offset + len(e.ids)] = torch.tensor(e.ids)
+        mask[b, offset:offset + len(e.ids)] = 1
+        for position, token in e.seeds:
+            rows.append(b)
+            positions.append(offset + position)
+            tokens.append(token)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+    return _Batch(ids.to(device), mask.to(device), position_ids.to(device), as_long(rows), as_long(positions),
+                  as_long(tokens))
+
+
+def _seed_objective(logits: torch.Tensor, batch: _Batch, seed: SeedMode) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the scalar to differentiate and the explained value per sample (in fp64)."""
+    rows = logits[batch.seed_rows, batch.seed_positions]  # [N, V]
+    rows = rows if rows.dtype == torch.float64 else rows.float()
+    tokens = torch.where(batch.seed_tokens == _ARGMAX, rows.detach().argmax(-1), batch.seed_tokens)
+    weights = torch.nn.functional.one_hot(tokens, rows.shape[-1]).to(rows.dtype)
+    if seed == "logprob":
+        # d log p_t / d logits = onehot - softmax; held constant it is a linear seed on the logits.
+        weights = weights - rows.detach().softmax(-1)
+    per_seed = (rows * weights).sum(-1)
+    explained = torch.zeros(logits.shape[0], dtype=torch.float64, device=logits.device)
+    explained.index_add_(0, batch.seed_rows, per_seed.detach().double())
+    return per_seed.sum(), explained
+
+
+class _Collectors:
+    """Hooks that read relevance during the backward pass, installed after the rules."""
+
+    def __init__(self, arch: ResolvedArchitecture, components: frozenset[str], per_sample_abs_weights: bool,
+                 dtype: torch.dtype) -> None:
+        self.arch = arch
+        self.dtype = dtype
+        self.components = components
+        self.per_sample_abs_weights = per_sample_abs_weights
+        self.handles: list[Any] = []
+        self.mask: torch.Tensor | None = None  # [B, T] bool, set per batch
+        self.neurons: torch.Tensor | None = None  # [B, L, I] of the current batch
+        self.heads: torch.Tensor | None = None  # [B, L, H]
+        self.weights: dict[str, torch.Tensor] = {}
+        self.weights_abs: dict[str, torch.Tensor] = {}
+        self.saved: dict[tuple[str, int], torch.Tensor] = {}
+
+    def __enter__(self) -> "_Collectors":
+        try:
+            for layer in self.arch.layers:
+                if "neurons" in self.components:
+                    # Prepended, so its gradient hook runs before the rules' 1/2 on the gated product:
+                    # neuron relevance is the relevance entering the output projection, unsplit.
+                    self.handles.append(layer.mlp_out.register_forward_pre_hook(
+                        self._input_hook("neurons", layer.index, 1), prepend=True))
+                if "heads" in self.components:
+                    self.handles.append(layer.o_proj.register_forward_pre_hook(
+                        self._input_hook("heads", layer.index, self.arch.num_heads), prepend=True))
+            if "weights" in self.components:
+                for prunable in self.arch.prunable:
+                    weight = prunable.weight
+                    self.weights[prunable.name] = torch.zeros(weight.shape, dtype=self.dtype, device=weight.device)
+                    if self.per_sample_abs_weights:
+                        self.weights_abs[prunable.name] = torch.zeros_like(self.weights[prunable.name])
+                    # Appended after the rules' hooks: the gradient it sees is the rule-modified one.
+                    self.handles.append(prunable.module.register_forward_hook(
+                        self._weight_hook(prunable.name, prunable.orientation == "conv1d")))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.end_batch()
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def end_batch(self) -> None:
+        self.saved.clear()
+
+    def start_batch(self, mask: torch.Tensor) -> None:
+        self.mask = mask.bool()
+        batch, layers = mask.shape[0], self.arch.num_layers
+        device = mask.device
+        if "neurons" in self.components:
+            self.neurons = torch.zeros(batch, layers, self.arch.num_neurons, dtype=self.dtype, device=device)
+        if "heads" in self.components:
+            self.heads = torch.zeros(batch, layers, self.arch.num_heads, dtype=self.dtype, device=device)
+
+    def _input_hook(self, kind: str, layer: int, groups: int) -> Callable[..., None]:
+        def pre_hook(module: nn.Module, args: tuple) -> None:
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor) or not x.requires_grad:
+                return
+
+            # A hook on x must not close over x: that cycle runs through autograd's C++ side, which the
+            # garbage collector cannot see, and would keep every activation alive. x is held in
+            # ``self.saved`` instead and released by ``end_batch``.
+            self.saved[(kind, layer)] = x
+
+            def grad_hook(grad: torch.Tensor) -> None:
+                mask = self.mask  # [B, T]; OPT feeds its MLP [B*T, D], hence the reshapes
+                saved = self.saved[(kind, layer)].reshape(*mask.shape, -1)  # type: ignore[union-attr]
+                product = saved.to(self.dtype) * grad.reshape(saved.shape).to(self.dtype)
+                relevance = torch.where(mask[..., None], product, 0.0)  # type: ignore[index]
+                if kind == "heads":
+                    relevance = relevance.unflatten(-1, (groups, -1)).sum(-1)
+                target = self.neurons if kind == "neurons" else self.heads
+                target[:, layer].add_(relevance.sum(1).to(target.device))  # type: ignore[index]
+
+            x.register_hook(grad_hook)
+
+        return pre_hook
+
+    def _weight_hook(self, name: str, conv1d: bool) -> Callable[..., None]:
+        def forward_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            x = args[0]
+            if not output.requires_grad:
+                return
+            weight = module.weight
+
+            def grad_hook(grad: torch.Tensor) -> None:
+                mask = self.mask  # [B, T]
+                real = mask.reshape(-1)  # type: ignore[union-attr]
+                x2 = x.reshape(-1, x.shape[-1])[real].to(self.dtype)
+                g2 = grad.reshape(-1, grad.shape[-1])[real].to(self.dtype)
+                product = x2.T @ g2 if conv1d else g2.T @ x2
+                self.weights[name].add_(product.mul_(weight))
+                if self.per_sample_abs_weights:
+                    lengths = mask.sum(1).tolist()  # type: ignore[union-attr]
+                    start = 0
+                    for length in lengths:
+                        xs, gs = x2[start:start + length], g2[start:start + length]
+                        start += length
+                        per_sample = xs.T @ gs if conv1d else gs.T @ xs
+                        self.weights_abs[name].add_(per_sample.mul_(weight).abs_())
+
+            output.register_hook(grad_hook)
+
+        return forward_hook
+
+
+def _pad_id(tokenizer: Any, model: nn.Module) -> int:
+    for source in (tokenizer, getattr(model, "config", None)):
+        pad = getattr(source, "pad_token_id", None)
+        if isinstance(pad, int):
+            return pad
+    return 0
+
+
+def _check_finite(result: RelevanceResult) -> None:
+    tensors: list[tuple[str, torch.Tensor]] = [
+        (key, getattr(result, key))
+        for key in ("neurons", "neurons_abs", "heads", "heads_abs", "explained")
+        if getattr(result, key) is not None
+    ]
+    tensors += [(f"weights[{k}]", v) for k, v in result.weights.items()]
+    tensors += [(f"inputs[{i}]", v) for i, v in enumerate(result.input_relevance)]
+    bad = [key for key, tensor in tensors if not torch.isfinite(tensor).all()]
+    if bad:
+        raise NonFiniteRelevanceError(
+            f"relevance is NaN or infinite in {', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}; the forward "
+            "pass overflowed or the weights hold NaN/inf. Run the relevance pass in float32 or bfloat16 "
+            "(fp16 overflows easily), use padding_side='right' (fully masked pad rows give NaN in some "
+            "attention kernels), and check the model's weights with torch.isfinite"
+        )
+
+
+def collect_relevance(
+    model: nn.Module,
+    samples: Iterable[SampleLike],
+    tokenizer: Any = None,
+    *,
+    components: Sequence[str] = ("neurons", "heads", "inputs"),
+    variant: Variant = "attnlrp",
+    epsilon: float = 0.0,
+    seed: SeedMode = "logit",
+    batch_size: int = 8,
+    padding_side: Literal["left", "right"] = "right",
+    per_sample_abs_weights: bool = False,
+    progress: bool = True,
+    description: str = "relevance",
+) -> RelevanceResult:
+    """Compute AttnLRP relevance over a reference set and aggregate it in fp32 (fp64 for fp64 models).
+
+    The model's parameters, their ``.grad`` and its train/eval mode are left as they were.
+
+    Args:
+        model: A supported causal LM (optionally PEFT-wrapped) without active dropout.
+        samples: The reference set (see :func:`as_samples` for accepted forms).
+        tokenizer: Needed when samples are text.
+        components: Any of ``"neurons"``, ``"heads"``, ``"weights"``, ``"inputs"``.
+        variant: ``"attnlrp"`` or ``"cp"`` (see :class:`~hf_lrp_surgery.lrp.attach.LRPRules`).
+        epsilon: LRP-epsilon on the prunable linear layers (0: gradient x input).
+        seed: ``"logit"`` explains the target logits; ``"logprob"`` their log-probabilities (the seed
+            ``onehot - softmax`` on the logits, held constant).
+        batch_size: Samples per forward/backward pass.
+        padding_side: Where batches are padded; pads get zero relevance either way. Right padding
+            (the default) never creates fully masked attention rows, which some attention kernels
+            turn into NaN (transformers' eager attention in float64 with left padding).
+        per_sample_abs_weights: Also sum per-sample ``|R|`` of the weights (a second fp32 buffer the
+            size of the prunable weights, and one small matmul per sample and layer).
+        progress: Show a tqdm progress bar.
+        description: The progress bar's label.
+
+    Returns:
+        The aggregated :class:`~hf_lrp_surgery.lrp.result.RelevanceResult`.
+
+    Raises:
+        ReferenceSetError: The set is empty, a sample has nothing to explain, or text comes without
+            a tokenizer.
+        SequenceTooLongError: A sample is longer than the model's context.
+        NonFiniteRelevanceError: Relevance came out NaN or infinite.
+        UnsupportedArchitectureError, TrainingModeError: See :class:`LRPRules`.
+
+    Example:
+        >>> result = collect_relevance(model, ["The capital of France is"], tokenizer)  # doctest: +SKIP
+        >>> result.top("neurons", 5)  # doctest: +SKIP
+    """
+    unknown = set(components) - set(COMPONENTS)
+    if unknown or not components:
+        raise ValueError(f"components must be a non-empty subset of {COMPONENTS}, got {list(components)}")
+    if seed not in ("logit", "logprob"):
+        raise ValueError(f"seed must be 'logit' or 'logprob', got {seed!r}")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    sample_list = as_samples(samples)
+    if not sample_list:
+        raise ReferenceSetError("the reference set is empty; give at least one sample to explain")
+
+    rules = LRPRules(model, variant=variant, epsilon=epsilon)
+    arch = rules.arch
+    encoded = [_encode(s, i, tokenizer, arch.max_positions) for i, s in enumerate(sample_list)]
+    wanted = frozenset(components)
+    result = RelevanceResult(
+        fingerprint=fingerprint(model),
+        settings={
+            "method": "lrp",
+            "variant": variant,
+            "epsilon": float(epsilon),
+            "seed": seed,
+            "components": sorted(wanted),
+            "per_sample_abs_weights": bool(per_sample_abs_weights and "weights" in wanted),
+            "hf_lrp_surgery_version": __version__,
+        },
+    )
+    device = arch.token_embedding.weight.device
+    pad_id = _pad_id(tokenizer, arch.model)
+    explained: list[torch.Tensor] = []
+    dtype = torch.float64 if arch.token_embedding.weight.dtype == torch.float64 else torch.float32
+    neuron_sums = torch.zeros(arch.num_layers, arch.num_neurons, dtype=dtype, device=device)
+    neuron_abs = torch.zeros_like(neuron_sums)
+    head_sums = torch.zeros(arch.num_layers, arch.num_heads, dtype=dtype, device=device)
+    head_abs = torch.zeros_like(head_sums)
+
+    with rules, _Collectors(arch, wanted, per_sample_abs_weights, dtype) as collectors, torch.enable_grad(), tqdm(
+        total=len(encoded), desc=description, unit="sample", disable=not progress, leave=False
+    ) as bar:
+        for start in range(0, len(encoded), batch_size):
+            batch = _make_batch(encoded[start:start + batch_size], pad_id, padding_side, device)
+            collectors.start_batch(batch.attention_mask)
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           position_ids=batch.position_ids, use_cache=False).logits
+            objective, batch_explained = _seed_objective(logits, batch, seed)
+            leaves = [rules.inputs[key] for key in ("tokens", "positions") if key in rules.inputs]
+            grads = torch.autograd.grad(objective, leaves)
+            collectors.end_batch()
+            del logits, objective
+            explained.append(batch_explained.cpu())
+            if collectors.neurons is not None:
+                neuron_sums += collectors.neurons.sum(0)
+                neuron_abs += collectors.neurons.abs().sum(0)
+            if collectors.heads is not None:
+                head_sums += collectors.heads.sum(0)
+                head_abs += collectors.heads.abs().sum(0)
+            if "inputs" in wanted:
+                token_relevance = sum((leaf.to(dtype) * g.to(dtype)).sum(-1) for leaf, g in zip(leaves, grads))
+                mask = batch.attention_mask.bool()
+                for b in range(mask.shape[0]):
+                    result.input_relevance.append(token_relevance[b][mask[b]].cpu())
+                    result.input_ids.append(batch.input_ids[b][mask[b]].cpu())
+            bar.update(batch.input_ids.shape[0])
+
+    result.num_samples = len(encoded)
+    result.explained = torch.cat(explained)
+    if "neurons" in wanted:
+        result.neurons, result.neurons_abs = neuron_sums.cpu(), neuron_abs.cpu()
+    if "heads" in wanted:
+        result.heads, result.heads_abs = head_sums.cpu(), head_abs.cpu()
+    result.weights = {k: v.cpu() for k, v in collectors.weights.items()}
+    result.weights_abs = {k: v.cpu() for k, v in collectors.weights_abs.items()}
+    _check_finite(result)
+    return result

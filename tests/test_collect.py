@@ -1,0 +1,289 @@
+"""Collectors, seeds and aggregation (lrp.md tests 5-7) on tiny random models of every family."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+from tiny_models import FAMILIES, tiny_model
+from tiny_tokenizer import tiny_tokenizer
+
+from hf_lrp_surgery.exceptions import (
+    NonFiniteRelevanceError,
+    ReferenceSetError,
+    SequenceTooLongError,
+)
+from hf_lrp_surgery.lrp import LRPRules, ReferenceSample, RelevanceResult, collect_relevance, resolve
+
+ALL = ("neurons", "heads", "weights", "inputs")
+SAMPLES = [
+    [1, 5, 7, 9, 11, 3],
+    [3, 4],
+    ReferenceSample([2, 3, 4], continuation=[7, 8, 9]),
+    ReferenceSample([9, 9, 9, 10], target=5),
+    [6],
+]
+
+
+@functools.lru_cache(maxsize=None)
+def _model(family: str, dtype: torch.dtype = torch.float64, attn: str = "eager") -> torch.nn.Module:
+    # Cached across tests: tests that modify a model work on a deepcopy.
+    return tiny_model(family, dtype=dtype, attn_implementation=attn)
+
+
+def _collect(model: torch.nn.Module, samples: list, **kwargs) -> RelevanceResult:
+    kwargs.setdefault("components", ALL)
+    return collect_relevance(model, samples, progress=False, **kwargs)
+
+
+def _assert_results_close(a: RelevanceResult, b: RelevanceResult, rtol: float, atol: float) -> None:
+    for key in ("neurons", "neurons_abs", "heads", "heads_abs", "explained"):
+        torch.testing.assert_close(getattr(a, key), getattr(b, key), rtol=rtol, atol=atol, msg=key)
+    assert a.weights.keys() == b.weights.keys()
+    for name in a.weights:
+        torch.testing.assert_close(a.weights[name], b.weights[name], rtol=rtol, atol=atol, msg=name)
+    for x, y in zip(a.input_relevance, b.input_relevance):
+        torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
+
+
+def _scale(result: RelevanceResult) -> float:
+    return float(result.explained.abs().max())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_batch_equals_per_sample_sum(family: str, padding_side: str) -> None:
+    # sdpa: transformers' eager attention itself turns fully masked pad rows into NaN in float64
+    # (left padding; with Gemma's sliding window, right padding too).
+    model = _model(family, attn="sdpa")
+    batched = _collect(model, SAMPLES, batch_size=len(SAMPLES), padding_side=padding_side,
+                       per_sample_abs_weights=True)
+    singles = [_collect(model, [s], per_sample_abs_weights=True) for s in SAMPLES]
+    merged = functools.reduce(RelevanceResult.merge, singles)
+    _assert_results_close(batched, merged, rtol=1e-9, atol=1e-12 * _scale(batched))
+    for name in batched.weights_abs:
+        torch.testing.assert_close(batched.weights_abs[name], merged.weights_abs[name], rtol=1e-9, atol=1e-14)
+    # Pads carry no relevance: only real tokens are reported, and they match the unpadded runs.
+    assert [len(ids) for ids in batched.input_ids] == [len(ids) for ids in merged.input_ids]
+    assert all(torch.equal(a, b) for a, b in zip(batched.input_ids, merged.input_ids))
+
+
+def _capture_linear_relevance(model: torch.nn.Module, sample: list[int]) -> dict[str, tuple]:
+    """Relevance at every prunable layer's input and output, from a manual pass with the rules."""
+    arch = resolve(model)
+    seen: dict[str, list] = {}
+    handles = []
+    with LRPRules(model) as rules:
+        for p in arch.prunable:
+            def hook(module, args, output, name=p.name):
+                record = seen.setdefault(name, [args[0], output, None])
+                output.register_hook(lambda g: record.__setitem__(2, g))
+            handles.append(p.module.register_forward_hook(hook))
+        try:
+            logits = model(torch.tensor([sample])).logits
+            torch.autograd.grad(logits[0, -1].max(), rules.inputs["tokens"])
+        finally:
+            for handle in handles:
+                handle.remove()
+    out = {}
+    for p in arch.prunable:
+        x, z, g = (t.reshape(1, -1, t.shape[-1]) for t in seen[p.name])  # OPT's MLP sees [B*T, D]
+        weight = p.weight.detach()
+        g_in = g @ (weight.T if p.orientation == "conv1d" else weight)
+        bias = getattr(p.module, "bias", None)
+        bias_relevance = (bias.detach() * g.sum((0, 1))) if bias is not None else torch.zeros_like(g[0, 0])
+        out[p.name] = ((x * g_in).sum((0, 1)), (z * g).sum((0, 1)), bias_relevance)
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_weight_relevance_sums_to_neuron_relevance(family: str) -> None:
+    """Row/column sums of every prunable layer's weight relevance equal its input/output relevance."""
+    model = _model(family)
+    sample = SAMPLES[0]
+    result = _collect(model, [sample])
+    manual = _capture_linear_relevance(model, sample)
+    arch = resolve(model)
+    scale = _scale(result)
+    for p in arch.prunable:
+        rel_w = result.weights[p.name]
+        in_dim, out_dim = (1, 0) if p.orientation == "conv1d" else (0, 1)
+        r_in, r_out, r_bias = manual[p.name]
+        torch.testing.assert_close(rel_w.sum(in_dim), r_in, rtol=1e-9, atol=1e-12 * scale, msg=p.name)
+        torch.testing.assert_close(rel_w.sum(out_dim) + r_bias, r_out, rtol=1e-9, atol=1e-12 * scale, msg=p.name)
+    for layer in arch.layers:
+        down = result.weights[f"{arch.spec.decoder_layers}.{layer.index}.{arch.spec.mlp_out}"]
+        o_proj = result.weights[f"{arch.spec.decoder_layers}.{layer.index}.{arch.spec.o_proj}"]
+        in_dim = 1 if arch.spec.orientation == "conv1d" else 0
+        torch.testing.assert_close(down.sum(in_dim), result.neurons[layer.index], rtol=1e-9, atol=1e-12 * scale)
+        per_head = o_proj.sum(in_dim).unflatten(0, (arch.num_heads, -1)).sum(-1)
+        torch.testing.assert_close(per_head, result.heads[layer.index], rtol=1e-9, atol=1e-12 * scale)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_seeds(family: str) -> None:
+    model = _model(family)
+    with torch.no_grad():
+        logits = model(torch.tensor([[2, 3, 4, 7, 8, 9]])).logits[0]
+    continuation = _collect(model, [ReferenceSample([2, 3, 4], continuation=[7, 8, 9])])
+    torch.testing.assert_close(continuation.explained[0], logits[2, 7] + logits[3, 8] + logits[4, 9])
+    argmax = _collect(model, [[2, 3, 4]])
+    torch.testing.assert_close(argmax.explained[0], logits[2].max())
+    logprob = _collect(model, [ReferenceSample([2, 3, 4], target=7)], seed="logprob")
+    torch.testing.assert_close(logprob.explained[0], logits[2, 7] - (logits[2].softmax(-1) * logits[2]).sum())
+    # Teacher forcing is the sum of single-token targets over the continuation (the seed is linear).
+    parts = [_collect(model, [ReferenceSample([2, 3, 4, 7, 8][:3 + j], target=t)]) for j, t in enumerate([7, 8, 9])]
+    summed = functools.reduce(RelevanceResult.merge, parts)
+    for key in ("neurons", "heads"):
+        torch.testing.assert_close(getattr(continuation, key), getattr(summed, key), rtol=1e-9, atol=1e-13)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_eager_and_sdpa_agree(family: str) -> None:
+    eager = _collect(_model(family), SAMPLES, batch_size=1)
+    sdpa = _collect(_model(family, attn="sdpa"), SAMPLES, batch_size=1)
+    _assert_results_close(eager, sdpa, rtol=1e-5, atol=1e-5 * _scale(eager))
+
+
+def test_deterministic_and_leaves_model_untouched() -> None:
+    model = copy.deepcopy(_model("qwen2", torch.float32))
+    model.train()  # no dropout configured: allowed, and the mode must survive
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    first = _collect(model, SAMPLES, batch_size=2)
+    second = _collect(model, SAMPLES, batch_size=2)
+    for key in ("neurons", "heads"):
+        assert torch.equal(getattr(first, key), getattr(second, key))
+    assert all(torch.equal(first.weights[k], second.weights[k]) for k in first.weights)
+    assert model.training
+    assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in model.parameters())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_frozen_and_peft_models() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    base = copy.deepcopy(_model("llama"))
+    plain = _collect(base, SAMPLES[:2])
+    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "down_proj"], init_lora_weights=True))
+    wrapped = _collect(peft_model.eval(), SAMPLES[:2])  # LoRA B = 0: same function, base weights frozen
+    torch.testing.assert_close(wrapped.neurons, plain.neurons, rtol=1e-9, atol=1e-13)
+    assert wrapped.weights.keys() == plain.weights.keys()
+    for name in plain.weights:
+        torch.testing.assert_close(wrapped.weights[name], plain.weights[name], rtol=1e-9, atol=1e-13)
+
+
+def test_save_load_round_trip(tmp_path) -> None:
+    result = _collect(_model("opt"), SAMPLES, per_sample_abs_weights=True)
+    result.save(tmp_path / "rel")
+    loaded = RelevanceResult.load(tmp_path / "rel")
+    assert loaded.fingerprint == result.fingerprint and loaded.settings == result.settings
+    _assert_results_close(loaded, result, rtol=0, atol=0)
+    assert loaded.weights_abs.keys() == result.weights_abs.keys()
+    assert [t.tolist() for t in loaded.input_ids] == [t.tolist() for t in result.input_ids]
+    assert loaded.top("heads", 3) == result.top("heads", 3)
+    assert not list(tmp_path.glob(".rel*")), "no temporary directory may be left behind"
+    with pytest.raises(FileNotFoundError, match="relevance"):
+        RelevanceResult.load(tmp_path)
+
+
+def test_merge_refuses_other_model_or_settings() -> None:
+    a = _collect(_model("llama"), SAMPLES[:1])
+    with pytest.raises(ValueError, match="cannot merge"):
+        a.merge(_collect(_model("qwen2"), SAMPLES[:1]))
+    with pytest.raises(ValueError, match="cannot merge"):
+        a.merge(_collect(_model("llama"), SAMPLES[:1], seed="logprob"))
+
+
+def test_text_samples_and_token_ids_agree() -> None:
+    tokenizer = tiny_tokenizer()
+    model = _model("llama")
+    text = _collect(model, [("the cat sat", "on the mat"), "a red car"], tokenizer=tokenizer)
+    ids = [tokenizer("the cat sat")["input_ids"], tokenizer("on the mat", add_special_tokens=False)["input_ids"]]
+    tokens = _collect(model, [ReferenceSample(ids[0], ids[1]), tokenizer("a red car")["input_ids"]])
+    _assert_results_close(text, tokens, rtol=0, atol=0)
+    assert text.input_ids[0].tolist() == ids[0] + ids[1]
+
+
+def test_bad_input_errors() -> None:
+    model = _model("llama")
+    tokenizer = tiny_tokenizer()
+    with pytest.raises(ReferenceSetError, match="empty"):
+        _collect(model, [])
+    with pytest.raises(ReferenceSetError, match="nothing to explain"):
+        _collect(model, [ReferenceSample([1, 2], continuation=[])])
+    with pytest.raises(ReferenceSetError, match="exactly one token"):
+        _collect(model, [ReferenceSample("the cat", target="red car")], tokenizer=tokenizer)
+    with pytest.raises(ReferenceSetError, match="tokenizer"):
+        _collect(model, ["the cat"])
+    with pytest.raises(ReferenceSetError, match="not a prompt"):
+        _collect(model, [3.5])
+    with pytest.raises(SequenceTooLongError, match="context"):
+        _collect(model, [[1] * (model.config.max_position_embeddings + 1)])
+    with pytest.raises(ValueError, match="components"):
+        _collect(model, SAMPLES, components=("neurons", "attention"))
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteRelevanceError, match="float32 or bfloat16"):
+        _collect(broken, SAMPLES[:1])
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ranks = [x.flatten().argsort().argsort().double() for x in (a, b)]
+    return float(torch.corrcoef(torch.stack(ranks))[0, 1])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_ranks_match_fp64(family: str) -> None:
+    """bf16 relevance ranks neurons like fp64 does.
+
+    Same bf16-rounded weights in both, so only the arithmetic differs, and teacher-forced targets:
+    a max-logit seed could pick a different token when the top two logits are within bf16 noise.
+    """
+    rows = torch.randint(4, 60, (16, 12), generator=torch.Generator().manual_seed(0)).tolist()
+    samples = [ReferenceSample(row[:9], continuation=row[9:]) for row in rows]
+    low = copy.deepcopy(_model(family, torch.bfloat16))
+    exact = copy.deepcopy(low).double()
+    low_result = _collect(low, samples, components=("neurons", "heads"), batch_size=8)
+    exact_result = _collect(exact, samples, components=("neurons", "heads"), batch_size=8)
+    assert low_result.neurons.dtype == torch.float32
+    assert _spearman(exact_result.neurons, low_result.neurons) > 0.99
+    assert _spearman(exact_result.neurons_abs, low_result.neurons_abs) > 0.99
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fp16_no_nan_after_zeroing_neurons(family: str) -> None:
+    model = copy.deepcopy(_model(family, torch.float16))
+    arch = resolve(model)
+    with torch.no_grad():
+        for layer in arch.layers:  # prune half the neurons: their down-projection columns become 0
+            weight = layer.mlp_out.weight
+            if arch.spec.orientation == "conv1d":
+                weight[: weight.shape[0] // 2] = 0
+            else:
+                weight[:, : weight.shape[1] // 2] = 0
+    result = _collect(model, SAMPLES, batch_size=len(SAMPLES))
+    assert torch.isfinite(result.neurons).all() and torch.isfinite(result.heads).all()
+    half = arch.num_neurons // 2
+    assert torch.equal(result.neurons[:, :half], torch.zeros_like(result.neurons[:, :half]))
+
+
+def test_no_tensor_outlives_the_pass() -> None:
+    """Hooks must not form reference cycles through autograd (they would keep every activation alive)."""
+    import gc
+
+    model = _model("llama")
+    _collect(model, SAMPLES)
+
+    def live_tensors() -> int:
+        gc.collect()
+        return sum(1 for obj in gc.get_objects() if torch.is_tensor(obj))
+
+    before = live_tensors()
+    result = _collect(model, SAMPLES, per_sample_abs_weights=True)
+    del result
+    assert live_tensors() == before

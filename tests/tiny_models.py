@@ -1,0 +1,175 @@
+"""Tiny random causal LMs of every supported family, built locally from configs (nothing downloaded).
+
+Every parameter gets Gaussian noise on top of its initialisation, so norm weights are not 1 (0 for
+Gemma), biases are not 0 and the weights are large enough for the activations to be non-linear:
+identities that only hold for the default initialisation would fail here.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    Gemma3Config,
+    Gemma3TextConfig,
+    GPT2Config,
+    LlamaConfig,
+    OPTConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen3Config,
+    SiglipVisionConfig,
+)
+
+__all__ = ["FAMILIES", "EXTRA_FAMILIES", "VOCAB", "CONTEXT", "tiny_config", "tiny_model", "model_from_config"]
+
+#: One entry per layout the engine must handle (``opt_postln`` is OPT-350m's post-LN layout with
+#: ``project_in``/``project_out``).
+FAMILIES = ["llama", "qwen2", "qwen3", "gemma3_text", "opt", "opt_postln", "gpt2"]
+#: Also built by :func:`tiny_model`: Gemma 3's multimodal wrapper (a SigLIP vision tower around the
+#: ``gemma3_text`` model), explained on text only.
+EXTRA_FAMILIES = ["gemma3"]
+
+VOCAB = 64
+CONTEXT = 64
+HIDDEN = 32
+FFN = 48
+LAYERS = 2
+HEADS = 4
+KV_HEADS = 2
+HEAD_DIM = HIDDEN // HEADS
+NOISE = 0.15
+
+_SPECIAL = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def _llama_like(config_cls: type[PretrainedConfig], **extra: object) -> PretrainedConfig:
+    return config_cls(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=CONTEXT,
+        attention_dropout=0.0,
+        **_SPECIAL,
+        **extra,
+    )
+
+
+def _opt(*, pre_ln: bool) -> OPTConfig:
+    return OPTConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        ffn_dim=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        max_position_embeddings=CONTEXT,
+        do_layer_norm_before=pre_ln,
+        word_embed_proj_dim=HIDDEN if pre_ln else HIDDEN // 2,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        layerdrop=0.0,
+        **_SPECIAL,
+    )
+
+
+def tiny_config(family: str) -> PretrainedConfig:
+    """The config of :func:`tiny_model` (a fresh object; edit it freely).
+
+    Args:
+        family: One of :data:`FAMILIES`.
+
+    Returns:
+        A config with all dropout probabilities 0.
+    """
+    if family == "llama":
+        return _llama_like(LlamaConfig, tie_word_embeddings=False)
+    if family == "qwen2":  # q/k/v biases, as in every Qwen2 checkpoint
+        return _llama_like(Qwen2Config, tie_word_embeddings=True, use_sliding_window=False)
+    if family == "qwen3":  # per-head q_norm / k_norm
+        return _llama_like(Qwen3Config, head_dim=HEAD_DIM, tie_word_embeddings=False)
+    if family == "gemma3_text":  # scaled embedding, (1 + w) RMSNorms, q/k norms, a sliding-window layer
+        return _llama_like(
+            Gemma3TextConfig,
+            head_dim=HEAD_DIM,
+            query_pre_attn_scalar=HEAD_DIM,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+            attn_logit_softcapping=None,
+            final_logit_softcapping=None,
+            hidden_activation="gelu_pytorch_tanh",
+            tie_word_embeddings=True,
+        )
+    if family == "gemma3":
+        vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                    image_size=16, patch_size=8)
+        return Gemma3Config(text_config=tiny_config("gemma3_text").to_dict(), vision_config=vision.to_dict(),
+                            mm_tokens_per_image=4, boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2,
+                            image_token_index=VOCAB - 1)
+    if family == "opt":
+        return _opt(pre_ln=True)
+    if family == "opt_postln":
+        return _opt(pre_ln=False)
+    if family == "gpt2":
+        return GPT2Config(
+            vocab_size=VOCAB,
+            n_positions=CONTEXT,
+            n_embd=HIDDEN,
+            n_layer=LAYERS,
+            n_head=HEADS,
+            n_inner=FFN,
+            activation_function="gelu_new",
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **_SPECIAL,
+        )
+    raise ValueError(f"unknown family {family!r}; known: {FAMILIES + EXTRA_FAMILIES}")
+
+
+def model_from_config(
+    config: PretrainedConfig,
+    *,
+    dtype: torch.dtype = torch.float64,
+    attn_implementation: str = "eager",
+    seed: int = 0,
+) -> PreTrainedModel:
+    """Build a causal LM from ``config`` with noisy random parameters, in eval mode.
+
+    The parameters are drawn in float32 (so every dtype holds the same model up to rounding) under a
+    forked RNG (the global RNG state is left alone).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        auto = AutoModelForImageTextToText if config.model_type == "gemma3" else AutoModelForCausalLM
+        model = auto.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(NOISE * torch.randn_like(param))
+    return model.to(dtype).eval()
+
+
+def tiny_model(
+    family: str,
+    *,
+    dtype: torch.dtype = torch.float64,
+    attn_implementation: str = "eager",
+    seed: int = 0,
+) -> PreTrainedModel:
+    """A tiny random causal LM of ``family`` (hidden 32, 2 layers, 4 heads, vocab 64, context 64).
+
+    Args:
+        family: One of :data:`FAMILIES` or :data:`EXTRA_FAMILIES`.
+        dtype: Parameter dtype.
+        attn_implementation: ``"eager"`` or ``"sdpa"``.
+        seed: Seed of the random parameters.
+
+    Returns:
+        The model, in eval mode.
+    """
+    return model_from_config(tiny_config(family), dtype=dtype, attn_implementation=attn_implementation, seed=seed)
