@@ -7,8 +7,8 @@ Passes measured (same model, same token batch, same seed: each sample's last-tok
 * ``relevance``: ``collect_relevance`` with neurons + heads + weights (signed sums);
 * ``relevance_abs``: the same plus per-sample ``|R|`` of the weights.
 
-Time is the median of ``--repeats`` runs after a warm-up. Peak memory is measured in a fresh
-subprocess per pass (CPU: peak RSS, ``VmHWM``, over the RSS after loading; CUDA: ``max_memory_allocated``
+Time is the median of ``--repeats`` interleaved runs after a warm-up. Peak memory is measured in a fresh
+subprocess per pass, median of three (CPU: peak RSS, ``VmHWM``, over the RSS after loading; CUDA: ``max_memory_allocated``
 over the allocation after loading).
 
 Usage:
@@ -102,6 +102,11 @@ def _memory_child(args: argparse.Namespace) -> None:
 
 
 def _measure_memory(args: argparse.Namespace, name: str) -> int:
+    """Median over three fresh processes (allocator and thread-pool scratch make one reading noisy)."""
+    return int(statistics.median(_memory_once(args, name) for _ in range(3)))
+
+
+def _memory_once(args: argparse.Namespace, name: str) -> int:
     command = [sys.executable, __file__, "--model", args.model, "--batch-size", str(args.batch_size),
                "--seq-len", str(args.seq_len), "--device", args.device, "--dtype", args.dtype,
                "--measure-memory", name]
@@ -160,15 +165,20 @@ def main() -> None:
         "extra_memory_vs_grad_all_in_fp32_copies": {
             k: (memory[k] - memory["grad_all"]) / fp32_copy for k in PASSES
         },
+        "extra_memory_vs_grad_prunable_in_fp32_copies": {
+            k: (memory[k] - memory["grad_prunable"]) / fp32_copy for k in PASSES
+        },
     }
     print(f"model {args.model}, {args.dtype} on {result['device']} ({result['threads']} threads), batch "
           f"{args.batch_size} x {args.seq_len} tokens, median of {args.repeats}")
-    print(f"{'pass':<15}{'time s':>9}{'x grad_all':>12}{'x grad_prun':>13}{'peak MiB':>10}{'extra/fp32copy':>16}")
+    print(f"{'pass':<15}{'time s':>8}{'x grad_all':>12}{'x grad_prun':>13}{'peak MiB':>10}"
+          f"{'extra vs grad_all':>19}{'extra vs grad_prun':>20}")
     for name in PASSES:
-        print(f"{name:<15}{medians[name]:>9.3f}{result['time_ratio_vs_grad_all'][name]:>12.2f}"
+        print(f"{name:<15}{medians[name]:>8.3f}{result['time_ratio_vs_grad_all'][name]:>12.2f}"
               f"{result['time_ratio_vs_grad_prunable'][name]:>13.2f}{memory[name] / 2**20:>10.0f}"
-              f"{result['extra_memory_vs_grad_all_in_fp32_copies'][name]:>16.2f}")
-    print(f"one fp32 copy of the prunable weights: {fp32_copy / 2**20:.0f} MiB")
+              f"{result['extra_memory_vs_grad_all_in_fp32_copies'][name]:>19.2f}"
+              f"{result['extra_memory_vs_grad_prunable_in_fp32_copies'][name]:>20.2f}")
+    print(f"extra memory in units of one fp32 copy of the prunable weights ({fp32_copy / 2**20:.0f} MiB)")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(result, handle, indent=2)

@@ -287,3 +287,10 @@ def test_no_tensor_outlives_the_pass() -> None:
     result = _collect(model, SAMPLES, per_sample_abs_weights=True)
     del result
     assert live_tensors() == before
+
+
+def test_results_are_detached_cpu_tensors() -> None:
+    result = _collect(_model("gpt2"), SAMPLES[:2], per_sample_abs_weights=True)
+    tensors = [result.neurons, result.neurons_abs, result.heads, result.heads_abs, result.explained,
+               *result.weights.values(), *result.weights_abs.values(), *result.input_relevance]
+    assert all(not t.requires_grad and t.device.type == "cpu" for t in tensors)

@@ -210,6 +210,7 @@ class _Collectors:
         self.per_sample_abs_weights = per_sample_abs_weights
         self.handles: list[Any] = []
         self.mask: torch.Tensor | None = None  # [B, T] bool, set per batch
+        self.real_rows: torch.Tensor | None = None  # flat mask of real tokens, None without pads
         self.neurons: torch.Tensor | None = None  # [B, L, I] of the current batch
         self.heads: torch.Tensor | None = None  # [B, L, H]
         self.weights: dict[str, torch.Tensor] = {}
@@ -229,10 +230,6 @@ class _Collectors:
                         self._input_hook("heads", layer.index, self.arch.num_heads), prepend=True))
             if "weights" in self.components:
                 for prunable in self.arch.prunable:
-                    weight = prunable.weight
-                    self.weights[prunable.name] = torch.zeros(weight.shape, dtype=self.dtype, device=weight.device)
-                    if self.per_sample_abs_weights:
-                        self.weights_abs[prunable.name] = torch.zeros_like(self.weights[prunable.name])
                     # Appended after the rules' hooks: the gradient it sees is the rule-modified one.
                     self.handles.append(prunable.module.register_forward_hook(
                         self._weight_hook(prunable.name, prunable.orientation == "conv1d")))
@@ -252,6 +249,7 @@ class _Collectors:
 
     def start_batch(self, mask: torch.Tensor) -> None:
         self.mask = mask.bool()
+        self.real_rows = None if bool(self.mask.all()) else self.mask.reshape(-1)
         batch, layers = mask.shape[0], self.arch.num_layers
         device = mask.device
         if "neurons" in self.components:
@@ -292,14 +290,22 @@ class _Collectors:
             weight = module.weight
 
             def grad_hook(grad: torch.Tensor) -> None:
-                mask = self.mask  # [B, T]
-                real = mask.reshape(-1)  # type: ignore[union-attr]
-                x2 = x.reshape(-1, x.shape[-1])[real].to(self.dtype)
-                g2 = grad.reshape(-1, grad.shape[-1])[real].to(self.dtype)
-                product = x2.T @ g2 if conv1d else g2.T @ x2
-                self.weights[name].add_(product.mul_(weight))
+                x2 = x.reshape(-1, x.shape[-1])
+                g2 = grad.reshape(-1, grad.shape[-1])
+                if self.real_rows is not None:  # drop pads (a copy, so only when there are pads)
+                    x2, g2 = x2[self.real_rows], g2[self.real_rows]
+                x2, g2 = x2.to(self.dtype), g2.to(self.dtype)
+                product = (x2.T @ g2 if conv1d else g2.T @ x2).mul_(weight)
+                # Buffers are created in the first backward, as autograd creates .grad: activations
+                # are being freed by then, so the peak stays near a plain gradient pass's.
+                if name in self.weights:
+                    self.weights[name].add_(product)
+                else:
+                    self.weights[name] = product
+                    if self.per_sample_abs_weights:
+                        self.weights_abs[name] = torch.zeros_like(product)
                 if self.per_sample_abs_weights:
-                    lengths = mask.sum(1).tolist()  # type: ignore[union-attr]
+                    lengths = self.mask.sum(1).tolist()  # type: ignore[union-attr]
                     start = 0
                     for length in lengths:
                         xs, gs = x2[start:start + length], g2[start:start + length]
@@ -310,6 +316,13 @@ class _Collectors:
             output.register_hook(grad_hook)
 
         return forward_hook
+
+
+def _in_block_order(buffers: dict[str, torch.Tensor], arch: ResolvedArchitecture,
+                    dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Weight buffers on the CPU in block order; a layer that got no gradient has zero relevance."""
+    return {p.name: buffers[p.name].cpu() if p.name in buffers else torch.zeros(p.weight.shape, dtype=dtype)
+            for p in arch.prunable}
 
 
 def _pad_id(tokenizer: Any, model: nn.Module) -> int:
@@ -448,7 +461,7 @@ def collect_relevance(
                 head_sums += collectors.heads.sum(0)
                 head_abs += collectors.heads.abs().sum(0)
             if "inputs" in wanted:
-                token_relevance = sum((leaf.to(dtype) * g.to(dtype)).sum(-1) for leaf, g in zip(leaves, grads))
+                token_relevance = sum((leaf.detach().to(dtype) * g.to(dtype)).sum(-1) for leaf, g in zip(leaves, grads))
                 mask = batch.attention_mask.bool()
                 for b in range(mask.shape[0]):
                     result.input_relevance.append(token_relevance[b][mask[b]].cpu())
@@ -461,7 +474,9 @@ def collect_relevance(
         result.neurons, result.neurons_abs = neuron_sums.cpu(), neuron_abs.cpu()
     if "heads" in wanted:
         result.heads, result.heads_abs = head_sums.cpu(), head_abs.cpu()
-    result.weights = {k: v.cpu() for k, v in collectors.weights.items()}
-    result.weights_abs = {k: v.cpu() for k, v in collectors.weights_abs.items()}
+    if "weights" in wanted:
+        result.weights = _in_block_order(collectors.weights, arch, dtype)
+        if per_sample_abs_weights:
+            result.weights_abs = _in_block_order(collectors.weights_abs, arch, dtype)
     _check_finite(result)
     return result
