@@ -7,9 +7,9 @@ Passes measured (same model, same token batch, same seed: each sample's last-tok
 * ``relevance``: ``collect_relevance`` with neurons + heads + weights (signed sums);
 * ``relevance_abs``: the same plus per-sample ``|R|`` of the weights.
 
-Time is the median of ``--repeats`` interleaved runs after a warm-up. Peak memory is measured in a fresh
-subprocess per pass, median of three (CPU: peak RSS, ``VmHWM``, over the RSS after loading; CUDA: ``max_memory_allocated``
-over the allocation after loading).
+Time is the median of ``--repeats`` interleaved runs after a warm-up. Peak memory is measured in
+fresh subprocesses, the median of three per pass (CPU: peak RSS, ``VmHWM``, over the RSS after
+loading; CUDA: ``max_memory_allocated`` over the allocation after loading).
 
 Usage:
     python benchmarks/relevance_speed.py [--model smollm2-135m-instruct] [--batch-size 4]

@@ -1,4 +1,4 @@
-"""Test 8 of docs/design/lrp.md: the engine against an independent AttnLRP implementation.
+"""The engine against an independent AttnLRP implementation (test 8 of shared/design/lrp.md).
 
 The reference library (LXT) does not import with transformers 5, so the independent implementation
 is :mod:`explicit_lrp` (in this folder): a Llama forward re-implemented from the module weights and

@@ -424,7 +424,8 @@ def resolve(model: nn.Module) -> ResolvedArchitecture:
         head_dim=head_dim,
         num_kv_heads=num_kv_heads,
         num_neurons=_in_features(layers[0].mlp_out, spec.orientation),
-        max_positions=getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None),
+        max_positions=(getattr(text_config, "max_position_embeddings", None)
+                       or getattr(text_config, "n_positions", None)),
     )
 
 

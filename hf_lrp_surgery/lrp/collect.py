@@ -24,7 +24,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hf_lrp_surgery import __version__
 from hf_lrp_surgery.exceptions import NonFiniteRelevanceError, ReferenceSetError, SequenceTooLongError
 from hf_lrp_surgery.fingerprint import fingerprint
 from hf_lrp_surgery.lrp.architectures import ResolvedArchitecture
@@ -428,7 +427,6 @@ def collect_relevance(
             "seed": seed,
             "components": sorted(wanted),
             "per_sample_abs_weights": bool(per_sample_abs_weights and "weights" in wanted),
-            "hf_lrp_surgery_version": __version__,
         },
     )
     device = arch.token_embedding.weight.device

@@ -67,7 +67,9 @@ class _ActivationRule(torch.autograd.Function):
     """Forward runs the activation; backward sends ``grad * f(x)/x`` to the input."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, forward_fn: Callable[[torch.Tensor], torch.Tensor], kind: str) -> torch.Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, x: torch.Tensor, forward_fn: Callable[[torch.Tensor], torch.Tensor], kind: str
+    ) -> torch.Tensor:
         ctx.save_for_backward(x)
         ctx.kind = kind
         return forward_fn(x)
