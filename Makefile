@@ -11,11 +11,12 @@ install: .installed
 demo: .installed
 	$(PYTHON) -m hf_lrp_surgery.cli report --output runs/report
 
+# Tests never use the network: HF_HUB_OFFLINE makes any accidental Hub call fail at once.
 test: .installed
-	$(PYTHON) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q
 
 test-fast: .installed
-	$(PYTHON) -m pytest -q -m "not e2e"
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -m "not e2e"
 
 bench: .installed
 	$(PYTHON) benchmarks/relevance_speed.py
