@@ -294,27 +294,27 @@ class _Collectors:
                 if self.real_rows is not None:  # drop pads (a copy, so only when there are pads)
                     x2, g2 = x2[self.real_rows], g2[self.real_rows]
                 x2, g2 = x2.to(self.dtype), g2.to(self.dtype)
-                product = (x2.T @ g2 if conv1d else g2.T @ x2).mul_(weight)
                 # Buffers are created in the first backward, as autograd creates .grad: activations
                 # are being freed by then, so the peak stays near a plain gradient pass's.
-                if name in self.weights:
-                    self.weights[name].add_(product)
-                else:
-                    self.weights[name] = product
-                    if self.per_sample_abs_weights:
-                        self.weights_abs[name] = torch.zeros_like(product)
+                _accumulate(self.weights, name, (x2.T @ g2 if conv1d else g2.T @ x2).mul_(weight))
                 if self.per_sample_abs_weights:
-                    lengths = self.mask.sum(1).tolist()  # type: ignore[union-attr]
                     start = 0
-                    for length in lengths:
+                    for length in self.mask.sum(1).tolist():  # type: ignore[union-attr]
                         xs, gs = x2[start:start + length], g2[start:start + length]
                         start += length
                         per_sample = xs.T @ gs if conv1d else gs.T @ xs
-                        self.weights_abs[name].add_(per_sample.mul_(weight).abs_())
+                        _accumulate(self.weights_abs, name, per_sample.mul_(weight).abs_())
 
             output.register_hook(grad_hook)
 
         return forward_hook
+
+
+def _accumulate(buffers: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    if name in buffers:
+        buffers[name].add_(value)
+    else:
+        buffers[name] = value
 
 
 def _in_block_order(buffers: dict[str, torch.Tensor], arch: ResolvedArchitecture,
@@ -459,7 +459,8 @@ def collect_relevance(
                 head_sums += collectors.heads.sum(0)
                 head_abs += collectors.heads.abs().sum(0)
             if "inputs" in wanted:
-                token_relevance = sum((leaf.detach().to(dtype) * g.to(dtype)).sum(-1) for leaf, g in zip(leaves, grads))
+                token_relevance = sum((leaf.detach().to(dtype) * g.to(dtype)).sum(-1)
+                                      for leaf, g in zip(leaves, grads))
                 mask = batch.attention_mask.bool()
                 for b in range(mask.shape[0]):
                     result.input_relevance.append(token_relevance[b][mask[b]].cpu())
