@@ -35,6 +35,22 @@ class NonFiniteRelevanceError(SurgeryError):
     """Relevance came out NaN or infinite."""
 
 
+class NonFiniteScoreError(SurgeryError):
+    """Component scores hold NaN, so no ranking (and no mask) can be derived from them."""
+
+
+class BudgetError(SurgeryError, ValueError):
+    """A pruning budget is not positive or exceeds the number of components that may be pruned."""
+
+
+class ModuleGroupError(SurgeryError, ValueError):
+    """A module group (e.g. ``"mlp.*"``) matches no prunable module of the model."""
+
+
+class MaskVerificationError(SurgeryError):
+    """A loaded model does not carry the mask its manifest describes (e.g. a silently dropped adapter)."""
+
+
 class ModelLoadError(SurgeryError):
     """A model could not be located, installed or converted."""
 

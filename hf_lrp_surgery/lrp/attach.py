@@ -25,7 +25,7 @@ from hf_lrp_surgery.lrp.rules import activation_rule, epsilon_factor, norm_rule
 
 __all__ = ["LRPRules", "Variant", "VARIANT_FACTORS"]
 
-Variant = Literal["attnlrp", "cp"]
+Variant = Literal["attnlrp", "cp", "gradient"]
 
 #: Gradient factors per variant: q, k, v projection outputs and the gated MLP product.
 #: AttnLRP: uniform rule on Q.K^T (1/2 each) behind the uniform rule on P.V (1/2 to P, 1/2 to V).
@@ -33,6 +33,8 @@ Variant = Literal["attnlrp", "cp"]
 VARIANT_FACTORS: dict[str, dict[str, float]] = {
     "attnlrp": {"q": 0.25, "k": 0.25, "v": 0.5, "gated_product": 0.5},
     "cp": {"q": 0.0, "k": 0.0, "v": 1.0, "gated_product": 1.0},
+    # No rules at all: the plain gradient, so that collectors read gradient x input (the baseline).
+    "gradient": {},
 }
 
 _DROPOUT_CONFIG_KEYS = (
@@ -83,10 +85,11 @@ class LRPRules:
     Args:
         model: A supported causal LM (see :func:`~hf_lrp_surgery.lrp.architectures.resolve`),
             optionally wrapped by PEFT, in eval mode (or without active dropout).
-        variant: ``"attnlrp"`` (default) or ``"cp"`` (no relevance through softmax and gates;
-            exactly conservative).
+        variant: ``"attnlrp"`` (default), ``"cp"`` (no relevance through softmax and gates;
+            exactly conservative), or ``"gradient"`` (no rules: the plain gradient, for the
+            gradient x input / gradient x weight baselines).
         epsilon: LRP-epsilon stabiliser on the prunable linear layers; 0 (default) is plain
-            gradient x input there.
+            gradient x input there. Not allowed with ``"gradient"``.
 
     Attributes:
         arch: The resolved architecture.
@@ -111,6 +114,8 @@ class LRPRules:
             raise ValueError(f"variant must be one of {sorted(VARIANT_FACTORS)}, got {variant!r}")
         if epsilon < 0:
             raise ValueError(f"epsilon must be >= 0, got {epsilon}")
+        if epsilon > 0 and variant == "gradient":
+            raise ValueError("epsilon is an LRP rule; the 'gradient' variant has no rules, so use epsilon=0")
         self.arch: ResolvedArchitecture = resolve(model)
         self.variant: Variant = variant
         self.epsilon = float(epsilon)
@@ -155,6 +160,9 @@ class LRPRules:
     def _install(self) -> None:
         arch = self.arch
         factors = VARIANT_FACTORS[self.variant]
+        if self.variant == "gradient":
+            self._install_input_hooks()
+            return
         gated = arch.spec.mlp_kind == "gated"
         gate_modules = {id(layer.mlp_act) for layer in arch.layers} if gated else set()
 
@@ -189,6 +197,10 @@ class LRPRules:
             for prunable in arch.prunable:
                 self._handles.append(prunable.module.register_forward_hook(_epsilon_hook(self.epsilon)))
 
+        self._install_input_hooks()
+
+    def _install_input_hooks(self) -> None:
+        arch = self.arch
         self._handles.append(arch.token_embedding.register_forward_hook(self._input_hook("tokens")))
         if arch.position_embedding is not None:
             self._handles.append(arch.position_embedding.register_forward_hook(self._input_hook("positions")))

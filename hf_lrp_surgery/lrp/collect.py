@@ -108,7 +108,7 @@ def as_samples(items: Iterable[SampleLike]) -> list[ReferenceSample]:
 
 
 @dataclass(frozen=True)
-class _Encoded:
+class Encoded:
     ids: list[int]
     # (position whose logits are read, token id or _ARGMAX)
     seeds: list[tuple[int, int]]
@@ -122,7 +122,8 @@ def _tokens(text_or_ids: str | Sequence[int], tokenizer: Any, *, special: bool, 
     return [int(x) for x in text_or_ids]
 
 
-def _encode(sample: ReferenceSample, index: int, tokenizer: Any, max_positions: int | None) -> _Encoded:
+def encode_sample(sample: ReferenceSample, index: int, tokenizer: Any, max_positions: int | None) -> Encoded:
+    """Tokenise one sample and locate its seeds (shared with the forward-only baseline scorers)."""
     prompt = _tokens(sample.prompt, tokenizer, special=True, what=f"sample {index}'s prompt")
     if not prompt:
         raise ReferenceSetError(f"sample {index} has an empty prompt; every sample needs at least one token")
@@ -151,11 +152,11 @@ def _encode(sample: ReferenceSample, index: int, tokenizer: Any, max_positions: 
             f"sample {index} is {len(ids)} tokens, beyond the model's context of {max_positions}; shorten the "
             "prompt/continuation"
         )
-    return _Encoded(ids, seeds)
+    return Encoded(ids, seeds)
 
 
 @dataclass
-class _Batch:
+class Batch:
     input_ids: torch.Tensor  # [B, T]
     attention_mask: torch.Tensor  # [B, T], 1 for real tokens
     position_ids: torch.Tensor  # [B, T]
@@ -164,7 +165,8 @@ class _Batch:
     seed_tokens: torch.Tensor  # [N], _ARGMAX for "the largest logit"
 
 
-def _make_batch(encoded: Sequence[_Encoded], pad_id: int, padding_side: str, device: torch.device) -> _Batch:
+def make_batch(encoded: Sequence[Encoded], pad_id: int, padding_side: str, device: torch.device) -> Batch:
+    """Pad encoded samples into one batch with attention mask, position ids and seed locations."""
     width = max(len(e.ids) for e in encoded)
     ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(encoded), width), dtype=torch.long)
@@ -179,11 +181,11 @@ def _make_batch(encoded: Sequence[_Encoded], pad_id: int, padding_side: str, dev
             tokens.append(token)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
-    return _Batch(ids.to(device), mask.to(device), position_ids.to(device), as_long(rows), as_long(positions),
+    return Batch(ids.to(device), mask.to(device), position_ids.to(device), as_long(rows), as_long(positions),
                   as_long(tokens))
 
 
-def _seed_objective(logits: torch.Tensor, batch: _Batch, seed: SeedMode) -> tuple[torch.Tensor, torch.Tensor]:
+def _seed_objective(logits: torch.Tensor, batch: Batch, seed: SeedMode) -> tuple[torch.Tensor, torch.Tensor]:
     """Return the scalar to differentiate and the explained value per sample (in fp64)."""
     rows = logits[batch.seed_rows, batch.seed_positions]  # [N, V]
     rows = rows if rows.dtype == torch.float64 else rows.float()
@@ -324,7 +326,8 @@ def _in_block_order(buffers: dict[str, torch.Tensor], arch: ResolvedArchitecture
             for p in arch.prunable}
 
 
-def _pad_id(tokenizer: Any, model: nn.Module) -> int:
+def pad_token_id(tokenizer: Any, model: nn.Module) -> int:
+    """The tokenizer's (else the config's, else 0) pad token id."""
     for source in (tokenizer, getattr(model, "config", None)):
         pad = getattr(source, "pad_token_id", None)
         if isinstance(pad, int):
@@ -374,7 +377,8 @@ def collect_relevance(
         samples: The reference set (see :func:`as_samples` for accepted forms).
         tokenizer: Needed when samples are text.
         components: Any of ``"neurons"``, ``"heads"``, ``"weights"``, ``"inputs"``.
-        variant: ``"attnlrp"`` or ``"cp"`` (see :class:`~hf_lrp_surgery.lrp.attach.LRPRules`).
+        variant: ``"attnlrp"``, ``"cp"`` or ``"gradient"`` (no rules: gradient x input, and
+            gradient x weight for weights; see :class:`~hf_lrp_surgery.lrp.attach.LRPRules`).
         epsilon: LRP-epsilon on the prunable linear layers (0: gradient x input).
         seed: ``"logit"`` explains the target logits; ``"logprob"`` their log-probabilities (the seed
             ``onehot - softmax`` on the logits, held constant).
@@ -416,12 +420,12 @@ def collect_relevance(
 
     rules = LRPRules(model, variant=variant, epsilon=epsilon)
     arch = rules.arch
-    encoded = [_encode(s, i, tokenizer, arch.max_positions) for i, s in enumerate(sample_list)]
+    encoded = [encode_sample(s, i, tokenizer, arch.max_positions) for i, s in enumerate(sample_list)]
     wanted = frozenset(components)
     result = RelevanceResult(
         fingerprint=fingerprint(model),
         settings={
-            "method": "lrp",
+            "method": "gradient" if variant == "gradient" else "lrp",
             "variant": variant,
             "epsilon": float(epsilon),
             "seed": seed,
@@ -430,7 +434,7 @@ def collect_relevance(
         },
     )
     device = arch.token_embedding.weight.device
-    pad_id = _pad_id(tokenizer, arch.model)
+    pad_id = pad_token_id(tokenizer, arch.model)
     explained: list[torch.Tensor] = []
     dtype = torch.float64 if arch.token_embedding.weight.dtype == torch.float64 else torch.float32
     neuron_sums = torch.zeros(arch.num_layers, arch.num_neurons, dtype=dtype, device=device)
@@ -442,7 +446,7 @@ def collect_relevance(
         total=len(encoded), desc=description, unit="sample", disable=not progress, leave=False
     ) as bar:
         for start in range(0, len(encoded), batch_size):
-            batch = _make_batch(encoded[start:start + batch_size], pad_id, padding_side, device)
+            batch = make_batch(encoded[start:start + batch_size], pad_id, padding_side, device)
             collectors.start_batch(batch.attention_mask)
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                            position_ids=batch.position_ids, use_cache=False).logits

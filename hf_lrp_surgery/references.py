@@ -1,0 +1,93 @@
+"""Reference sets from the forms users have them in: lists, pairs, files and ``datasets`` objects."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from hf_lrp_surgery.exceptions import ReferenceSetError
+from hf_lrp_surgery.lrp.collect import ReferenceSample, SampleLike, as_samples
+
+__all__ = ["ReferenceSource", "load_reference_set"]
+
+#: Everything :func:`load_reference_set` accepts.
+ReferenceSource = Any
+
+_TEXT_COLUMNS = ("prompt", "text")
+_SUFFIXES = (".txt", ".json", ".jsonl")
+
+
+def _from_records(records: Iterable[Any], origin: str) -> list[ReferenceSample]:
+    samples: list[SampleLike] = []
+    for i, record in enumerate(records):
+        if isinstance(record, dict):
+            prompt = next((record[c] for c in _TEXT_COLUMNS if c in record), None)
+            if prompt is None:
+                raise ReferenceSetError(f"{origin}: record {i} has none of the columns {_TEXT_COLUMNS} (it has "
+                                        f"{sorted(record)}); rename the prompt column to 'prompt'")
+            samples.append({"prompt": prompt, "continuation": record.get("continuation"),
+                            "target": record.get("target")})
+        elif isinstance(record, list) and len(record) == 2 and all(isinstance(x, str) for x in record):
+            samples.append((record[0], record[1]))  # a JSON (prompt, continuation) pair
+        else:
+            samples.append(record)
+    return as_samples(samples)
+
+
+def _from_file(path: Path) -> list[ReferenceSample]:
+    if not path.is_file():
+        raise FileNotFoundError(f"reference set file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    elif path.suffix == ".json":
+        data = json.loads(text)
+        records = data.get("samples", data.get("prompts")) if isinstance(data, dict) else data
+        if not isinstance(records, list):
+            raise ReferenceSetError(f"{path}: expected a JSON list, or an object with a 'samples' or 'prompts' list")
+    else:
+        records = [line for line in text.splitlines() if line.strip()]
+    return _from_records(records, str(path))
+
+
+def load_reference_set(source: ReferenceSource, *, limit: int | None = None, min_samples: int = 1) -> list[ReferenceSample]:
+    """Turn a reference set in any supported form into :class:`ReferenceSample` objects.
+
+    Args:
+        source: One of
+
+            * a list of prompt strings, ``(prompt, continuation)`` pairs, token-id lists, mappings
+              with ``prompt``/``text`` and optional ``continuation``/``target`` keys, or samples;
+            * a path to a ``.txt`` file (one prompt per line), a ``.jsonl`` file (one mapping per
+              line) or a ``.json`` file (a list, or an object with a ``samples`` / ``prompts`` list);
+            * a ``datasets.Dataset`` (or any iterable of mappings) with a ``prompt`` or ``text``
+              column and optional ``continuation`` / ``target`` columns.
+        limit: Keep only the first ``limit`` samples.
+        min_samples: Fewest samples the caller needs.
+
+    Returns:
+        The samples.
+
+    Raises:
+        ReferenceSetError: The set is empty, smaller than ``min_samples``, or a record has no prompt.
+        FileNotFoundError: A path does not exist.
+
+    Example:
+        >>> load_reference_set(["You are", ("Hello", " world")])  # doctest: +SKIP
+        >>> load_reference_set("toxic.jsonl", limit=64)  # doctest: +SKIP
+    """
+    if isinstance(source, os.PathLike) or (isinstance(source, str) and Path(source).suffix in _SUFFIXES):
+        samples = _from_file(Path(source))
+        origin = str(source)
+    elif isinstance(source, str):
+        raise ReferenceSetError(f"{source!r} is a single string; give a list of prompts or a .txt/.json/.jsonl path")
+    else:
+        samples = _from_records(source, type(source).__name__)
+        origin = f"the {type(source).__name__} reference set"
+    if limit is not None:
+        samples = samples[:limit]
+    if len(samples) < max(1, min_samples):
+        raise ReferenceSetError(f"{origin} has {len(samples)} samples; at least {max(1, min_samples)} are needed")
+    return samples
