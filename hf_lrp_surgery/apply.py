@@ -419,7 +419,11 @@ def save_corrected(corrected: CorrectedModel, directory: str | os.PathLike[str],
     record = {"carrier": corrected.carrier, "base_model_name_or_path": base_path,
               "granularities": [m.granularity for m in corrected.masks], "probe": asdict(corrected.probe)}
     with atomic_directory(directory) as tmp:
-        corrected.model.save_pretrained(str(tmp))
+        if corrected.carrier == "adapter":
+            # The adapter never touches the embeddings; without this peft looks the base up on the Hub.
+            corrected.model.save_pretrained(str(tmp), save_embedding_layers=False)
+        else:
+            corrected.model.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         for mask in corrected.masks:

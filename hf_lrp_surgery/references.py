@@ -88,6 +88,8 @@ def load_reference_set(source: ReferenceSource, *, limit: int | None = None, min
         origin = f"the {type(source).__name__} reference set"
     if limit is not None:
         samples = samples[:limit]
-    if len(samples) < max(1, min_samples):
-        raise ReferenceSetError(f"{origin} has {len(samples)} samples; at least {max(1, min_samples)} are needed")
+    if not samples:
+        raise ReferenceSetError(f"{origin} is empty; give at least {max(1, min_samples)} samples")
+    if len(samples) < min_samples:
+        raise ReferenceSetError(f"{origin} has {len(samples)} samples; at least {min_samples} are needed")
     return samples

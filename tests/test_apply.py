@@ -30,7 +30,7 @@ from hf_lrp_surgery.apply import (
 from hf_lrp_surgery.exceptions import FingerprintMismatchError, MaskVerificationError
 from hf_lrp_surgery.masks import Mask, select
 from hf_lrp_surgery.scoring import score
-from tests.tiny_models import EXTRA_FAMILIES, FAMILIES, tiny_model
+from tiny_models import EXTRA_FAMILIES, FAMILIES, tiny_model
 
 SAMPLES = [[1, 5, 6, 7, 8, 9], [1, 10, 11, 12], [1, 20, 21, 22, 23]]
 PROBE = torch.tensor([[1, 4, 5, 6, 7, 8, 9, 30, 31, 32]])
