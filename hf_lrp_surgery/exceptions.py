@@ -23,7 +23,7 @@ class RulesAlreadyAttachedError(SurgeryError):
     """LRP rules are already attached to this model instance."""
 
 
-class ReferenceSetError(SurgeryError):
+class ReferenceSetError(SurgeryError, ValueError):
     """A reference set is empty, has samples with nothing to explain, or does not fit the model."""
 
 

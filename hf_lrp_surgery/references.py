@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from hf_lrp_surgery.exceptions import ReferenceSetError
 from hf_lrp_surgery.lrp.collect import ReferenceSample, SampleLike, as_samples
@@ -36,6 +36,20 @@ def _from_records(records: Iterable[Any], origin: str) -> list[ReferenceSample]:
     return as_samples(samples)
 
 
+def _from_columns(columns: Mapping[str, Any]) -> list[ReferenceSample]:
+    """Rows of a column mapping such as ``{"prompt": [...], "continuation": [...]}``."""
+    prompt_column = next((c for c in _TEXT_COLUMNS if c in columns), None)
+    if prompt_column is None:
+        raise ReferenceSetError(
+            f"a mapping with keys {sorted(columns)} is neither columns with a 'prompt'/'text' key nor a list of "
+            "samples; for a datasets.DatasetDict pick a split, e.g. dataset['train']"
+        )
+    length = len(columns[prompt_column])
+    if any(len(values) != length for values in columns.values()):
+        raise ReferenceSetError(f"the columns {sorted(columns)} have different lengths")
+    return _from_records([{key: columns[key][i] for key in columns} for i in range(length)], "the column mapping")
+
+
 def _from_file(path: Path) -> list[ReferenceSample]:
     if not path.is_file():
         raise FileNotFoundError(f"reference set file {path} does not exist")
@@ -62,8 +76,9 @@ def load_reference_set(source: ReferenceSource, *, limit: int | None = None, min
               with ``prompt``/``text`` and optional ``continuation``/``target`` keys, or samples;
             * a path to a ``.txt`` file (one prompt per line), a ``.jsonl`` file (one mapping per
               line) or a ``.json`` file (a list, or an object with a ``samples`` / ``prompts`` list);
-            * a ``datasets.Dataset`` (or any iterable of mappings) with a ``prompt`` or ``text``
-              column and optional ``continuation`` / ``target`` columns.
+            * a ``datasets.Dataset`` (or any iterable of mappings), or a column mapping such as
+              ``{"prompt": [...], "continuation": [...]}``, with a ``prompt`` or ``text`` column and
+              optional ``continuation`` / ``target`` columns (a ``DatasetDict``: pick a split).
         limit: Keep only the first ``limit`` samples.
         min_samples: Fewest samples the caller needs.
 
@@ -83,6 +98,9 @@ def load_reference_set(source: ReferenceSource, *, limit: int | None = None, min
         origin = str(source)
     elif isinstance(source, str):
         raise ReferenceSetError(f"{source!r} is a single string; give a list of prompts or a .txt/.json/.jsonl path")
+    elif isinstance(source, Mapping):
+        samples = _from_columns(source)
+        origin = "the column mapping"
     else:
         samples = _from_records(source, type(source).__name__)
         origin = f"the {type(source).__name__} reference set"

@@ -339,7 +339,7 @@ def score(
         return _sample_free(arch, method, wanted, random_seed, Scores(
             method=method, settings={"method": method, "components": list(wanted)}, fingerprint=fingerprint(model),
             layout=layout))
-    sample_list = as_samples(samples or [])
+    sample_list = as_samples(samples if samples is not None else [])
     if not sample_list:
         raise ReferenceSetError(f"the {method} method needs reference samples; the reference set is empty")
     if method in ("lrp", "gradient"):
@@ -568,9 +568,12 @@ def contrast(
         if protect_top > 0:
             flat = torch.cat([v.flatten() for v in g.values()]).abs()
             count = int(protect_top * flat.numel())
-            if count:
-                threshold = flat.kthvalue(flat.numel() - count + 1).values
-                diff = {k: torch.where(g[k].abs() >= threshold, torch.inf, v) for k, v in diff.items()}
+            # Exactly ``count`` components, ties broken by position (a threshold would also protect
+            # every tie, e.g. all dead neurons at 0).
+            protected = torch.zeros(flat.numel(), dtype=torch.bool)
+            protected[torch.sort(flat, descending=True, stable=True).indices[:count]] = True
+            pieces = protected.split([v.numel() for v in g.values()])
+            diff = {k: torch.where(piece.view_as(v), torch.inf, v) for (k, v), piece in zip(diff.items(), pieces)}
         if component == "weights":
             out.weights = {k: v.float() for k, v in diff.items()}
         else:

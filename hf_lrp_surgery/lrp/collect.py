@@ -64,7 +64,7 @@ class ReferenceSample:
 
     def __post_init__(self) -> None:
         if self.continuation is not None and self.target is not None:
-            raise ValueError("give a continuation or a target, not both")
+            raise ReferenceSetError(f"sample {self.prompt!r}: give a continuation or a target, not both")
 
 
 SampleLike = Union[ReferenceSample, str, Sequence[int], tuple[str, str], Mapping[str, Any]]

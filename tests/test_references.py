@@ -1,0 +1,148 @@
+"""Reference sets from lists, pairs, mappings, .txt/.jsonl/.json files and ``datasets`` objects."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+
+from hf_lrp_surgery.exceptions import ReferenceSetError
+from hf_lrp_surgery.lrp import ReferenceSample
+from hf_lrp_surgery.references import load_reference_set
+
+#: What every source in these tests holds.
+EXPECTED = [
+    ReferenceSample("the cat sat"),
+    ReferenceSample("hello", " world"),
+    ReferenceSample("the capital of france is", target=" paris"),
+]
+
+
+def _write(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` and return the path."""
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_in_memory_forms() -> None:
+    """Strings, (prompt, continuation) tuples, mappings and samples become the same ReferenceSamples."""
+    mixed = ["the cat sat", ("hello", " world"),
+             {"prompt": "the capital of france is", "target": " paris"}]
+    assert load_reference_set(mixed) == EXPECTED
+    mappings = [{"text": "the cat sat"}, {"prompt": "hello", "continuation": " world"},
+                {"prompt": "the capital of france is", "target": " paris", "source": "quiz"}]
+    assert load_reference_set(mappings) == EXPECTED
+    assert load_reference_set(EXPECTED) == EXPECTED
+    assert load_reference_set([[1, 5, 7], (2, 3)]) == [ReferenceSample([1, 5, 7]), ReferenceSample([2, 3])]
+    assert load_reference_set(iter(["a", "b"])) == [ReferenceSample("a"), ReferenceSample("b")]
+
+
+def test_prompt_column_wins_over_text() -> None:
+    """A record with both 'prompt' and 'text' uses 'prompt'."""
+    assert load_reference_set([{"text": "ignored", "prompt": "used"}]) == [ReferenceSample("used")]
+
+
+def test_txt_file(tmp_path: Path) -> None:
+    """A .txt file holds one prompt per line; blank lines are skipped."""
+    path = _write(tmp_path / "set.txt", "the cat sat\n\n  \nhello world\n")
+    expected = [ReferenceSample("the cat sat"), ReferenceSample("hello world")]
+    assert load_reference_set(path) == expected
+    assert load_reference_set(str(path)) == expected
+
+
+def test_jsonl_file(tmp_path: Path) -> None:
+    """A .jsonl file: one mapping (or a [prompt, continuation] pair, or a string) per line."""
+    lines = [json.dumps({"prompt": "the cat sat"}), "", json.dumps(["hello", " world"]),
+             json.dumps({"text": "the capital of france is", "target": " paris"})]
+    path = _write(tmp_path / "set.jsonl", "\n".join(lines) + "\n")
+    assert load_reference_set(path) == EXPECTED
+    strings = _write(tmp_path / "strings.jsonl", '"a"\n"b"\n')
+    assert load_reference_set(str(strings)) == [ReferenceSample("a"), ReferenceSample("b")]
+
+
+def test_json_files(tmp_path: Path) -> None:
+    """A .json file holds a list, or an object with a 'samples' (or 'prompts') list."""
+    records = ["the cat sat", ["hello", " world"], {"prompt": "the capital of france is", "target": " paris"}]
+    as_list = _write(tmp_path / "list.json", json.dumps(records))
+    assert load_reference_set(as_list) == EXPECTED
+    as_object = _write(tmp_path / "object.json", json.dumps({"name": "quiz", "samples": records}))
+    assert load_reference_set(str(as_object)) == EXPECTED
+    prompts = _write(tmp_path / "prompts.json", json.dumps({"prompts": ["a", "b"]}))
+    assert load_reference_set(prompts) == [ReferenceSample("a"), ReferenceSample("b")]
+    no_list = _write(tmp_path / "bad.json", json.dumps({"data": ["a"]}))
+    with pytest.raises(ReferenceSetError, match="JSON list"):
+        load_reference_set(no_list)
+
+
+def test_datasets_dataset() -> None:
+    """A datasets.Dataset with prompt + continuation columns, or with a text column."""
+    pairs = datasets.Dataset.from_dict({"prompt": ["hello", "the cat"], "continuation": [" world", " sat"],
+                                        "label": [0, 1]})
+    assert load_reference_set(pairs) == [ReferenceSample("hello", " world"), ReferenceSample("the cat", " sat")]
+    texts = datasets.Dataset.from_dict({"text": ["a red car", "the sun"]})
+    assert load_reference_set(texts) == [ReferenceSample("a red car"), ReferenceSample("the sun")]
+    targets = datasets.Dataset.from_dict({"prompt": ["the capital of france is"], "target": [" paris"]})
+    assert load_reference_set(targets) == [EXPECTED[2]]
+    with pytest.raises(ReferenceSetError, match="'prompt', 'text'"):
+        load_reference_set(datasets.Dataset.from_dict({"question": ["why"]}))
+
+
+def test_limit_and_min_samples(tmp_path: Path) -> None:
+    """limit keeps the first samples; fewer than min_samples -> ReferenceSetError."""
+    prompts = [f"prompt {i}" for i in range(5)]
+    assert load_reference_set(prompts, limit=2) == [ReferenceSample("prompt 0"), ReferenceSample("prompt 1")]
+    assert len(load_reference_set(prompts, limit=10)) == 5
+    path = _write(tmp_path / "set.txt", "\n".join(prompts))
+    assert [s.prompt for s in load_reference_set(path, limit=3)] == prompts[:3]
+    assert len(load_reference_set(prompts, min_samples=5)) == 5
+    with pytest.raises(ReferenceSetError, match="has 5 samples; at least 6"):
+        load_reference_set(prompts, min_samples=6)
+    with pytest.raises(ReferenceSetError, match="has 2 samples; at least 3"):
+        load_reference_set(prompts, limit=2, min_samples=3)
+    with pytest.raises(ReferenceSetError, match="empty"):
+        load_reference_set(prompts, limit=0)
+
+
+def test_empty_sources(tmp_path: Path) -> None:
+    """An empty list, file or dataset -> ReferenceSetError."""
+    with pytest.raises(ReferenceSetError, match="empty"):
+        load_reference_set([])
+    with pytest.raises(ReferenceSetError, match="empty"):
+        load_reference_set(_write(tmp_path / "blank.txt", "\n \n"))
+    with pytest.raises(ReferenceSetError, match="empty"):
+        load_reference_set(_write(tmp_path / "none.json", "[]"))
+    with pytest.raises(ReferenceSetError, match="empty"):
+        load_reference_set(datasets.Dataset.from_dict({"prompt": []}))
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    """A path that does not exist -> FileNotFoundError naming it (str with a known suffix or a Path)."""
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        load_reference_set(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        load_reference_set(tmp_path / "missing.txt")
+
+
+def test_bad_records() -> None:
+    """A record without a prompt, an unknown item type, or a bare string -> ReferenceSetError."""
+    with pytest.raises(ReferenceSetError, match="record 1 has none of the columns"):
+        load_reference_set([{"prompt": "fine"}, {"question": "no prompt", "answer": "x"}])
+    with pytest.raises(ReferenceSetError, match="not a prompt string"):
+        load_reference_set(["fine", 3.5])
+    with pytest.raises(ReferenceSetError, match="single string"):
+        load_reference_set("the cat sat on the mat")
+    with pytest.raises(ReferenceSetError, match="not both"):
+        load_reference_set([{"prompt": "p", "continuation": "c", "target": "t"}])
+
+
+def test_column_mappings_are_rows_and_dataset_dicts_need_a_split() -> None:
+    """{"prompt": [...], "continuation": [...]} gives one sample per row, not one per key."""
+    samples = load_reference_set({"prompt": ["a", "b"], "continuation": ["c", "d"]})
+    assert samples == [ReferenceSample("a", "c"), ReferenceSample("b", "d")]
+    dataset = datasets.Dataset.from_dict({"prompt": ["a"]})
+    with pytest.raises(ReferenceSetError, match="pick a split"):
+        load_reference_set(datasets.DatasetDict({"train": dataset}))
+    with pytest.raises(ReferenceSetError, match="different lengths"):
+        load_reference_set({"prompt": ["a", "b"], "continuation": ["c"]})
