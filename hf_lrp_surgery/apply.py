@@ -85,7 +85,6 @@ def _input_units(mask: Mask, name: str, arch: ResolvedArchitecture) -> torch.Ten
 
 
 # -- bake -------------------------------------------------------------------------------------
-@torch.no_grad()
 def bake(model: nn.Module, masks: Mask | Sequence[Mask]) -> nn.Module:
     """Zero the masked units in the weights of ``model``, in place.
 
@@ -106,6 +105,12 @@ def bake(model: nn.Module, masks: Mask | Sequence[Mask]) -> nn.Module:
     mask_list = _masks(masks)
     for mask in mask_list:
         mask.check_model(model)
+    return _bake(model, mask_list)
+
+
+@torch.no_grad()
+def _bake(model: nn.Module, mask_list: list[Mask]) -> nn.Module:
+    """:func:`bake` without the fingerprint check (done by the caller on the original model)."""
     arch = resolve(model)
     modules = _modules(arch)
     spec = arch.spec
@@ -142,7 +147,6 @@ def _refuse_wrapped(model: nn.Module) -> None:
                          "and compute the mask on the merged model")
 
 
-@torch.no_grad()
 def to_adapter(model: nn.Module, masks: Mask | Sequence[Mask], *, adapter_name: str = "default") -> nn.Module:
     """Wrap ``model`` in a PEFT IA3 adapter that carries neuron and/or head masks exactly.
 
@@ -165,15 +169,25 @@ def to_adapter(model: nn.Module, masks: Mask | Sequence[Mask], *, adapter_name: 
         >>> peft_model = to_adapter(copy.deepcopy(model), mask)  # doctest: +SKIP
         >>> peft_model.save_pretrained("runs/adapter")  # doctest: +SKIP
     """
-    from peft import IA3Config, get_peft_model
-
     mask_list = _masks(masks)
+    _check_adapter_input(model, mask_list)
+    return _to_adapter(model, mask_list, adapter_name)
+
+
+def _check_adapter_input(model: nn.Module, mask_list: list[Mask]) -> None:
     if any(m.granularity == "weights" for m in mask_list):
         raise ValueError("a weight mask has no exact IA3 form; use carrier='bake' for weight masks "
                          "(neuron and head masks can be adapters)")
     _refuse_wrapped(model)
     for mask in mask_list:
         mask.check_model(model)
+
+
+@torch.no_grad()
+def _to_adapter(model: nn.Module, mask_list: list[Mask], adapter_name: str) -> nn.Module:
+    """:func:`to_adapter` without the input checks (done by the caller on the original model)."""
+    from peft import IA3Config, get_peft_model
+
     targets = [name for mask in mask_list for name in mask.indices]
     if not targets:
         raise ValueError("the masks prune nothing")
@@ -373,18 +387,18 @@ def apply_masks(model: nn.Module, masks: Mask | Sequence[Mask], carrier: Carrier
     if carrier not in ("bake", "adapter"):
         raise ValueError(f"carrier must be 'bake' or 'adapter', got {carrier!r}")
     mask_list = _masks(masks)
-    if carrier == "adapter" and any(m.granularity == "weights" for m in mask_list):
-        raise ValueError("a weight mask has no exact IA3 form; use carrier='bake' for weight masks")
-    _refuse_wrapped(model)
-    for mask in mask_list:
-        mask.check_model(model)
+    if carrier == "adapter":
+        _check_adapter_input(model, mask_list)
+    else:
+        _refuse_wrapped(model)
+        for mask in mask_list:
+            mask.check_model(model)
     input_ids, vocab_ids = LogitsProbe.positions(model)
     original = _probe_logits(model, input_ids, vocab_ids)
     dtype = str(resolve(model).token_embedding.weight.dtype)
     base_path = getattr(model, "name_or_path", None) or None
     target = model if inplace else copy.deepcopy(model)
-    corrected_model = bake(target, mask_list) if carrier == "bake" else to_adapter(target, mask_list,
-                                                                                   adapter_name=adapter_name)
+    corrected_model = _bake(target, mask_list) if carrier == "bake" else _to_adapter(target, mask_list, adapter_name)
     corrected = _probe_logits(corrected_model, input_ids, vocab_ids)
     probe = LogitsProbe(input_ids, vocab_ids, original.tolist(), corrected.tolist(), dtype)
     result = CorrectedModel(corrected_model, mask_list, carrier, probe, base_path)
