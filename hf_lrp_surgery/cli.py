@@ -8,6 +8,10 @@ Subcommands:
                and/or baked) and save everything: scores, mask, corrected model(s), plot.
     apply      Apply a saved mask to a model and save the corrected model.
     inspect    Print a mask's statistics per layer and save a plot.
+    detox, fix-repetition
+               The correction recipes: paired reference sets from the model's own continuations,
+               contrastive attribution, a budget search under a general-behaviour limit, the
+               corrected model (adapter and baked), and before/after numbers on held-out prompts.
 
 Errors on bad input are printed as one line (``error: ...``) with exit status 2.
 """
@@ -144,6 +148,59 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipe(args: argparse.Namespace) -> int:
+    from hf_lrp_surgery.correction import GeneralLimits, detox_behaviour, repetition_behaviour, run_recipe
+
+    model, tokenizer = _load(args)
+    if args.command == "detox":
+        behaviour = detox_behaviour(args.scorer, threshold=args.threshold)
+    else:
+        behaviour = repetition_behaviour(use_chat_template=args.chat_template)
+    result = run_recipe(
+        model, tokenizer, behaviour, args.output, budgets=args.budgets, granularity=args.granularity,
+        method=args.method, normalize=args.normalize, protect_top=args.protect_top, seed=args.seed,
+        limits=GeneralLimits(args.max_kl, args.max_perplexity_increase), scope=args.scope, modules=args.modules,
+        base_model_name_or_path=args.base_model_id, batch_size=args.batch_size, progress=not args.no_progress,
+    )
+    print(f"{result.behaviour}: {result.reference_sizes['undesired']} undesired / {result.reference_sizes['desired']} "
+          "desired reference continuations")
+    print(f"{'budget':>7} {behaviour.primary:>14} {'KL':>8} {'ppl +%':>8}  within limits")
+    for point in result.frontier:
+        print(f"{point.budget:>7} {point.effect[behaviour.primary]:>14.4f} {point.kl:>8.4f} "
+              f"{100 * point.perplexity_increase:>8.2f}  {point.within_limits}")
+    print(f"chosen budget: {result.chosen_budget}")
+    print("held-out:", json.dumps(result.heldout))
+    print(f"saved to {args.output} (report.json, effect_vs_budget.png, scores/, and mask/, adapter/, baked/ when a "
+          "budget was chosen)")
+    return 0
+
+
+def _recipe_parser(sub: Any, name: str, help_text: str, description: str, default_model: str, models: str,
+                   default_budgets: list[int]) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=help_text, description=description)
+    _common(parser, default_model, models)
+    parser.add_argument("--budgets", nargs="+", type=int, default=default_budgets,
+                        help=f"budgets to search ({' '.join(map(str, default_budgets))})")
+    parser.add_argument("--granularity", choices=("neurons", "heads", "weights"), default="neurons",
+                        help="what to prune (neurons)")
+    parser.add_argument("--method", choices=("lrp", "gradient", "activation", "wanda", "magnitude", "random"),
+                        default="lrp", help="scoring method (lrp)")
+    parser.add_argument("--normalize", choices=("none", "total", "max", "layer"), default="total",
+                        help="per-set normalisation before the difference (total)")
+    parser.add_argument("--protect-top", type=float, default=0.05,
+                        help="fraction most relevant to the general set that is never pruned (0.05)")
+    parser.add_argument("--seed", choices=("logit", "logprob"), default="logit", help="relevance seed (logit)")
+    parser.add_argument("--scope", choices=("global", "per_layer"), default="global", help="selection scope (global)")
+    parser.add_argument("--modules", nargs="+", help="weights: module groups, e.g. 'mlp.*' (all)")
+    parser.add_argument("--max-kl", type=float, default=0.02, help="general-behaviour limit on KL (0.02)")
+    parser.add_argument("--max-perplexity-increase", type=float, default=0.03,
+                        help="general-behaviour limit on the relative perplexity increase (0.03)")
+    parser.add_argument("--base-model-id", help="Hub id written into the adapter's config (default: --model's path)")
+    parser.add_argument("--output", default=f"runs/{name}", help=f"output directory (runs/{name})")
+    parser.set_defaults(handler=_recipe)
+    return parser
+
+
 def _common(parser: argparse.ArgumentParser, default_model: str, models: str) -> None:
     parser.add_argument("--model", default=default_model,
                         help=f"embedded model ({models}), local checkpoint directory or Hub id "
@@ -255,6 +312,23 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("path", help="a mask directory or a saved corrected model")
     inspect.add_argument("--plot", help="where to save the plot (default: PATH/mask_per_layer.png)")
     inspect.set_defaults(handler=_inspect)
+
+    detox = _recipe_parser(
+        sub, "detox", "detoxify: prune what makes the model's continuations of provocative prompts toxic",
+        "Sample continuations of the shipped provocative prompts (train split), keep the toxic and non-toxic ones of "
+        "the same prompts, contrast their relevance, search the budget on validation prompts under the KL and "
+        "perplexity limits, save the corrected model, and report toxicity before/after on the held-out prompts.",
+        DEFAULT_MODEL, models, [10, 20, 50, 100, 200])
+    detox.add_argument("--scorer", default="profanity-check",
+                       help="toxicity scorer: profanity-check (offline) or a text-classification model id/path")
+    detox.add_argument("--threshold", type=float, default=0.5, help="toxic if the score is >= this (0.5)")
+    repetition = _recipe_parser(
+        sub, "fix-repetition", "prune what makes the model loop on repetition-inducing prompts",
+        "Sample responses to the shipped repetition-inducing prompts (train split), keep looping (RUR < 0.5) and "
+        "varied (RUR >= 0.7) responses of the same prompts, contrast their relevance, search the budget under the "
+        "KL and perplexity limits, save the corrected model, and report RUR before/after on the held-out prompts.",
+        DEFAULT_MODEL, models, [10, 20, 50, 100, 200])
+    repetition.add_argument("--chat-template", action="store_true", help="wrap prompts in the chat template")
     return parser
 
 

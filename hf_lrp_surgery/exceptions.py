@@ -61,3 +61,11 @@ class MissingEmbeddedModelError(ModelLoadError):
 
 class FingerprintMismatchError(SurgeryError):
     """An artefact was computed on a different model than the one it is used with."""
+
+
+class EvaluationError(SurgeryError, ValueError):
+    """An evaluation has nothing to measure, or a scorer did not return one probability in [0, 1] per text."""
+
+
+class MissingChatTemplateError(EvaluationError):
+    """Prompts were to be wrapped in a chat template, but the tokenizer has none."""

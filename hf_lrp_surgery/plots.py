@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from hf_lrp_surgery.masks import Mask
 
-__all__ = ["plot_mask_per_layer"]
+__all__ = ["plot_frontier", "plot_mask_per_layer"]
 
 
 def plot_mask_per_layer(masks: Mask | Sequence[Mask], path: str | Path) -> Path:
@@ -35,6 +35,45 @@ def plot_mask_per_layer(masks: Mask | Sequence[Mask], path: str | Path) -> Path:
         method = mask.provenance.get("scores", {}).get("method", "?")
         ax.set_title(f"{mask.count} {mask.granularity} pruned ({method}, "
                      f"{mask.provenance.get('selection', {}).get('scope', '?')} scope)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_frontier(frontier: Sequence[Any], metric: str, path: str | Path, *, chosen: int | None = None) -> Path:
+    """Effect and general-behaviour cost against the budget (one line per quantity).
+
+    Args:
+        frontier: Points with ``budget``, ``effect[metric]``, ``kl`` and ``perplexity_increase``.
+        metric: The effect metric to plot.
+        path: The PNG to write.
+        chosen: The budget to mark.
+
+    Returns:
+        ``path``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = [p.budget for p in frontier]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(budgets, [p.effect[metric] for p in frontier], "o-", color="C0")
+    left.set_xlabel("components pruned")
+    left.set_ylabel(metric)
+    left.set_title(f"{metric} vs budget (validation prompts)")
+    right.plot(budgets, [p.kl for p in frontier], "o-", color="C1", label="KL(original || corrected)")
+    right.plot(budgets, [p.perplexity_increase for p in frontier], "s-", color="C2", label="perplexity increase")
+    right.set_xlabel("components pruned")
+    right.set_title("general-behaviour cost")
+    right.legend()
+    for ax in (left, right):
+        if chosen is not None:
+            ax.axvline(chosen, color="grey", linestyle="--")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ from typing import Any, Iterable, Mapping
 from hf_lrp_surgery.exceptions import ReferenceSetError
 from hf_lrp_surgery.lrp.collect import ReferenceSample, SampleLike, as_samples
 
-__all__ = ["ReferenceSource", "load_reference_set"]
+__all__ = ["ReferenceSource", "SHIPPED_SETS", "load_reference_set", "shipped_set"]
 
 #: Everything :func:`load_reference_set` accepts.
 ReferenceSource = Any
@@ -111,3 +111,31 @@ def load_reference_set(source: ReferenceSource, *, limit: int | None = None, min
     if len(samples) < min_samples:
         raise ReferenceSetError(f"{origin} has {len(samples)} samples; at least {min_samples} are needed")
     return samples
+
+
+#: The reference and evaluation sets that ship with the package (``hf_lrp_surgery/data/sets``).
+SHIPPED_SETS = ("provocative_prompts", "neutral_prompts", "repetition_prompts", "general_text")
+
+
+def shipped_set(name: str, split: str = "train") -> list[str]:
+    """A shipped prompt or text set, by fixed split.
+
+    Args:
+        name: One of :data:`SHIPPED_SETS`.
+        split: ``"train"`` (for attribution and tuning) or ``"heldout"`` (for evaluation only).
+
+    Returns:
+        The prompts or texts.
+
+    Raises:
+        KeyError: Unknown set or split.
+
+    Example:
+        >>> shipped_set("provocative_prompts", "heldout")[:2]  # doctest: +SKIP
+    """
+    if name not in SHIPPED_SETS:
+        raise KeyError(f"unknown shipped set {name!r}; available: {', '.join(SHIPPED_SETS)}")
+    if split not in ("train", "heldout"):
+        raise KeyError(f"split must be 'train' or 'heldout', got {split!r}")
+    path = Path(__file__).parent / "data" / "sets" / f"{name}.json"
+    return list(json.loads(path.read_text(encoding="utf-8"))[split])

@@ -1,0 +1,69 @@
+"""Helpers shared by the evaluation functions: eval mode, devices, context length, padding."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Put ``models`` in eval mode (no dropout) and restore every submodule's own mode afterwards."""
+    # Per submodule, not ``model.train(was_training)``: a model in training mode may hold frozen parts
+    # in eval mode on purpose.
+    modes = [(module, module.training) for model in models for module in model.modules()]
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """The device of the input embeddings (where token ids must go, also under a device map)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
+        return embeddings.weight.device
+    return next(model.parameters()).device
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The model's context window as its config states it, or ``None``."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
+
+
+def filler_id(tokenizer: Any) -> int:
+    """A token id to put in padded positions (always masked out): the pad token, else EOS, else 0."""
+    for candidate in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(candidate, int):
+            return candidate
+    return 0
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of ``text`` with the tokenizer's special tokens (e.g. BOS), as the model sees a prompt."""
+    # Not verbose: texts longer than ``model_max_length`` are split into windows or refused by the caller.
+    return list(tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
+
+
+def pad(rows: Sequence[Sequence[int]], pad_id: int, side: Literal["left", "right"],
+        device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token-id rows to one ``[B, T]`` batch; returns ``(input_ids, attention_mask)``."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        start = width - len(row) if side == "left" else 0
+        input_ids[b, start:start + len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[b, start:start + len(row)] = 1
+    return input_ids.to(device), attention_mask.to(device)

@@ -1,0 +1,91 @@
+"""The correction pipeline on a tiny model: paired sets, budget search under limits, the full recipe."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import tiny_model
+from tiny_tokenizer import WORDS, tiny_tokenizer
+
+from hf_lrp_surgery.correction import (
+    FrontierPoint,
+    GeneralLimits,
+    budget_search,
+    detox_behaviour,
+    paired_contrast_sets,
+    repetition_behaviour,
+    run_recipe,
+)
+from hf_lrp_surgery.evaluation import CallableScorer
+from hf_lrp_surgery.exceptions import ReferenceSetError
+from hf_lrp_surgery.references import SHIPPED_SETS, shipped_set
+from hf_lrp_surgery.surgeon import Surgeon
+
+PROMPTS = ["the cat sat on the", "hello world", "the dog was very", "one two three", "a big red", "the sun and"]
+BAD = CallableScorer(lambda texts: [1.0 if "bad" in t.split() else 0.0 for t in texts], "keyword")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    directory = tmp_path_factory.mktemp("tiny")
+    base = tiny_model("llama", dtype=torch.float32, attn_implementation="sdpa")
+    base.resize_token_embeddings(len(WORDS))
+    base.save_pretrained(directory)
+    return AutoModelForCausalLM.from_pretrained(directory, attn_implementation="sdpa").eval()
+
+
+def test_shipped_sets_have_fixed_disjoint_splits() -> None:
+    for name in SHIPPED_SETS:
+        train, heldout = shipped_set(name, "train"), shipped_set(name, "heldout")
+        assert len(train) >= 24 and len(heldout) >= 24 and not set(train) & set(heldout)
+    assert len(shipped_set("provocative_prompts")) >= 80
+    with pytest.raises(KeyError):
+        shipped_set("provocative_prompts", "test")
+
+
+def test_paired_sets_come_from_the_same_prompts(model: torch.nn.Module) -> None:
+    behaviour = detox_behaviour(BAD, max_new_tokens=4)
+    tokenizer = tiny_tokenizer()
+    undesired, desired = paired_contrast_sets(model, tokenizer, PROMPTS * 3, behaviour, progress=False)
+    bad = WORDS.index("bad")
+    assert all(bad in s.continuation for s in undesired) and not any(bad in s.continuation for s in desired)
+    assert {tuple(s.prompt) for s in undesired} == {tuple(s.prompt) for s in desired}
+    assert all(s.prompt[0] == 1 and s.prompt[1] != 1 for s in undesired + desired), "one BOS, as generated"
+    never = detox_behaviour(CallableScorer(lambda texts: [0.0] * len(texts), "never"), max_new_tokens=4)
+    with pytest.raises(ReferenceSetError, match="both"):
+        paired_contrast_sets(model, tiny_tokenizer(), PROMPTS, never, progress=False)
+
+
+def test_budget_search_reports_every_budget_and_respects_the_limits(model: torch.nn.Module) -> None:
+    tokenizer = tiny_tokenizer()
+    behaviour = repetition_behaviour(max_new_tokens=6)
+    scores = Surgeon(model, tokenizer, progress=False).attribute(PROMPTS)
+    common = dict(validation_prompts=PROMPTS, general_prompts=PROMPTS, general_texts=PROMPTS, budgets=[4, 1, 8],
+                  progress=False)
+    points, chosen = budget_search(model, tokenizer, scores, behaviour, **common)
+    assert [p.budget for p in points] == [0, 1, 4, 8] and points[0].kl == 0.0 and points[0].within_limits
+    assert all(p.kl > 0 for p in points[1:])
+    strict, chosen = budget_search(model, tokenizer, scores, behaviour, limits=GeneralLimits(0.0, 0.0), **common)
+    assert chosen.budget == 0 and not any(p.within_limits for p in strict[1:])
+    loose, chosen = budget_search(model, tokenizer, scores, behaviour, limits=GeneralLimits(1e9, 1e9), **common)
+    best = max(loose, key=lambda p: (p.effect["rur_mean"], -p.budget))
+    assert chosen == best and isinstance(chosen, FrontierPoint)
+
+
+def test_detox_recipe_end_to_end_on_a_tiny_model(model: torch.nn.Module, tmp_path: Path) -> None:
+    behaviour = detox_behaviour(BAD, max_new_tokens=4)
+    result = run_recipe(model, tiny_tokenizer(), behaviour, tmp_path / "detox", budgets=[2, 6],
+                        limits=GeneralLimits(1e9, 1e9), progress=False)
+    report = json.loads((tmp_path / "detox" / "report.json").read_text())
+    assert report["behaviour"] == "toxicity" and [p["budget"] for p in report["frontier"]] == [0, 2, 6]
+    assert report["chosen_budget"] == result.chosen_budget
+    assert "before" in report["heldout"] and report["reference_sizes"]["undesired"] > 0
+    assert (tmp_path / "detox" / "effect_vs_budget.png").is_file()
+    if result.chosen_budget:
+        assert {"after"} <= set(report["heldout"]) and (tmp_path / "detox" / "adapter").is_dir()
+        assert (tmp_path / "detox" / "baked" / "surgery" / "check.json").is_file()
