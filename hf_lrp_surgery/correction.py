@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hf_lrp_surgery import __version__
-from hf_lrp_surgery.apply import apply_masks
+from hf_lrp_surgery.apply import CorrectedModel, apply_masks
 from hf_lrp_surgery.evaluation import (
     DecodingSettings,
     Generation,
@@ -361,11 +361,13 @@ def run_recipe(model: nn.Module, tokenizer: Any, behaviour: Behaviour, output: s
 
     start = timer()
     heldout_prompts = shipped_set(behaviour.prompt_set, "heldout")
-    general = _General(shipped_set("neutral_prompts", "heldout"), shipped_set("general_text", "heldout"), 0.0)
-    general.perplexity = perplexity(model, tokenizer, general.texts, progress=False)
+    texts = shipped_set("general_text", "heldout")
+    general = _General(shipped_set("neutral_prompts", "heldout"), texts, perplexity(model, tokenizer, texts,
+                                                                                   progress=False))
     before = behaviour.measure(generate(model, tokenizer, heldout_prompts, behaviour.decoding, progress=progress))
     heldout: dict[str, Any] = {"before": {**before, "perplexity": general.perplexity}}
     mask: Mask | None = None
+    baked: CorrectedModel | None = None
     if chosen.budget > 0:
         mask = select(scores, granularity, chosen.budget, scope=scope, modules=modules)
         baked = apply_masks(model, mask, "bake")
@@ -382,12 +384,13 @@ def run_recipe(model: nn.Module, tokenizer: Any, behaviour: Behaviour, output: s
                 "decoding": behaviour.decoding.to_dict(), "sampling": behaviour.sampling.to_dict()}
     result = RecipeResult(behaviour.name, settings, {"undesired": len(undesired), "desired": len(desired)},
                           frontier, chosen.budget, heldout, seconds)
-    _save(result, output, scores, mask, model, tokenizer, base_model_name_or_path, behaviour)
+    _save(result, output, scores, mask, baked, model, tokenizer, base_model_name_or_path, behaviour)
     return result
 
 
-def _save(result: RecipeResult, output: str | os.PathLike[str], scores: Scores, mask: Mask | None, model: nn.Module,
-          tokenizer: Any, base_model_name_or_path: str | None, behaviour: Behaviour) -> None:
+def _save(result: RecipeResult, output: str | os.PathLike[str], scores: Scores, mask: Mask | None,
+          baked: CorrectedModel | None, model: nn.Module, tokenizer: Any, base_model_name_or_path: str | None,
+          behaviour: Behaviour) -> None:
     from hf_lrp_surgery.plots import plot_frontier, plot_mask_per_layer
 
     with atomic_directory(output) as tmp:
@@ -395,11 +398,10 @@ def _save(result: RecipeResult, output: str | os.PathLike[str], scores: Scores, 
         (tmp / "report.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
         plot_frontier(result.frontier, behaviour.primary, tmp / "effect_vs_budget.png",
                       chosen=result.chosen_budget)
-        if mask is not None:
+        if mask is not None and baked is not None:
             mask.save(tmp / "mask")
             plot_mask_per_layer(mask, tmp / "mask_per_layer.png")
-            carriers = ["bake"] if mask.granularity == "weights" else ["adapter", "bake"]
-            for carrier in carriers:
-                corrected = apply_masks(model, mask, carrier)  # type: ignore[arg-type]
-                corrected.save(tmp / ("adapter" if carrier == "adapter" else "baked"), tokenizer=tokenizer,
-                               base_model_name_or_path=base_model_name_or_path)
+            baked.save(tmp / "baked", tokenizer=tokenizer)
+            if mask.granularity != "weights":  # weight masks have no adapter form
+                apply_masks(model, mask, "adapter").save(tmp / "adapter", tokenizer=tokenizer,
+                                                          base_model_name_or_path=base_model_name_or_path)
