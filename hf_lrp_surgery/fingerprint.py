@@ -43,9 +43,11 @@ _VOLATILE_CONFIG_KEYS = frozenset(
     }
 )
 
-# model -> (parameter versions, fingerprint): hashing 100M+ weights takes a while, and in-place
-# updates (optimizer steps, baking a mask) bump a parameter's ``_version``, which invalidates it.
-_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], ModelFingerprint]]" = (
+# model -> (parameter versions and probe, fingerprint): hashing 100M+ weights takes a while. In-place
+# updates (optimizer steps, baking a mask) bump a parameter's ``_version``, which invalidates it; fused
+# optimizer kernels (AdamW(fused=True), the Trainer's default) do not, so a few strided elements of
+# every parameter are part of the key too.
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], ModelFingerprint]]" = (
     weakref.WeakKeyDictionary()
 )
 
@@ -112,7 +114,8 @@ def fingerprint(model: nn.Module) -> ModelFingerprint:
         >>> fp.short()  # doctest: +SKIP
         'llama:3f2a9c1d07b4'
     """
-    versions = tuple(p._version for p in model.parameters())
+    versions = tuple((p._version, float(p.detach().reshape(-1)[:: max(1, p.numel() // 16)].double().sum()))
+                     for p in model.parameters())
     cached = _CACHE.get(model)
     if cached is not None and cached[0] == versions:
         return cached[1]

@@ -45,6 +45,17 @@ def test_fingerprint_changes_with_weights_and_config() -> None:
         check_fingerprint(fp, other)
 
 
+def test_fingerprint_notices_fused_optimizer_steps() -> None:
+    # Fused AdamW (the Trainer's default optimizer) updates weights without bumping ``_version``.
+    model = _llama().train()
+    before = fingerprint(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    model(torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]])).loss.backward()
+    optimizer.step()
+    assert fingerprint(model) != before
+    assert fingerprint(model) == fingerprint(copy.deepcopy(model))
+
+
 def test_atomic_directory_leaves_nothing_on_failure(tmp_path) -> None:
     target = tmp_path / "out"
     with atomic_directory(target) as tmp:
