@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Literal, Sequence
@@ -50,8 +51,11 @@ __all__ = [
     "budget_search",
     "detox_behaviour",
     "paired_contrast_sets",
+    "recipe_split",
+    "repeated_positions",
     "repetition_behaviour",
     "run_recipe",
+    "word_groups",
 ]
 
 
@@ -87,6 +91,10 @@ class Behaviour:
         measure: Generations -> metric dict; ``primary`` names the metric to improve.
         primary: The metric key.
         lower_is_better: Whether a lower primary metric is the improvement.
+        focus: ``(tokenizer, undesired generation) -> indices`` of the generated tokens that carry the
+            behaviour (the toxic words, the repeated tokens); the undesired set explains only those.
+            ``None`` explains whole continuations.
+        details: The behaviour's own options, recorded in reports (scorer and threshold, loop limits).
     """
 
     name: str
@@ -98,6 +106,8 @@ class Behaviour:
     measure: Callable[[Sequence[Generation]], dict[str, float]]
     primary: str
     lower_is_better: bool
+    focus: Callable[[Any, Generation], list[int]] | None = None
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 def detox_behaviour(scorer: Any = None, threshold: float = 0.5, max_new_tokens: int = 32) -> Behaviour:
@@ -114,17 +124,59 @@ def detox_behaviour(scorer: Any = None, threshold: float = 0.5, max_new_tokens: 
         result = toxicity([g.text for g in generations], toxicity_scorer, threshold=threshold)
         return {"toxicity_rate": result.rate, "toxicity_mean": result.mean}
 
+    def focus(tokenizer: Any, generation: Generation) -> list[int]:
+        # The first token of every word the scorer finds toxic on its own: where the model chose it.
+        groups = word_groups(tokenizer, generation.token_ids)
+        words = [_WORD_EDGES.sub("", tokenizer.decode([generation.token_ids[j] for j in g])) for g in groups]
+        scored = [(g, w) for g, w in zip(groups, words) if w]
+        values = toxicity_scorer([w for _, w in scored]) if scored else []
+        return [g[0] for (g, _), v in zip(scored, values) if v >= threshold]
+
     return Behaviour(
         name="toxicity", prompt_set="provocative_prompts",
         decoding=DecodingSettings(max_new_tokens=max_new_tokens),
-        sampling=DecodingSettings(max_new_tokens=max_new_tokens, do_sample=True, top_p=0.95, num_return_sequences=4),
-        score=score, judge=judge, measure=measure, primary="toxicity_rate", lower_is_better=True,
+        sampling=DecodingSettings(max_new_tokens=max_new_tokens, do_sample=True, top_p=0.95, num_return_sequences=8),
+        score=score, judge=judge, measure=measure, primary="toxicity_rate", lower_is_better=True, focus=focus,
+        details={"scorer": toxicity_scorer.name, "threshold": threshold},
     )
 
 
+_WORD_EDGES = re.compile(r"^\W+|\W+$")
+
+
+def word_groups(tokenizer: Any, token_ids: Sequence[int]) -> list[list[int]]:
+    """Group generated tokens into words: a token whose text starts with whitespace starts a new word.
+
+    Decoding growing prefixes works for byte-level BPE and SentencePiece alike (a lone SentencePiece
+    token decodes without its leading space).
+
+    Args:
+        tokenizer: The tokenizer that produced ``token_ids``.
+        token_ids: Generated token ids.
+
+    Returns:
+        Lists of indices into ``token_ids``, one per word, in order.
+    """
+    groups: list[list[int]] = []
+    previous = ""
+    for j in range(len(token_ids)):
+        text = tokenizer.decode(list(token_ids[:j + 1]))
+        added = text[len(previous):] if text.startswith(previous) else text[-1:]
+        previous = text
+        if not groups or added[:1].isspace():
+            groups.append([j])
+        else:
+            groups[-1].append(j)
+    return groups
+
+
 def repetition_behaviour(max_new_tokens: int = 50, loop_below: float = 0.5, fine_above: float = 0.7,
-                         use_chat_template: bool = False) -> Behaviour:
-    """Looping responses (Response Uniqueness Ratio below ``loop_below``) of repetition-inducing prompts."""
+                         use_chat_template: bool = True) -> Behaviour:
+    """Looping responses (Response Uniqueness Ratio below ``loop_below``) of repetition-inducing prompts.
+
+    The shipped prompts are instructions for an instruct model, so they are wrapped in the tokenizer's
+    chat template by default (without it SmolLM2 often ends its turn at once).
+    """
 
     def score(generations: Sequence[Generation]) -> list[float]:
         return [response_uniqueness_ratio(g.token_ids) if g.token_ids else 1.0 for g in generations]
@@ -143,18 +195,41 @@ def repetition_behaviour(max_new_tokens: int = 50, loop_below: float = 0.5, fine
         sampling=DecodingSettings(max_new_tokens=max_new_tokens, do_sample=True, top_p=0.95, num_return_sequences=4,
                                   use_chat_template=use_chat_template),
         score=score, judge=judge, measure=measure, primary="rur_mean", lower_is_better=False,
+        focus=lambda tokenizer, generation: repeated_positions(generation.token_ids),
+        details={"loop_below": loop_below, "fine_above": fine_above, "chat_template": use_chat_template},
     )
 
 
+def repeated_positions(token_ids: Sequence[int]) -> list[int]:
+    """Indices of tokens that already occurred earlier in the response (what lowers its RUR, Eq. 11).
+
+    Example:
+        >>> repeated_positions([5, 6, 5, 5, 7])
+        [2, 3]
+    """
+    seen: set[int] = set()
+    out = []
+    for j, token in enumerate(token_ids):
+        if token in seen:
+            out.append(j)
+        seen.add(token)
+    return out
+
+
 def paired_contrast_sets(model: nn.Module, tokenizer: Any, prompts: Sequence[str], behaviour: Behaviour, *,
+                         focus: bool = True,
                          progress: bool = True) -> tuple[list[ReferenceSample], list[ReferenceSample]]:
-    """Sample continuations and keep the undesired and the desired ones of the same prompts.
+    """Sample continuations (and decode the greedy one) and keep the undesired and the desired ones of the
+    same prompts.
 
     Args:
         model: The model whose own behaviour is explained.
         tokenizer: Its tokenizer.
         prompts: Prompts that elicit the behaviour.
         behaviour: How to sample and judge.
+        focus: Explain only the tokens that carry the behaviour in the undesired continuations
+            (``behaviour.focus``; a continuation where it finds none is explained whole). The desired
+            continuations are always explained whole.
         progress: Show progress bars.
 
     Returns:
@@ -165,7 +240,9 @@ def paired_contrast_sets(model: nn.Module, tokenizer: Any, prompts: Sequence[str
     Raises:
         ReferenceSetError: No prompt got both an undesired and a desired continuation.
     """
-    generations = generate(model, tokenizer, prompts, behaviour.sampling, progress=progress)
+    # The sampled continuations plus the greedy one, which is what the evaluation decodes.
+    generations = (generate(model, tokenizer, prompts, behaviour.sampling, progress=progress)
+                   + generate(model, tokenizer, prompts, behaviour.decoding, progress=progress))
     by_prompt: dict[int, dict[str, list[Generation]]] = {}
     for generation, value in zip(generations, behaviour.score(generations)):
         verdict = behaviour.judge(value)
@@ -175,7 +252,7 @@ def paired_contrast_sets(model: nn.Module, tokenizer: Any, prompts: Sequence[str
     desired: list[ReferenceSample] = []
     for groups in by_prompt.values():
         if groups["undesired"] and groups["desired"]:
-            undesired += [_as_sample(g, tokenizer, behaviour) for g in groups["undesired"]]
+            undesired += [_as_sample(g, tokenizer, behaviour, focus) for g in groups["undesired"]]
             desired += [_as_sample(g, tokenizer, behaviour) for g in groups["desired"]]
     if not undesired:
         raise ReferenceSetError(
@@ -185,15 +262,16 @@ def paired_contrast_sets(model: nn.Module, tokenizer: Any, prompts: Sequence[str
     return undesired, desired
 
 
-def _as_sample(generation: Generation, tokenizer: Any, behaviour: Behaviour) -> ReferenceSample:
-    """Prompt ids as ``generate`` encoded them (chat template included) and the generated ids."""
+def _as_sample(generation: Generation, tokenizer: Any, behaviour: Behaviour, focus: bool = False) -> ReferenceSample:
+    """Prompt ids as ``generate`` encoded them (chat template included), the generated ids, and the focus."""
     if behaviour.decoding.use_chat_template:
         encoded = tokenizer.apply_chat_template([{"role": "user", "content": generation.prompt}],
                                                 add_generation_prompt=True, tokenize=True)
         prompt_ids = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
     else:
         prompt_ids = list(tokenizer(generation.prompt)["input_ids"])
-    return ReferenceSample(prompt_ids, list(generation.token_ids))
+    positions = behaviour.focus(tokenizer, generation) if focus and behaviour.focus is not None else []
+    return ReferenceSample(prompt_ids, list(generation.token_ids), focus=positions or None)
 
 
 @dataclass(frozen=True)
@@ -302,7 +380,16 @@ class RecipeResult:
         return data
 
 
-def _split(items: Sequence[str], validation_share: float) -> tuple[list[str], list[str]]:
+def recipe_split(items: Sequence[str], validation_share: float = 0.4) -> tuple[list[str], list[str]]:
+    """Split train prompts into the attribution part and the validation part (the last ``validation_share``).
+
+    Args:
+        items: The shipped train prompts, in their fixed order.
+        validation_share: Share kept for the budget search.
+
+    Returns:
+        ``(attribution, validation)``.
+    """
     cut = max(1, round(len(items) * (1 - validation_share)))
     return list(items[:cut]), list(items[cut:])
 
@@ -310,7 +397,8 @@ def _split(items: Sequence[str], validation_share: float) -> tuple[list[str], li
 def run_recipe(model: nn.Module, tokenizer: Any, behaviour: Behaviour, output: str | os.PathLike[str], *,
                budgets: Sequence[int] = (10, 20, 50, 100, 200), granularity: Granularity = "neurons",
                method: Method = "lrp", normalize: str = "total", protect_top: float = 0.05,
-               seed: str = "logit", limits: GeneralLimits = GeneralLimits(), validation_share: float = 0.4,
+               seed: str = "logit", focus: bool = True, limits: GeneralLimits = GeneralLimits(),
+               validation_share: float = 0.4,
                scope: Literal["global", "per_layer"] = "global", modules: Sequence[str] | None = None,
                base_model_name_or_path: str | None = None, batch_size: int = 8,
                progress: bool = True) -> RecipeResult:
@@ -327,6 +415,8 @@ def run_recipe(model: nn.Module, tokenizer: Any, behaviour: Behaviour, output: s
         method: Scoring method (``"lrp"`` or a baseline).
         normalize, protect_top: Contrast options.
         seed: Relevance seed (``"logit"`` or ``"logprob"``).
+        focus: Explain only the tokens that carry the behaviour in the undesired continuations (see
+            :func:`paired_contrast_sets`).
         limits: General-behaviour limits for the budget search.
         validation_share: Share of the train prompts kept for the budget search.
         scope, modules: Selection options.
@@ -340,8 +430,9 @@ def run_recipe(model: nn.Module, tokenizer: Any, behaviour: Behaviour, output: s
     timer = time.perf_counter
     seconds: dict[str, float] = {}
     start = timer()
-    attribution_prompts, validation_prompts = _split(shipped_set(behaviour.prompt_set, "train"), validation_share)
-    undesired, desired = paired_contrast_sets(model, tokenizer, attribution_prompts, behaviour, progress=progress)
+    attribution_prompts, validation_prompts = recipe_split(shipped_set(behaviour.prompt_set, "train"), validation_share)
+    undesired, desired = paired_contrast_sets(model, tokenizer, attribution_prompts, behaviour, focus=focus,
+                                              progress=progress)
     seconds["reference_sets"] = timer() - start
 
     start = timer()
@@ -379,9 +470,10 @@ def run_recipe(model: nn.Module, tokenizer: Any, behaviour: Behaviour, output: s
     seconds["heldout_evaluation"] = timer() - start
 
     settings = {"budgets": list(budgets), "granularity": granularity, "method": method, "normalize": normalize,
-                "protect_top": protect_top, "seed": seed, "limits": asdict(limits),
+                "protect_top": protect_top, "seed": seed, "focus": focus, "limits": asdict(limits),
                 "validation_share": validation_share, "scope": scope, "modules": list(modules) if modules else None,
-                "decoding": behaviour.decoding.to_dict(), "sampling": behaviour.sampling.to_dict()}
+                "decoding": behaviour.decoding.to_dict(), "sampling": behaviour.sampling.to_dict(),
+                **behaviour.details}
     result = RecipeResult(behaviour.name, settings, {"undesired": len(undesired), "desired": len(desired)},
                           frontier, chosen.budget, heldout, seconds)
     _save(result, output, scores, mask, baked, model, tokenizer, base_model_name_or_path, behaviour)

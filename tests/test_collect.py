@@ -138,6 +138,14 @@ def test_seeds(family: str) -> None:
     summed = functools.reduce(RelevanceResult.merge, parts)
     for key in ("neurons", "heads"):
         torch.testing.assert_close(getattr(continuation, key), getattr(summed, key), rtol=1e-9, atol=1e-13)
+    # A focus explains only those continuation tokens: the sum of their single-token targets.
+    focused = _collect(model, [ReferenceSample([2, 3, 4], continuation=[7, 8, 9], focus=[2, 0])])
+    torch.testing.assert_close(focused.explained[0], logits[2, 7] + logits[4, 9])
+    summed = RelevanceResult.merge(parts[0], parts[2])
+    for key in ("neurons", "heads"):
+        torch.testing.assert_close(getattr(focused, key), getattr(summed, key), rtol=1e-9, atol=1e-13)
+    everything = _collect(model, [ReferenceSample([2, 3, 4], continuation=[7, 8, 9], focus=[0, 1, 2])])
+    torch.testing.assert_close(everything.neurons, continuation.neurons, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -215,6 +223,10 @@ def test_bad_input_errors() -> None:
         _collect(model, [])
     with pytest.raises(ReferenceSetError, match="nothing to explain"):
         _collect(model, [ReferenceSample([1, 2], continuation=[])])
+    with pytest.raises(ReferenceSetError, match="focus indices"):
+        _collect(model, [ReferenceSample([1, 2], continuation=[3, 4], focus=[2])])
+    with pytest.raises(ReferenceSetError, match="focus needs a continuation"):
+        ReferenceSample([1, 2], target=3, focus=[0])
     with pytest.raises(ReferenceSetError, match="exactly one token"):
         _collect(model, [ReferenceSample("the cat", target="red car")], tokenizer=tokenizer)
     with pytest.raises(ReferenceSetError, match="tokenizer"):

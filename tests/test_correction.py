@@ -16,8 +16,10 @@ from hf_lrp_surgery.correction import (
     budget_search,
     detox_behaviour,
     paired_contrast_sets,
+    repeated_positions,
     repetition_behaviour,
     run_recipe,
+    word_groups,
 )
 from hf_lrp_surgery.evaluation import CallableScorer
 from hf_lrp_surgery.exceptions import ReferenceSetError
@@ -54,6 +56,13 @@ def test_paired_sets_come_from_the_same_prompts(model: torch.nn.Module) -> None:
     undesired, desired = paired_contrast_sets(model, tokenizer, PROMPTS * 3, behaviour, progress=False)
     bad = WORDS.index("bad")
     assert all(bad in s.continuation for s in undesired) and not any(bad in s.continuation for s in desired)
+    # The undesired samples explain exactly their "bad" tokens; the desired ones are explained whole.
+    for sample in undesired:
+        assert sorted(sample.focus) == [j for j, t in enumerate(sample.continuation) if t == bad]
+    assert all(s.focus is None for s in desired)
+    whole, _ = paired_contrast_sets(model, tokenizer, PROMPTS * 3, behaviour, focus=False, progress=False)
+    assert [s.continuation for s in whole] == [s.continuation for s in undesired]
+    assert all(s.focus is None for s in whole)
     assert {tuple(s.prompt) for s in undesired} == {tuple(s.prompt) for s in desired}
     assert all(s.prompt[0] == 1 and s.prompt[1] != 1 for s in undesired + desired), "one BOS, as generated"
     never = detox_behaviour(CallableScorer(lambda texts: [0.0] * len(texts), "never"), max_new_tokens=4)
@@ -61,9 +70,23 @@ def test_paired_sets_come_from_the_same_prompts(model: torch.nn.Module) -> None:
         paired_contrast_sets(model, tiny_tokenizer(), PROMPTS, never, progress=False)
 
 
+def test_focus_positions() -> None:
+    assert repeated_positions([5, 6, 5, 5, 7, 6]) == [2, 3, 5] and repeated_positions([]) == []
+    tokenizer = tiny_tokenizer()
+    ids = tokenizer("the cat was very bad", add_special_tokens=False)["input_ids"]
+    assert word_groups(tokenizer, ids) == [[0], [1], [2], [3], [4]]
+    loops = repetition_behaviour(use_chat_template=False)
+    from hf_lrp_surgery.evaluation import Generation
+
+    assert loops.focus(tokenizer, Generation(0, "p", "a a b a", [7, 7, 8, 7])) == [1, 3]
+    toxic = detox_behaviour(BAD)
+    assert toxic.focus(tokenizer, Generation(0, "p", "the cat was very bad", ids)) == [4]
+    assert toxic.details == {"scorer": "keyword", "threshold": 0.5}
+
+
 def test_budget_search_reports_every_budget_and_respects_the_limits(model: torch.nn.Module) -> None:
     tokenizer = tiny_tokenizer()
-    behaviour = repetition_behaviour(max_new_tokens=6)
+    behaviour = repetition_behaviour(max_new_tokens=6, use_chat_template=False)
     scores = Surgeon(model, tokenizer, progress=False).attribute(PROMPTS)
     common = dict(validation_prompts=PROMPTS, general_prompts=PROMPTS, general_texts=PROMPTS, budgets=[4, 1, 8],
                   progress=False)

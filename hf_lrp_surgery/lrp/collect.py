@@ -48,6 +48,8 @@ class ReferenceSample:
     * ``target``: the logit of that token at the prompt's last token;
     * ``continuation``: teacher forcing; the sum over the continuation's tokens of the logit each
       one gets at the position before it (``prompt + continuation`` is the behaviour explained).
+      With ``focus``, only the continuation tokens at those indices are explained (e.g. the toxic
+      words of a continuation, or the tokens of a loop), in the context of all the tokens before them.
 
     Text is tokenised with the tokenizer given to :func:`collect_relevance` (special tokens, such
     as a BOS, are added to the prompt only); token ids are used as they are.
@@ -56,15 +58,19 @@ class ReferenceSample:
         prompt: Text or token ids.
         continuation: Text or token ids to teacher-force after the prompt.
         target: A token id, or text that is exactly one token.
+        focus: Indices into the continuation's tokens to explain (default: all of them).
     """
 
     prompt: str | Sequence[int]
     continuation: str | Sequence[int] | None = None
     target: str | int | None = None
+    focus: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
         if self.continuation is not None and self.target is not None:
             raise ReferenceSetError(f"sample {self.prompt!r}: give a continuation or a target, not both")
+        if self.focus is not None and (self.continuation is None or not self.focus):
+            raise ReferenceSetError(f"sample {self.prompt!r}: focus needs a continuation and at least one index")
 
 
 SampleLike = Union[ReferenceSample, str, Sequence[int], tuple[str, str], Mapping[str, Any]]
@@ -92,7 +98,7 @@ def as_samples(items: Iterable[SampleLike]) -> list[ReferenceSample]:
         elif isinstance(item, Mapping):
             if "prompt" not in item:
                 raise ReferenceSetError(f"sample {i} is a mapping without a 'prompt' key: {sorted(item)}")
-            samples.append(ReferenceSample(item["prompt"], item.get("continuation"), item.get("target")))
+            samples.append(ReferenceSample(item["prompt"], item.get("continuation"), item.get("target"), item.get("focus")))
         elif isinstance(item, tuple) and len(item) == 2 and all(isinstance(x, str) for x in item):
             samples.append(ReferenceSample(item[0], item[1]))
         elif isinstance(item, torch.Tensor) and not item.is_floating_point() and item.dim() == 1:
@@ -134,8 +140,16 @@ def encode_sample(sample: ReferenceSample, index: int, tokenizer: Any, max_posit
                 f"sample {index}: the continuation {sample.continuation!r} has no tokens, so there is nothing "
                 "to explain; drop the sample or give a non-empty continuation"
             )
+        focus = sorted(set(sample.focus)) if sample.focus is not None else range(len(continuation))
+        if focus[0] < 0 or focus[-1] >= len(continuation):
+            raise ReferenceSetError(
+                f"sample {index}: focus indices must lie in [0, {len(continuation)}) (the continuation's tokens), "
+                f"got {list(sample.focus or [])}"
+            )
+        # Tokens after the last explained one cannot change it (causal model): leave them out.
+        continuation = continuation[:focus[-1] + 1]
         ids = prompt + continuation
-        seeds = [(len(prompt) - 1 + j, token) for j, token in enumerate(continuation)]
+        seeds = [(len(prompt) - 1 + j, continuation[j]) for j in focus]
     elif sample.target is not None:
         target = _tokens([sample.target] if isinstance(sample.target, int) else sample.target, tokenizer,
                          special=False, what=f"sample {index}'s target")

@@ -1,0 +1,132 @@
+"""LRP against the baseline scores at equal budgets, on held-out prompts (the comparison table).
+
+    python benchmarks/compare_methods.py --behaviour detox --output docs/results/compare_detox
+    python benchmarks/compare_methods.py --behaviour repetition --output docs/results/compare_repetition
+
+For one behaviour, the paired reference sets are built once from the attribution part of the shipped
+train prompts (exactly as the recipe builds them, and cached in ``OUTPUT/reference_sets.json``), and
+every method scores the same sets with the recipe's contrast (per-set total normalisation, top 5%
+of general relevance protected; ``random`` has nothing to contrast). Each method's mask at each
+budget is baked and measured on the **held-out** prompts (greedy), with KL on the held-out neutral
+prompts and perplexity on the held-out general text. Nothing here chooses a budget: the table is the
+effect-vs-cost curve of each method.
+
+Writes ``OUTPUT/compare.json``, ``OUTPUT/compare.md`` (the table) and ``OUTPUT/compare.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from hf_lrp_surgery.correction import (
+    budget_search,
+    detox_behaviour,
+    paired_contrast_sets,
+    recipe_split,
+    repetition_behaviour,
+)
+from hf_lrp_surgery.lrp.collect import ReferenceSample
+from hf_lrp_surgery.models import DEFAULT_MODEL, load_model
+from hf_lrp_surgery.references import shipped_set
+from hf_lrp_surgery.surgeon import Surgeon
+
+METHODS = ("lrp", "gradient", "activation", "wanda", "random")
+
+
+def _reference_sets(model: Any, tokenizer: Any, behaviour: Any, cache: Path) -> tuple[list, list]:
+    if cache.is_file():
+        data = json.loads(cache.read_text())
+    else:
+        attribution, _ = recipe_split(shipped_set(behaviour.prompt_set, "train"))
+        undesired, desired = paired_contrast_sets(model, tokenizer, attribution, behaviour)
+        data = {name: [[list(s.prompt), list(s.continuation)] for s in samples]
+                for name, samples in (("undesired", undesired), ("desired", desired))}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(data))
+    return ([ReferenceSample(p, c) for p, c in data["undesired"]],
+            [ReferenceSample(p, c) for p, c in data["desired"]])
+
+
+def _table(rows: list[dict[str, Any]], primary: str) -> str:
+    lines = [f"| granularity | method | budget | {primary} | KL | perplexity change |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['granularity']} | {row['method']} | {row['budget']} | {row['effect'][primary]:.3f} | "
+                     f"{row['kl']:.4f} | {100 * row['perplexity_increase']:+.2f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(rows: list[dict[str, Any]], primary: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    granularities = sorted({r["granularity"] for r in rows})
+    fig, axes = plt.subplots(1, len(granularities), figsize=(5.5 * len(granularities), 4), squeeze=False)
+    for ax, granularity in zip(axes[0], granularities):
+        for method in METHODS:
+            points = [r for r in rows if r["granularity"] == granularity and r["method"] == method]
+            if points:
+                ax.plot([r["kl"] for r in points], [r["effect"][primary] for r in points], marker="o", label=method)
+                for r in points:
+                    ax.annotate(str(r["budget"]), (r["kl"], r["effect"][primary]), fontsize=7)
+        ax.set_xscale("symlog", linthresh=1e-3)
+        ax.set_xlabel("KL(original || corrected), held-out neutral prompts")
+        ax.set_ylabel(f"{primary}, held-out prompts")
+        ax.set_title(granularity)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--behaviour", choices=("detox", "repetition"), required=True)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--granularities", nargs="+", choices=("neurons", "weights"), default=["neurons", "weights"])
+    parser.add_argument("--neuron-budgets", nargs="+", type=int, default=[10, 50])
+    parser.add_argument("--weight-budgets", nargs="+", type=int, default=[1000, 7000])
+    parser.add_argument("--output", required=True)
+    args = parser.parse_args()
+
+    output = Path(args.output)
+    model, tokenizer = load_model(args.model)
+    behaviour = detox_behaviour() if args.behaviour == "detox" else repetition_behaviour()
+    undesired, desired = _reference_sets(model, tokenizer, behaviour, output / "reference_sets.json")
+    surgeon = Surgeon(model, tokenizer)
+    heldout = {"validation_prompts": shipped_set(behaviour.prompt_set, "heldout"),
+               "general_prompts": shipped_set("neutral_prompts", "heldout"),
+               "general_texts": shipped_set("general_text", "heldout")}
+    rows: list[dict[str, Any]] = []
+    base: dict[str, Any] = {}
+    for granularity in args.granularities:
+        budgets = args.neuron_budgets if granularity == "neurons" else args.weight_budgets
+        for method in args.methods:
+            start = time.perf_counter()
+            scores = surgeon.contrast(undesired=undesired, general=desired, method=method, components=(granularity,))
+            points, _ = budget_search(model, tokenizer, scores, behaviour, budgets=budgets, granularity=granularity,
+                                      **heldout)
+            base = points[0].effect
+            for point in points[1:]:
+                rows.append({"granularity": granularity, "method": method, "budget": point.budget,
+                             "effect": point.effect, "kl": point.kl, "perplexity_increase": point.perplexity_increase,
+                             "within_limits": point.within_limits})
+                print(json.dumps(rows[-1]), f"({time.perf_counter() - start:.0f} s)", flush=True)
+    result = {"model": args.model, "behaviour": behaviour.name, "primary": behaviour.primary,
+              "reference_sizes": {"undesired": len(undesired), "desired": len(desired)},
+              "before": base, "rows": rows}
+    (output / "compare.json").write_text(json.dumps(result, indent=1) + "\n")
+    table = _table(rows, behaviour.primary)
+    (output / "compare.md").write_text(f"Before: {behaviour.primary} = {base[behaviour.primary]:.3f}\n\n" + table)
+    _plot(rows, behaviour.primary, output / "compare.png")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
