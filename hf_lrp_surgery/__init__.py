@@ -3,9 +3,19 @@
 __version__ = "0.1.0"
 
 from hf_lrp_surgery.apply import CorrectedModel, apply_masks, load_corrected, verify  # noqa: E402
+from hf_lrp_surgery.hub import load_from_hub, push_to_hub  # noqa: E402
 from hf_lrp_surgery.masks import Mask, select  # noqa: E402
 from hf_lrp_surgery.scoring import Scores, contrast, score  # noqa: E402
 from hf_lrp_surgery.surgeon import Surgeon  # noqa: E402
 
-__all__ = ["CorrectedModel", "Mask", "Scores", "Surgeon", "__version__", "apply_masks", "contrast",
-           "load_corrected", "score", "select", "verify"]
+__all__ = ["CorrectedModel", "LRPSurgeryCallback", "Mask", "Scores", "Surgeon", "__version__", "apply_masks", "contrast",
+           "load_corrected", "load_from_hub", "push_to_hub", "score", "select", "verify"]
+
+
+def __getattr__(name: str) -> object:
+    """``LRPSurgeryCallback`` is imported on first use (it pulls in the Trainer machinery)."""
+    if name == "LRPSurgeryCallback":
+        from hf_lrp_surgery.training import LRPSurgeryCallback
+
+        return LRPSurgeryCallback
+    raise AttributeError(f"module 'hf_lrp_surgery' has no attribute {name!r}")

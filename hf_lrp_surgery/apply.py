@@ -43,6 +43,7 @@ __all__ = [
     "SURGERY_DIR",
     "apply_masks",
     "bake",
+    "input_units",
     "load_corrected",
     "read_surgery",
     "save_corrected",
@@ -78,8 +79,17 @@ def _head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
 
 
-def _input_units(mask: Mask, name: str, arch: ResolvedArchitecture) -> torch.Tensor:
-    """Input features of the carrier module that the mask zeroes (neurons, or every column of a head)."""
+def input_units(mask: Mask, name: str, arch: ResolvedArchitecture) -> torch.Tensor:
+    """Input features of the carrier module that the mask zeroes (neurons, or every column of a head).
+
+    Args:
+        mask: A neuron or head mask.
+        name: One of its carrier modules.
+        arch: The resolved architecture of the model it was built for.
+
+    Returns:
+        The int64 indices of the carrier's input features.
+    """
     index = mask.indices[name]
     return _head_columns(index, arch.head_dim) if mask.granularity == "heads" else index
 
@@ -121,7 +131,7 @@ def _bake(model: nn.Module, mask_list: list[Mask]) -> nn.Module:
             if mask.granularity == "weights":
                 weight[torch.unravel_index(index.to(weight.device), weight.shape)] = 0
                 continue
-            columns = _input_units(mask, name, arch).to(weight.device)
+            columns = input_units(mask, name, arch).to(weight.device)
             # The carrier reads the units on its input axis: columns of [out, in], rows of Conv1D's [in, out].
             if conv1d:
                 weight[columns] = 0
@@ -199,7 +209,7 @@ def _to_adapter(model: nn.Module, mask_list: list[Mask], adapter_name: str) -> n
     for mask in mask_list:
         for name in mask.indices:
             vector = base.get_submodule(name).ia3_l[adapter_name]
-            vector.view(-1)[_input_units(mask, name, arch).to(vector.device)] = 0
+            vector.view(-1)[input_units(mask, name, arch).to(vector.device)] = 0
     return peft_model
 
 
@@ -310,7 +320,7 @@ def verify(model: nn.Module, masks: Mask | Sequence[Mask], *, carrier: Carrier |
                 values = weight[torch.unravel_index(index.to(weight.device), weight.shape)]
                 where = "weights"
             else:
-                units = _input_units(mask, name, arch).to(weight.device)
+                units = input_units(mask, name, arch).to(weight.device)
                 scaling = _active_scaling(module) if hasattr(module, "ia3_l") else None
                 if carrier == "adapter" and scaling is None:
                     raise MaskVerificationError(

@@ -12,6 +12,11 @@ Subcommands:
                The correction recipes: paired reference sets from the model's own continuations,
                contrastive attribution, a budget search under a general-behaviour limit, the
                corrected model (adapter and baked), and before/after numbers on held-out prompts.
+    push       Push a saved corrected model (adapter/ or baked/, with surgery/) to a Hub repo with its
+               model card; a failed push keeps the local copy and prints the command that retries it.
+    card       Write model cards (README.md) into a recipe's baked/ and adapter/, or into one saved model.
+    circuit    Find the smallest circuit that keeps a next-token task (IOI or your prompts) working, with
+               LRP and the baselines, and compare their performance-vs-sparsity curves.
 
 Errors on bad input are printed as one line (``error: ...``) with exit status 2.
 """
@@ -155,10 +160,11 @@ def _recipe(args: argparse.Namespace) -> int:
     if args.command == "detox":
         behaviour = detox_behaviour(args.scorer, threshold=args.threshold)
     else:
-        behaviour = repetition_behaviour(use_chat_template=args.chat_template)
+        behaviour = repetition_behaviour(use_chat_template=not args.no_chat_template)
     result = run_recipe(
         model, tokenizer, behaviour, args.output, budgets=args.budgets, granularity=args.granularity,
         method=args.method, normalize=args.normalize, protect_top=args.protect_top, seed=args.seed,
+        focus=not args.no_focus,
         limits=GeneralLimits(args.max_kl, args.max_perplexity_increase), scope=args.scope, modules=args.modules,
         base_model_name_or_path=args.base_model_id, batch_size=args.batch_size, progress=not args.no_progress,
     )
@@ -190,6 +196,8 @@ def _recipe_parser(sub: Any, name: str, help_text: str, description: str, defaul
     parser.add_argument("--protect-top", type=float, default=0.05,
                         help="fraction most relevant to the general set that is never pruned (0.05)")
     parser.add_argument("--seed", choices=("logit", "logprob"), default="logit", help="relevance seed (logit)")
+    parser.add_argument("--no-focus", action="store_true",
+                        help="explain whole undesired continuations, not only their toxic / repeated tokens")
     parser.add_argument("--scope", choices=("global", "per_layer"), default="global", help="selection scope (global)")
     parser.add_argument("--modules", nargs="+", help="weights: module groups, e.g. 'mlp.*' (all)")
     parser.add_argument("--max-kl", type=float, default=0.02, help="general-behaviour limit on KL (0.02)")
@@ -328,7 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
         "varied (RUR >= 0.7) responses of the same prompts, contrast their relevance, search the budget under the "
         "KL and perplexity limits, save the corrected model, and report RUR before/after on the held-out prompts.",
         DEFAULT_MODEL, models, [10, 20, 50, 100, 200])
-    repetition.add_argument("--chat-template", action="store_true", help="wrap prompts in the chat template")
+    repetition.add_argument("--no-chat-template", action="store_true",
+                            help="plain text prompts (default: wrapped in the tokenizer's chat template)")
+    from hf_lrp_surgery.circuits.cli import register as register_circuit
+    from hf_lrp_surgery.hub import register as register_hub
+
+    register_hub(sub)
+    register_circuit(sub)
     return parser
 
 

@@ -6,6 +6,8 @@ what to do about it.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class SurgeryError(Exception):
     """Base class of every error raised by ``hf_lrp_surgery``."""
@@ -69,3 +71,42 @@ class EvaluationError(SurgeryError, ValueError):
 
 class MissingChatTemplateError(EvaluationError):
     """Prompts were to be wrapped in a chat template, but the tokenizer has none."""
+
+
+class CardError(SurgeryError, ValueError):
+    """A card cannot be written: the directory is not a saved corrected model, or a recipe chose nothing."""
+
+
+class PublishError(SurgeryError, ValueError):
+    """A model cannot be published as it is (e.g. an adapter whose base model is a local path)."""
+
+
+class PushError(SurgeryError):
+    """A push to the Hub failed; the local copy is intact.
+
+    Attributes:
+        reason: ``"network"``, ``"offline"``, ``"auth"``, ``"conflict"``, ``"rejected"`` or ``"unknown"``.
+        directory: The local copy that was being pushed (left as it was).
+        repo_id: The target repo.
+        retry_command: The ``hf-lrp-surgery push`` command that retries the push.
+    """
+
+    def __init__(self, message: str, *, reason: str, directory: Path, repo_id: str, retry_command: str) -> None:
+        super().__init__(message)
+        self.reason, self.directory, self.repo_id, self.retry_command = reason, directory, repo_id, retry_command
+
+
+class TrainingSetupError(SurgeryError, ValueError):
+    """The callback cannot work with this training set-up (FSDP; DeepSpeed beyond activation masks; surgery on PEFT)."""
+
+
+class TrainingStateError(SurgeryError):
+    """A resumed run's callback state is missing, or was made with other reference sets, options or model."""
+
+
+class CircuitDiscoveryError(SurgeryError, ValueError):
+    """A circuit cannot be searched for: the unpruned model does not do the task, or options do not fit."""
+
+
+class NoCircuitError(CircuitDiscoveryError):
+    """Even the smallest pruning on the grid drops the task metric below the threshold."""

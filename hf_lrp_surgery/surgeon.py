@@ -151,3 +151,33 @@ class Surgeon:
         if target is None:
             raise ValueError("nothing to save: call apply() first")
         return target.save(directory, tokenizer=self.tokenizer, base_model_name_or_path=base_model_name_or_path)
+
+    def push_to_hub(self, repo_id: str, *, corrected: CorrectedModel | None = None,
+                    directory: str | os.PathLike[str] | None = None, **kwargs: Any) -> Any:
+        """Push the last corrected model (or ``corrected``) with its mask manifest and card to a Hub repo.
+
+        Args:
+            repo_id: ``namespace/name``.
+            corrected: What to push (default: the result of the last :meth:`apply`).
+            directory: Where it is saved before the upload (default: a temporary directory, removed after
+                a successful push and kept after a failed one).
+            **kwargs: Passed to :func:`hf_lrp_surgery.hub.push_to_hub` (``private``, ``commit_message``,
+                ``base_model`` (the base's Hub id; required for adapters of a model loaded from a local
+                path), ``token``, ``endpoint``, ``license``, ...).
+
+        Returns:
+            The ``CommitInfo`` of the upload.
+
+        Raises:
+            ValueError: Nothing was applied yet and no ``corrected`` was given.
+            PushError: The push failed; the local copy is kept and the message says how to retry.
+
+        Example:
+            >>> surgeon.push_to_hub("me/smollm2-detox-ia3", base_model="HuggingFaceTB/SmolLM2-135M-Instruct")  # doctest: +SKIP
+        """
+        from hf_lrp_surgery.hub import push_to_hub
+
+        target = corrected or self.corrected
+        if target is None:
+            raise ValueError("nothing to push: call apply() first or pass corrected=")
+        return push_to_hub(target, repo_id, tokenizer=self.tokenizer, local_dir=directory, **kwargs)

@@ -1,0 +1,52 @@
+"""Circuit discovery: next-token tasks (IOI and user-given), attribution-guided pruning to the
+smallest circuit that keeps the task, and comparison with baseline scores."""
+
+from hf_lrp_surgery.circuits.compare import CircuitComparison, compare_methods, specificity
+from hf_lrp_surgery.circuits.discovery import (
+    Circuit,
+    CircuitDiscoveryError,
+    CurvePoint,
+    NoCircuitError,
+    PruningCurve,
+    ablated,
+    discover_circuit,
+    pruning_curve,
+    sparsity_grid,
+    task_scores,
+)
+from hf_lrp_surgery.circuits.tasks import (
+    NextTokenExample,
+    NextTokenTask,
+    TaskMetrics,
+    evaluate_task,
+    ioi_sets,
+    ioi_task,
+    load_task,
+    metrics_from_logits,
+    next_token_task,
+)
+
+__all__ = [
+    "Circuit",
+    "CircuitComparison",
+    "CircuitDiscoveryError",
+    "CurvePoint",
+    "NextTokenExample",
+    "NextTokenTask",
+    "NoCircuitError",
+    "PruningCurve",
+    "TaskMetrics",
+    "ablated",
+    "compare_methods",
+    "discover_circuit",
+    "evaluate_task",
+    "ioi_sets",
+    "ioi_task",
+    "load_task",
+    "metrics_from_logits",
+    "next_token_task",
+    "pruning_curve",
+    "sparsity_grid",
+    "specificity",
+    "task_scores",
+]

@@ -1,0 +1,378 @@
+"""LRP against the baselines: circuit sizes, performance-sparsity curves, composition and specificity.
+
+:func:`compare_methods` runs :func:`~hf_lrp_surgery.circuits.discovery.discover_circuit` for each
+scoring method on each of several independent task sets (a reference set to attribute on and an
+evaluation set to measure on), and gathers:
+
+* the circuit size at the threshold per method and set, with mean ± std over the sets;
+* the performance-sparsity curves on a shared log-spaced grid (mean ± std over the sets);
+* each circuit's per-layer composition;
+* a specificity check: ablating the circuit's own components from the full model against ablating
+  as many random components (several draws). A circuit that is specific to the task costs the task
+  far more than random components do.
+
+:meth:`CircuitComparison.save` writes ``report.json``, the plots (``curves.png``,
+``circuit_sizes.png``, ``composition.png``) and each circuit (``circuits/<method>/set<i>/``).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from hf_lrp_surgery.circuits.discovery import (
+    Circuit,
+    CircuitDiscoveryError,
+    NoCircuitError,
+    TaskSeed,
+    ablated,
+    discover_circuit,
+    sparsity_grid,
+    task_scores,
+    unit_count,
+)
+from hf_lrp_surgery.circuits.tasks import Metric, NextTokenTask, evaluate_task
+from hf_lrp_surgery.io import write_json_atomic
+from hf_lrp_surgery.lrp.architectures import resolve
+from hf_lrp_surgery.masks import Granularity, Scope, select
+from hf_lrp_surgery.scoring import Aggregation, Layout, score
+
+__all__ = ["CircuitComparison", "DEFAULT_METHODS", "MethodResult", "compare_methods", "specificity"]
+
+#: LRP and the baselines it is compared with.
+DEFAULT_METHODS: tuple[str, ...] = ("lrp", "gradient", "activation", "wanda", "random")
+
+
+def _mean_std(values: Sequence[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def specificity(
+    model: nn.Module,
+    tokenizer: Any,
+    circuit: Circuit,
+    task: NextTokenTask,
+    *,
+    random_draws: int = 3,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> dict[str, Any]:
+    """Ablate the circuit's components from the full model, and as many random components.
+
+    Args:
+        model: The full model.
+        tokenizer: Its tokenizer.
+        circuit: A discovered circuit of neurons or heads.
+        task: Evaluation prompts.
+        random_draws: Random component sets of the circuit's size (seeds ``seed``, ``seed + 1``, ...).
+        seed: First random seed.
+        batch_size: Prompts per forward pass.
+
+    Returns:
+        ``{"metric", "full", "circuit_ablated", "random_ablated": {"mean", "std", "values"},
+        "relative_drop_circuit", "relative_drop_random"}``; values of ``circuit.metric``, drops as
+        fractions of the full model's value.
+
+    Raises:
+        CircuitDiscoveryError: A weight circuit (whose random counterpart would be as large as the
+            model) was given.
+    """
+    if circuit.granularity == "weights":
+        raise CircuitDiscoveryError("the specificity check is for neuron and head circuits")
+    metric = circuit.metric
+    full = evaluate_task(model, tokenizer, task, batch_size=batch_size).get(metric)  # type: ignore[arg-type]
+    with ablated(model, circuit.components()):
+        knocked = evaluate_task(model, tokenizer, task, batch_size=batch_size).get(metric)  # type: ignore[arg-type]
+    randoms = []
+    for draw in range(random_draws):
+        scores = score(model, method="random", components=(circuit.granularity,), random_seed=seed + draw,
+                       progress=False)
+        with ablated(model, select(scores, circuit.granularity, circuit.size)):  # type: ignore[arg-type]
+            ablated_metrics = evaluate_task(model, tokenizer, task, batch_size=batch_size)
+        randoms.append(ablated_metrics.get(metric))  # type: ignore[arg-type]
+    return {"metric": metric, "full": full, "circuit_ablated": knocked,
+            "random_ablated": {**_mean_std(randoms), "values": randoms},
+            "relative_drop_circuit": (full - knocked) / full,
+            "relative_drop_random": (full - statistics.fmean(randoms)) / full}
+
+
+@dataclass
+class MethodResult:
+    """One method's circuits on every task set.
+
+    Attributes:
+        method: The scoring method.
+        circuits: One circuit per set (``None`` where no pruning kept the threshold).
+        specificity: One :func:`specificity` record per set with a circuit.
+    """
+
+    method: str
+    circuits: list[Circuit | None] = field(default_factory=list)
+    specificity: list[dict[str, Any]] = field(default_factory=list)
+
+    def sizes(self) -> list[int]:
+        """Circuit sizes (a set without a circuit counts as the whole model)."""
+        return [c.size if c is not None else self._total() for c in self.circuits]
+
+    def _total(self) -> int:
+        return next(c.total for c in self.circuits if c is not None) if any(self.circuits) else 0
+
+    def curve_on(self, grid: Sequence[int], metric: Metric) -> list[list[float]]:
+        """Per set, the relative metric at each grid count (``nan`` where not measured)."""
+        rows = []
+        for circuit in self.circuits:
+            if circuit is None:
+                rows.append([float("nan")] * len(grid))
+                continue
+            by_count = dict(zip((p.pruned for p in circuit.curve.points), circuit.curve.relative(metric)))
+            by_count[0] = 1.0
+            rows.append([by_count.get(c, float("nan")) for c in grid])
+        return rows
+
+
+@dataclass
+class CircuitComparison:
+    """Everything :func:`compare_methods` measured.
+
+    Attributes:
+        results: Method -> its :class:`MethodResult`.
+        grid: Pruned counts shared by every curve.
+        total: Prunable units.
+        layout: The model's layout.
+        settings: The options of the comparison (task, threshold, metric, seed, ...).
+    """
+
+    results: dict[str, MethodResult]
+    grid: list[int]
+    total: int
+    layout: Layout
+    settings: dict[str, Any]
+
+    def table(self) -> str:
+        """Circuit size per method (mean ± std over the sets), with the share of all units."""
+        metric = self.settings["metric"]
+        lines = [f"{'method':<11} {'circuit size (mean ± std)':>27} {'share':>8} {'per set':>24} "
+                 f"{metric + ' kept':>16}"]
+        for method, result in self.results.items():
+            sizes = result.sizes()
+            stats = _mean_std([float(s) for s in sizes])
+            kept = [c.metrics.get(metric) / c.baseline.get(metric) for c in result.circuits if c is not None]
+            lines.append(f"{method:<11} {stats['mean']:>17.1f} ± {stats['std']:<7.1f} "
+                         f"{100 * stats['mean'] / self.total:>7.2f}% {str(sizes):>24} "
+                         f"{100 * statistics.fmean(kept) if kept else float('nan'):>15.1f}%")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON report."""
+        metric = self.settings["metric"]
+        methods: dict[str, Any] = {}
+        for method, result in self.results.items():
+            sizes = [float(s) for s in result.sizes()]
+            curves = result.curve_on(self.grid, metric)
+            columns = list(zip(*curves))
+            per_layer = [c.per_layer() for c in result.circuits if c is not None]
+            methods[method] = {
+                "circuit_size": {**_mean_std(sizes), "per_set": result.sizes(),
+                                 "share_mean": statistics.fmean(sizes) / self.total},
+                "circuit_metrics": [c.metrics.to_dict() if c is not None else None for c in result.circuits],
+                "baseline_metrics": [c.baseline.to_dict() if c is not None else None for c in result.circuits],
+                "per_layer_mean": [statistics.fmean(col) for col in zip(*per_layer)] if per_layer else [],
+                "per_layer": per_layer,
+                "curve": {"pruned": self.grid, "relative_mean": [_nanmean(col) for col in columns],
+                          "relative_std": [_nanstd(col) for col in columns], "per_set": curves},
+                "specificity": result.specificity,
+            }
+        return {"settings": self.settings, "total": self.total, "grid": self.grid, "methods": methods}
+
+    def save(self, directory: str | os.PathLike[str], *, save_circuits: bool = True) -> Path:
+        """Write ``report.json``, ``report.txt``, ``curves.png``, ``circuit_sizes.png``, ``composition.png``
+        and (with ``save_circuits``) ``circuits/<method>/set<i>/``.
+
+        Returns:
+            The directory.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        report = self.to_dict()
+        write_json_atomic(directory / "report.json", report)
+        (directory / "report.txt").write_text(self.table() + "\n")
+        _plot_curves(report, self.settings, directory / "curves.png")
+        _plot_sizes(report, self.settings, directory / "circuit_sizes.png")
+        _plot_composition(report, self.settings, directory / "composition.png")
+        if save_circuits:
+            for method, result in self.results.items():
+                for i, circuit in enumerate(result.circuits):
+                    if circuit is not None:
+                        circuit.save(directory / "circuits" / method / f"set{i}")
+        return directory
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    finite = [v for v in values if v == v]
+    return statistics.fmean(finite) if finite else float("nan")
+
+
+def _nanstd(values: Sequence[float]) -> float:
+    finite = [v for v in values if v == v]
+    return statistics.stdev(finite) if len(finite) > 1 else 0.0
+
+
+def compare_methods(
+    model: nn.Module,
+    tokenizer: Any,
+    sets: Sequence[tuple[NextTokenTask, NextTokenTask]],
+    *,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    granularity: Granularity = "neurons",
+    scope: Scope = "global",
+    threshold: float = 0.9,
+    metric: Metric = "logit_diff",
+    seed: TaskSeed = "logit",
+    aggregation: Aggregation = "abs",
+    grid_points: int = 16,
+    min_kept: float = 1e-3,
+    refine_steps: int = 8,
+    random_draws: int = 3,
+    batch_size: int = 8,
+    eval_batch_size: int = 32,
+    progress: bool = True,
+) -> CircuitComparison:
+    """Discover a circuit with every method on every ``(reference, evaluation)`` set and compare.
+
+    Args:
+        model: A supported causal LM.
+        tokenizer: Its tokenizer.
+        sets: Independent ``(reference, evaluation)`` task pairs (e.g. IOI with different seeds).
+        methods: Scoring methods (``lrp`` and baselines).
+        granularity: ``"neurons"`` or ``"heads"``.
+        scope: ``"global"`` or ``"per_layer"``.
+        threshold: Fraction of the unpruned metric the circuit keeps.
+        metric: ``"logit_diff"`` or ``"accuracy"``.
+        seed: Relevance seed for ``lrp`` and ``gradient``.
+        aggregation: For ``lrp`` and ``gradient``.
+        grid_points: Log-spaced grid points.
+        min_kept: Smallest kept fraction on the grid.
+        refine_steps: Bisection steps per circuit.
+        random_draws: Random component sets per specificity check.
+        batch_size: Samples per attribution pass.
+        eval_batch_size: Prompts per evaluation pass.
+        progress: Show progress bars.
+
+    Returns:
+        The :class:`CircuitComparison`.
+
+    Raises:
+        CircuitDiscoveryError: No sets, weights granularity, or the unpruned model fails the task.
+
+    Example:
+        >>> sets = [(ioi_task(tok, 64, seed=i), ioi_task(tok, 64, seed=100 + i)) for i in range(3)]  # doctest: +SKIP
+        >>> comparison = compare_methods(model, tok, sets)  # doctest: +SKIP
+        >>> print(comparison.table())  # doctest: +SKIP
+    """
+    if not sets:
+        raise CircuitDiscoveryError("give at least one (reference, evaluation) task set")
+    if granularity == "weights":
+        raise CircuitDiscoveryError("compare methods on neurons or heads; weight circuits are searched with "
+                                    "discover_circuit directly")
+    arch = resolve(model)
+    layout = Layout.of(arch)
+    total = unit_count(layout, granularity, arch)
+    grid = sparsity_grid(total, grid_points, min_kept=min_kept)
+    results = {m: MethodResult(m) for m in methods}
+    steps = [(i, m) for i in range(len(sets)) for m in methods]
+    for i, method in tqdm(steps, desc="circuits", disable=not progress):
+        reference, evaluation = sets[i]
+        scores = task_scores(model, tokenizer, reference, method=method,  # type: ignore[arg-type]
+                             granularity=granularity, seed=seed, aggregation=aggregation, batch_size=batch_size,
+                             random_seed=i, progress=False)
+        try:
+            circuit = discover_circuit(model, tokenizer, reference, evaluation=evaluation, scores=scores,
+                                       granularity=granularity, scope=scope, threshold=threshold, metric=metric,
+                                       grid_points=grid_points, min_kept=min_kept, refine_steps=refine_steps,
+                                       eval_batch_size=eval_batch_size, progress=False)
+        except NoCircuitError:
+            circuit = None  # even the first grid point breaks the threshold
+        results[method].circuits.append(circuit)
+        if circuit is not None:
+            results[method].specificity.append(specificity(model, tokenizer, circuit, evaluation,
+                                                           random_draws=random_draws, seed=1000 * (i + 1),
+                                                           batch_size=eval_batch_size))
+    settings = {
+        "task": sets[0][0].name, "num_sets": len(sets), "reference_sizes": [len(r) for r, _ in sets],
+        "evaluation_sizes": [len(e) for _, e in sets], "task_settings": [dict(r.settings) for r, _ in sets],
+        "methods": list(methods), "granularity": granularity, "scope": scope, "threshold": threshold,
+        "metric": metric, "seed": seed, "aggregation": aggregation, "grid_points": grid_points,
+        "min_kept": min_kept, "refine_steps": refine_steps, "random_draws": random_draws,
+        "model_type": getattr(getattr(arch.model, "config", None), "model_type", None),
+    }
+    return CircuitComparison(results, grid, total, layout, settings)
+
+
+# -- plots ------------------------------------------------------------------------------------
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_curves(report: dict[str, Any], settings: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    total = report["total"]
+    for i, (method, data) in enumerate(report["methods"].items()):
+        kept = [total - c for c in data["curve"]["pruned"]]
+        mean, std = data["curve"]["relative_mean"], data["curve"]["relative_std"]
+        ax.plot(kept, mean, "o-", color=f"C{i}", label=method, markersize=3)
+        ax.fill_between(kept, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                        color=f"C{i}", alpha=0.15)
+    ax.axhline(settings["threshold"], color="grey", linestyle="--", label=f"threshold {settings['threshold']:.0%}")
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.set_xlabel(f"{settings['granularity']} kept (of {total})")
+    ax.set_ylabel(f"{settings['metric']} / unpruned")
+    ax.set_title(f"{settings['task']}: performance vs sparsity ({settings['scope']} scope, "
+                 f"mean ± std over {settings['num_sets']} sets)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_sizes(report: dict[str, Any], settings: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    names = list(report["methods"])
+    means = [report["methods"][m]["circuit_size"]["mean"] for m in names]
+    stds = [report["methods"][m]["circuit_size"]["std"] for m in names]
+    ax.bar(names, means, yerr=stds, capsize=4, color=[f"C{i}" for i in range(len(names))])
+    ax.set_yscale("log")
+    ax.set_ylabel(f"{settings['granularity']} in the circuit")
+    ax.set_title(f"smallest circuit keeping {settings['threshold']:.0%} of {settings['metric']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_composition(report: dict[str, Any], settings: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / max(1, len(report["methods"]))
+    for i, (method, data) in enumerate(report["methods"].items()):
+        counts = data["per_layer_mean"]
+        ax.bar([layer + i * width for layer in range(len(counts))], counts, width=width, color=f"C{i}", label=method)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"circuit {settings['granularity']} (mean over sets)")
+    ax.set_title("circuit composition per layer")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

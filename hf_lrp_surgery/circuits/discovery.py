@@ -1,0 +1,672 @@
+"""Circuit discovery: attribute a task, prune the least relevant components, keep the smallest circuit.
+
+Following Hatefi et al. (2025, Sec. on circuit discovery), a circuit is what remains after pruning
+the components the task needs least: components are scored on the task's reference prompts
+(:func:`task_scores`), pruned lowest first on a log-spaced grid of sparsities, and the largest
+pruning whose task metric stays at or above ``threshold`` times the unpruned model's is kept, refined
+by bisection between the last grid point that holds and the first that does not
+(:func:`discover_circuit`). The result, a :class:`Circuit`, holds the pruning
+:class:`~hf_lrp_surgery.masks.Mask` (apply it and the circuit is what is left) with the discovery's
+provenance in its manifest.
+
+Pruning is evaluated with :func:`ablated`: neurons and heads are switched off by a forward pre-hook
+that multiplies the input of the MLP / attention output projection by a 0/1 vector, which equals
+baking the mask (:func:`hf_lrp_surgery.apply.bake`) without copying or re-hashing the model;
+weights are zeroed in place and restored on exit.
+
+Seeds: ``"logit"`` explains the correct token's logit, ``"logit_diff"`` the logit difference
+``logit(correct) - logit(wrong)``. The engine seeds one token per sample; because every LRP rule
+here is a modification of the gradient whose factors come from the forward pass, relevance is linear
+in the seed, and the logit-difference relevance is the relevance of the correct token minus that of
+the wrong token (two passes, signed aggregation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from hf_lrp_surgery.circuits.tasks import Metric, NextTokenTask, TaskMetrics, evaluate_task
+from hf_lrp_surgery.exceptions import CircuitDiscoveryError, NoCircuitError
+from hf_lrp_surgery.io import atomic_directory, write_json_atomic
+from hf_lrp_surgery.lrp.architectures import ResolvedArchitecture, resolve
+from hf_lrp_surgery.masks import Granularity, Mask, Scope, select
+from hf_lrp_surgery.scoring import SAMPLE_FREE_METHODS, Aggregation, Layout, Method, Scores, score
+
+__all__ = [
+    "Circuit",
+    "CircuitDiscoveryError",
+    "CurvePoint",
+    "NoCircuitError",
+    "PruningCurve",
+    "TaskSeed",
+    "ablated",
+    "complement",
+    "discover_circuit",
+    "pruning_curve",
+    "sparsity_grid",
+    "task_scores",
+    "unit_count",
+]
+
+TaskSeed = Literal["logit", "logit_diff", "logprob"]
+_CIRCUIT_FILE = "circuit.json"
+
+
+# -- ablation ---------------------------------------------------------------------------------
+def unit_count(layout: Layout, granularity: Granularity, arch: ResolvedArchitecture | None = None) -> int:
+    """Number of prunable units of one granularity (weights: needs ``arch``)."""
+    if granularity == "neurons":
+        return layout.num_layers * layout.num_neurons
+    if granularity == "heads":
+        return layout.num_layers * layout.num_heads
+    if arch is None:
+        raise ValueError("counting weights needs the resolved model")
+    return sum(p.weight.numel() for p in arch.prunable)
+
+
+def _keep_hook(keep: torch.Tensor) -> Callable[..., tuple]:
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        return (x * keep.to(device=x.device, dtype=x.dtype), *args[1:])
+
+    return hook
+
+
+@contextlib.contextmanager
+def ablated(model: nn.Module, masks: Mask | Sequence[Mask]) -> Iterator[nn.Module]:
+    """Switch off what ``masks`` prune, for the duration of the block.
+
+    Neurons and heads: a forward pre-hook multiplies the input of each block's MLP output projection
+    (neurons) or attention output projection (each head's slice) by 0 where pruned; the same
+    function as baking the mask. Weights: the elements are zeroed in place and restored on exit.
+
+    Args:
+        model: The model the masks were selected on (same layout; the weight fingerprint is not
+            re-checked, so that a pruning sweep costs forward passes only).
+        masks: One mask or several of different granularities.
+
+    Yields:
+        ``model``.
+
+    Raises:
+        CircuitDiscoveryError: A mask's layout is not the model's.
+
+    Example:
+        >>> with ablated(model, mask):  # doctest: +SKIP
+        ...     metrics = evaluate_task(model, tokenizer, task)
+    """
+    arch = resolve(model)
+    layout = Layout.of(arch)
+    mask_list = [masks] if isinstance(masks, Mask) else list(masks)
+    for mask in mask_list:
+        if mask.layout != layout:
+            raise CircuitDiscoveryError("the mask was selected on a model with another layout; select it on this "
+                                        "model's scores")
+    handles: list[Any] = []
+    saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    try:
+        for mask in mask_list:
+            if mask.granularity == "weights":
+                weights = {p.name: p.weight for p in arch.prunable}
+                with torch.no_grad():
+                    for name, index in mask.indices.items():
+                        flat = weights[name].view(-1)
+                        saved.append((flat, index.to(flat.device), flat[index.to(flat.device)].clone()))
+                        flat[index.to(flat.device)] = 0
+                continue
+            for layer in arch.layers:
+                module = layer.mlp_out if mask.granularity == "neurons" else layer.o_proj
+                name = mask.carriers()[layer.index]
+                if name not in mask.indices:
+                    continue
+                units = layout.num_neurons if mask.granularity == "neurons" else layout.num_heads
+                keep = (~mask.dense(name, units)).float()
+                if mask.granularity == "heads":
+                    keep = keep.repeat_interleave(arch.head_dim)
+                handles.append(module.register_forward_pre_hook(_keep_hook(keep)))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+        with torch.no_grad():
+            for flat, index, values in reversed(saved):
+                flat[index] = values
+
+
+def complement(mask: Mask, *, provenance: dict[str, Any] | None = None, total: dict[str, int] | None = None) -> Mask:
+    """The mask of every unit ``mask`` does not prune (of neurons or heads; weights need ``total``).
+
+    Args:
+        mask: A neuron or head mask (or a weight mask with ``total``).
+        provenance: The new mask's provenance (default: ``{"complement_of": mask.provenance}``).
+        total: For weights: module name -> number of elements.
+
+    Returns:
+        The complementary mask: ablating it removes exactly what ``mask`` keeps.
+    """
+    if mask.granularity == "weights" and total is None:
+        raise ValueError("the complement of a weight mask needs total= (module name -> number of elements)")
+    sizes = total or {name: (mask.layout.num_neurons if mask.granularity == "neurons" else mask.layout.num_heads)
+                      for name in mask.carriers()}
+    indices = {}
+    for name in mask.carriers():
+        kept = (~mask.dense(name, sizes[name])).nonzero().flatten()
+        if kept.numel():
+            indices[name] = kept
+    return Mask(granularity=mask.granularity, fingerprint=mask.fingerprint, layout=mask.layout, indices=indices,
+                provenance=provenance if provenance is not None else {"complement_of": mask.provenance})
+
+
+# -- scores -----------------------------------------------------------------------------------
+def task_scores(
+    model: nn.Module,
+    tokenizer: Any,
+    task: NextTokenTask,
+    *,
+    method: Method = "lrp",
+    granularity: Granularity = "neurons",
+    seed: TaskSeed = "logit",
+    aggregation: Aggregation = "abs",
+    batch_size: int = 8,
+    random_seed: int = 0,
+    progress: bool = True,
+) -> Scores:
+    """Score components on a task's reference prompts (higher = the task needs it more).
+
+    Args:
+        model: A supported causal LM.
+        tokenizer: Its tokenizer.
+        task: The reference prompts with their correct (and wrong) tokens.
+        method: Any of :data:`hf_lrp_surgery.scoring.METHODS`.
+        granularity: ``"neurons"``, ``"heads"`` or ``"weights"``.
+        seed: For ``lrp`` and ``gradient``: ``"logit"`` of the correct token, ``"logit_diff"``
+            (correct minus wrong) or ``"logprob"`` of the correct token. ``logit_diff`` with ``abs``
+            aggregation runs one sample per pass (the engine sums a batch before the absolute value
+            could be taken).
+            The other methods do not read the target.
+        aggregation: For ``lrp`` and ``gradient``: ``"signed"`` or ``"abs"``.
+        batch_size: Samples per pass.
+        random_seed: For ``random``.
+        progress: Show progress bars.
+
+    Returns:
+        The :class:`~hf_lrp_surgery.scoring.Scores`; ``settings["task_seed"]`` records the seed and
+        ``settings["task"]`` the task.
+
+    Raises:
+        CircuitDiscoveryError: ``logit_diff`` for a task without wrong tokens.
+
+    Example:
+        >>> scores = task_scores(model, tokenizer, ioi_task(tokenizer), method="lrp")  # doctest: +SKIP
+    """
+    if seed not in ("logit", "logit_diff", "logprob"):
+        raise ValueError(f"seed must be 'logit', 'logit_diff' or 'logprob', got {seed!r}")
+    common = dict(method=method, components=(granularity,), batch_size=batch_size, random_seed=random_seed,
+                  progress=progress)
+    task_info = {"name": task.name, "size": len(task), **dict(task.settings)}
+    if method not in ("lrp", "gradient"):
+        scores = score(model, None if method in SAMPLE_FREE_METHODS else task.samples(), tokenizer, **common)
+        scores.settings.update(task=task_info)
+        return scores
+    if seed != "logit_diff":
+        scores = score(model, task.samples(), tokenizer, aggregation=aggregation, seed=seed, **common)
+        scores.settings.update(task_seed=seed, task=task_info)
+        return scores
+    if not task.has_wrong:
+        raise CircuitDiscoveryError(f"task {task.name!r} has examples without a wrong token; the logit-difference "
+                                    "seed needs one per example (or use seed='logit')")
+    if aggregation == "signed":
+        correct = score(model, task.samples("correct"), tokenizer, aggregation="signed", seed="logit",
+                        description=f"{method} (correct)", **common)
+        wrong = score(model, task.samples("wrong"), tokenizer, aggregation="signed", seed="logit",
+                      description=f"{method} (wrong)", **common)
+        difference = _difference(correct, wrong, granularity)
+    else:
+        difference = _mean_abs_difference(model, tokenizer, task, granularity, common)
+    difference.settings.update(method=method, seed="logit_diff", task_seed="logit_diff", aggregation=aggregation,
+                               task=task_info)
+    difference.check_finite()
+    return difference
+
+
+def _difference(correct: Scores, wrong: Scores, granularity: Granularity) -> Scores:
+    """Scores of the logit difference from those of its two logits (relevance is linear in the seed)."""
+    out = Scores(method=correct.method, settings=dict(correct.settings), fingerprint=correct.fingerprint,
+                 layout=correct.layout, num_samples=correct.num_samples)
+    if granularity == "weights":
+        out.weights = {k: v - wrong.weights[k] for k, v in correct.weights.items()}
+    else:
+        setattr(out, granularity, getattr(correct, granularity) - getattr(wrong, granularity))
+    return out
+
+
+def _mean_abs_difference(model: nn.Module, tokenizer: Any, task: NextTokenTask, granularity: Granularity,
+                         common: dict[str, Any]) -> Scores:
+    """Mean over samples of ``|R(correct) - R(wrong)|``: the engine aggregates over a batch, so one sample per pass."""
+    options = {**common, "progress": False}
+    total: Scores | None = None
+    pairs = list(zip(task.samples("correct"), task.samples("wrong")))
+    for correct_sample, wrong_sample in tqdm(pairs, desc=f"{common['method']} |logit diff|",
+                                             disable=not common["progress"], leave=False):
+        one = _difference(score(model, [correct_sample], tokenizer, seed="logit", **options),
+                          score(model, [wrong_sample], tokenizer, seed="logit", **options), granularity)
+        if granularity == "weights":
+            one.weights = {k: v.abs() for k, v in one.weights.items()}
+            if total is not None:
+                one.weights = {k: v + total.weights[k] for k, v in one.weights.items()}
+        else:
+            value = getattr(one, granularity).abs()
+            setattr(one, granularity, value if total is None else value + getattr(total, granularity))
+        total = one
+    assert total is not None
+    if granularity == "weights":
+        total.weights = {k: v / len(pairs) for k, v in total.weights.items()}
+    else:
+        setattr(total, granularity, getattr(total, granularity) / len(pairs))
+    total.num_samples = len(pairs)
+    return total
+
+
+# -- curves -----------------------------------------------------------------------------------
+def sparsity_grid(total: int, points: int = 16, *, min_kept: float = 1e-3) -> list[int]:
+    """Pruned counts on a grid that is log-spaced at both ends.
+
+    Half of the points are log-spaced in the pruned fraction (from ``min_kept`` up to one half),
+    half in the kept fraction (from one half down to ``min_kept``), so that both a circuit that needs
+    most of the model and one that needs almost none of it fall between close grid points.
+
+    Args:
+        total: Number of prunable units.
+        points: Grid points besides 0 (before duplicates are merged).
+        min_kept: Smallest kept (and pruned) fraction; at least one unit is always kept.
+
+    Returns:
+        Ascending unique pruned counts, starting at 0.
+
+    Example:
+        >>> sparsity_grid(1000, 6, min_kept=0.001)
+        [0, 1, 22, 500, 978, 999]
+        >>> sparsity_grid(8, 4)
+        [0, 1, 4, 7]
+    """
+    if total < 1 or points < 2 or not 0.0 < min_kept < 0.5:
+        raise ValueError(f"need total >= 1, points >= 2 and 0 < min_kept < 0.5, got {total}, {points}, {min_kept}")
+    low = max(min_kept, 1.0 / total)  # never below one unit
+    half = points // 2
+    fractions = [low * (0.5 / low) ** (i / max(1, half - 1)) for i in range(half)]
+    fractions = fractions + [1.0 - f for f in reversed(fractions)]
+    counts = {0} | {min(total - 1, max(1, round(total * f))) for f in fractions}
+    return sorted(c for c in counts if c < total)
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """Task performance with ``pruned`` units pruned.
+
+    Attributes:
+        pruned: Units pruned.
+        kept: Units left.
+        metrics: The task metrics of the pruned model.
+    """
+
+    pruned: int
+    kept: int
+    metrics: TaskMetrics
+
+    def sparsity(self) -> float:
+        """Pruned share of the units."""
+        return self.pruned / (self.pruned + self.kept)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready form."""
+        return {"pruned": self.pruned, "kept": self.kept, "sparsity": self.sparsity(), **self.metrics.to_dict()}
+
+
+@dataclass
+class PruningCurve:
+    """Task performance against the number of pruned units, for one scoring method.
+
+    Attributes:
+        method: The scoring method.
+        granularity: What was pruned.
+        scope: ``"global"`` or ``"per_layer"``.
+        total: Prunable units.
+        baseline: Metrics of the unpruned model.
+        points: Measured points, ascending in ``pruned``.
+    """
+
+    method: str
+    granularity: str
+    scope: str
+    total: int
+    baseline: TaskMetrics
+    points: list[CurvePoint] = field(default_factory=list)
+
+    def relative(self, metric: Metric) -> list[float]:
+        """Each point's metric divided by the unpruned model's."""
+        base = self.baseline.get(metric)
+        return [p.metrics.get(metric) / base for p in self.points]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready form."""
+        return {"method": self.method, "granularity": self.granularity, "scope": self.scope, "total": self.total,
+                "baseline": self.baseline.to_dict(), "points": [p.to_dict() for p in self.points]}
+
+
+class _Pruner:
+    """Masks of growing size from one set of scores (optionally re-scored as it grows)."""
+
+    def __init__(self, scores: Scores, granularity: Granularity, scope: Scope,
+                 rescore: Callable[[Mask], Scores] | None) -> None:
+        self.scores, self.granularity, self.scope, self.rescore = scores, granularity, scope, rescore
+        self.base: Mask | None = None  # with re-scoring: the pruning the current scores were computed under
+
+    def mask(self, count: int) -> Mask | None:
+        if count == 0:
+            return None
+        if self.base is None or count <= self.base.count:
+            return select(self.scores, self.granularity, count, scope=self.scope)
+        return _extend(self.base, self.scores, count - self.base.count, self.scope)
+
+    def advance(self, mask: Mask | None) -> None:
+        """With re-scoring: score again with ``mask`` pruned; later masks extend it."""
+        if self.rescore is None or mask is None:
+            return
+        self.scores = self.rescore(mask)
+        self.base = mask
+
+
+def _extend(base: Mask, scores: Scores, extra: int, scope: Scope) -> Mask:
+    """``base`` plus the ``extra`` lowest-scoring units it does not prune yet."""
+    value = scores.get(base.granularity)  # type: ignore[arg-type]
+    if isinstance(value, dict):
+        blocked = Scores(scores.method, scores.settings, scores.fingerprint, scores.layout, scores.num_samples,
+                         weights={k: v.clone() for k, v in value.items()})
+        for name, index in base.indices.items():
+            blocked.weights[name].view(-1)[index] = torch.inf
+    else:
+        tensor = value.clone()
+        for name, index in base.indices.items():
+            tensor[base.carriers().index(name), index] = torch.inf
+        blocked = Scores(scores.method, scores.settings, scores.fingerprint, scores.layout, scores.num_samples)
+        setattr(blocked, base.granularity, tensor)
+    more = select(blocked, base.granularity, extra, scope=scope)
+    indices = {name: torch.cat([base.indices.get(name, torch.empty(0, dtype=torch.long)),
+                                more.indices.get(name, torch.empty(0, dtype=torch.long))]).sort().values
+               for name in set(base.indices) | set(more.indices)}
+    selection = {**more.provenance["selection"], "budget": base.count + extra, "count": base.count + extra,
+                 "reattributed_after": base.count}
+    return Mask(base.granularity, base.fingerprint, base.layout, indices,
+                {**more.provenance, "selection": selection})
+
+
+def _evaluate(model: nn.Module, tokenizer: Any, task: NextTokenTask, mask: Mask | None, batch_size: int) -> TaskMetrics:
+    if mask is None:
+        return evaluate_task(model, tokenizer, task, batch_size=batch_size)
+    with ablated(model, mask):
+        return evaluate_task(model, tokenizer, task, batch_size=batch_size)
+
+
+def pruning_curve(
+    model: nn.Module,
+    tokenizer: Any,
+    task: NextTokenTask,
+    scores: Scores,
+    *,
+    granularity: Granularity = "neurons",
+    scope: Scope = "global",
+    counts: Sequence[int] | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> PruningCurve:
+    """Task metrics after pruning the lowest-scoring ``count`` units, for each count.
+
+    Args:
+        model: The model the scores were computed on.
+        tokenizer: Its tokenizer.
+        task: The evaluation prompts.
+        scores: Component scores (higher = keep).
+        granularity: What to prune.
+        scope: Selection scope.
+        counts: Pruned counts (default :func:`sparsity_grid` of the unit count).
+        batch_size: Prompts per forward pass.
+        progress: Show a progress bar.
+
+    Returns:
+        The :class:`PruningCurve`.
+
+    Example:
+        >>> curve = pruning_curve(model, tokenizer, task, scores)  # doctest: +SKIP
+        >>> curve.relative("logit_diff")  # doctest: +SKIP
+    """
+    arch = resolve(model)
+    total = unit_count(scores.layout, granularity, arch)
+    grid = sorted(set(counts)) if counts is not None else sparsity_grid(total)
+    baseline = evaluate_task(model, tokenizer, task, batch_size=batch_size)
+    curve = PruningCurve(scores.method, granularity, scope, total, baseline)
+    for count in tqdm(grid, desc=f"{scores.method} curve", disable=not progress, leave=False):
+        metrics = baseline if count == 0 else _evaluate(model, tokenizer, task,
+                                                        select(scores, granularity, count, scope=scope), batch_size)
+        curve.points.append(CurvePoint(count, total - count, metrics))
+    return curve
+
+
+# -- the circuit ------------------------------------------------------------------------------
+@dataclass
+class Circuit:
+    """The smallest set of components found to keep the task above the threshold.
+
+    Attributes:
+        mask: What is pruned; applied (ablated, baked or as an adapter) it leaves only the circuit.
+            Its provenance holds the scores, the selection and ``circuit`` (task, threshold, metric,
+            baseline and circuit metrics, size).
+        size: Units in the circuit (kept).
+        total: Prunable units.
+        baseline: Metrics of the unpruned model on the evaluation prompts.
+        metrics: Metrics of the circuit alone (everything else pruned).
+        curve: The pruning curve measured on the way (grid and bisection points).
+        threshold: Required fraction of the baseline metric.
+        metric: The metric the threshold applies to.
+    """
+
+    mask: Mask
+    size: int
+    total: int
+    baseline: TaskMetrics
+    metrics: TaskMetrics
+    curve: PruningCurve
+    threshold: float
+    metric: str
+
+    @property
+    def granularity(self) -> str:
+        """What the circuit is made of."""
+        return self.mask.granularity
+
+    def components(self) -> Mask:
+        """The circuit's own components as a mask (ablating it knocks the circuit out of the full model)."""
+        total = None
+        if self.mask.granularity == "weights":
+            total = dict(self.mask.provenance.get("module_sizes", {}))
+        return complement(self.mask, provenance={"circuit_components_of": self.mask.provenance.get("circuit", {})},
+                          total=total)
+
+    def per_layer(self) -> list[int]:
+        """Circuit units per decoder block."""
+        return self.components().per_layer()
+
+    def summary(self) -> str:
+        """One line: size, sparsity and the metric kept."""
+        base, value = self.baseline.get(self.metric), self.metrics.get(self.metric)  # type: ignore[arg-type]
+        return (f"{self.size} of {self.total} {self.granularity} ({100 * self.size / self.total:.2f}%) keep "
+                f"{self.metric} {value:.3f} of {base:.3f} ({100 * value / base:.1f}%, threshold "
+                f"{100 * self.threshold:.0f}%), accuracy {self.metrics.accuracy:.3f} (unpruned "
+                f"{self.baseline.accuracy:.3f}); scores: {self.curve.method}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready form (without the mask's indices)."""
+        return {"size": self.size, "total": self.total, "granularity": self.granularity, "metric": self.metric,
+                "threshold": self.threshold, "baseline": self.baseline.to_dict(), "metrics": self.metrics.to_dict(),
+                "per_layer": self.per_layer(), "curve": self.curve.to_dict()}
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Save ``mask/`` (the pruning mask with its manifest), ``components/`` and ``circuit.json``, atomically.
+
+        Returns:
+            The directory.
+        """
+        with atomic_directory(directory) as tmp:
+            (tmp / "mask").mkdir()
+            self.mask.write_into(tmp / "mask")
+            (tmp / "components").mkdir()
+            self.components().write_into(tmp / "components")
+            write_json_atomic(tmp / _CIRCUIT_FILE, self.to_dict())
+        return Path(directory)
+
+
+def discover_circuit(
+    model: nn.Module,
+    tokenizer: Any,
+    task: NextTokenTask,
+    *,
+    evaluation: NextTokenTask | None = None,
+    method: Method = "lrp",
+    granularity: Granularity = "neurons",
+    scope: Scope = "global",
+    threshold: float = 0.9,
+    metric: Metric = "logit_diff",
+    seed: TaskSeed = "logit",
+    aggregation: Aggregation = "abs",
+    scores: Scores | None = None,
+    grid_points: int = 16,
+    min_kept: float = 1e-3,
+    refine_steps: int = 8,
+    reattribute: bool = False,
+    batch_size: int = 8,
+    eval_batch_size: int = 32,
+    random_seed: int = 0,
+    progress: bool = True,
+) -> Circuit:
+    """Find the smallest circuit that keeps ``threshold`` of the task metric.
+
+    Scores the components on ``task`` (unless ``scores`` are given), prunes the lowest-scoring ones
+    on a log-spaced grid of sparsities (:func:`sparsity_grid`), keeps the largest pruning whose
+    metric on ``evaluation`` is at least ``threshold`` times the unpruned model's, then bisects
+    between that grid point (or no pruning) and the next for up to ``refine_steps`` more evaluations.
+
+    Args:
+        model: A supported causal LM.
+        tokenizer: Its tokenizer.
+        task: Reference prompts to attribute on.
+        evaluation: Prompts to measure the metric on (default: ``task``).
+        method: Scoring method (``lrp`` or a baseline).
+        granularity: ``"neurons"``, ``"heads"`` or ``"weights"``.
+        scope: ``"global"`` or ``"per_layer"``.
+        threshold: Fraction of the unpruned metric the circuit must keep, in ``(0, 1]``.
+        metric: ``"logit_diff"`` or ``"accuracy"``.
+        seed: Relevance seed (see :func:`task_scores`).
+        aggregation: For ``lrp`` / ``gradient``.
+        scores: Precomputed scores (skips attribution; not with ``reattribute``).
+        grid_points: Grid points of the sweep.
+        min_kept: Smallest kept fraction on the grid.
+        refine_steps: Bisection steps after the grid.
+        reattribute: Score again on the pruned model after every grid step (one attribution per
+            step); later pruning extends the current one by the new lowest scores.
+        batch_size: Samples per attribution pass.
+        eval_batch_size: Prompts per evaluation pass.
+        random_seed: For ``method="random"``.
+        progress: Show progress bars.
+
+    Returns:
+        The :class:`Circuit` (at least one unit is pruned).
+
+    Raises:
+        CircuitDiscoveryError: The unpruned metric is not positive (the model does not do the task),
+            or the threshold is out of range.
+        NoCircuitError: No measured pruning (grid and bisection) keeps the threshold.
+
+    Example:
+        >>> circuit = discover_circuit(model, tokenizer, ioi_task(tokenizer, 64, seed=0),
+        ...                            evaluation=ioi_task(tokenizer, 64, seed=100))  # doctest: +SKIP
+        >>> print(circuit.summary())  # doctest: +SKIP
+    """
+    if not 0.0 < threshold <= 1.0:
+        raise CircuitDiscoveryError(f"threshold is a fraction of the unpruned metric in (0, 1], got {threshold}")
+    if reattribute and scores is not None:
+        raise CircuitDiscoveryError("reattribute=True computes its own scores; do not pass scores=")
+    evaluation = evaluation if evaluation is not None else task
+    baseline = evaluate_task(model, tokenizer, evaluation, batch_size=eval_batch_size)
+    base_value = baseline.get(metric)
+    if not base_value > 0:
+        raise CircuitDiscoveryError(f"the unpruned model's {metric} is {base_value:.4f} on the evaluation prompts; a "
+                                    "circuit keeps a fraction of a positive score, so the model must do the task first "
+                                    "(check the prompts and the correct/wrong tokens)")
+    score_options = dict(method=method, granularity=granularity, seed=seed, aggregation=aggregation,
+                         batch_size=batch_size, random_seed=random_seed, progress=progress)
+    if scores is None:
+        scores = task_scores(model, tokenizer, task, **score_options)  # type: ignore[arg-type]
+    arch = resolve(model)
+    total = unit_count(scores.layout, granularity, arch)
+
+    def rescore(mask: Mask) -> Scores:
+        with ablated(model, mask):
+            return task_scores(model, tokenizer, task, **score_options)  # type: ignore[arg-type]
+
+    pruner = _Pruner(scores, granularity, scope, rescore if reattribute else None)
+    curve = PruningCurve(scores.method, granularity, scope, total, baseline)
+    target = threshold * base_value
+    best: tuple[Mask, TaskMetrics] | None = None
+    failed_at: int | None = None
+
+    def measure(count: int) -> tuple[Mask, TaskMetrics]:
+        mask = pruner.mask(count)
+        assert mask is not None
+        metrics = _evaluate(model, tokenizer, evaluation, mask, eval_batch_size)
+        curve.points.append(CurvePoint(count, total - count, metrics))
+        return mask, metrics
+
+    grid = [c for c in sparsity_grid(total, grid_points, min_kept=min_kept) if c > 0]
+    for count in tqdm(grid, desc=f"{method} sweep", disable=not progress, leave=False):
+        mask, metrics = measure(count)
+        if metrics.get(metric) >= target:
+            best, failed_at = (mask, metrics), None
+            pruner.advance(mask)
+        elif failed_at is None:
+            failed_at = count
+            if reattribute:
+                break  # later masks extend the last one that held
+    low = best[0].count if best is not None else 0
+    high = failed_at if failed_at is not None and failed_at > low else None
+    for _ in range(refine_steps):
+        if high is None or high - low <= 1:
+            break
+        middle = (low + high) // 2
+        mask, metrics = measure(middle)
+        if metrics.get(metric) >= target:
+            best, low = (mask, metrics), middle
+        else:
+            high = middle
+    if best is None:
+        raise NoCircuitError(
+            f"pruning {high} of {total} {granularity} already drops {metric} below {threshold:.0%} of the unpruned "
+            f"{base_value:.4f}; lower the threshold, or give more refine_steps to search below {high}")
+    curve.points.sort(key=lambda p: p.pruned)
+    mask, metrics = best
+    circuit_info = {
+        "task": {"name": task.name, "size": len(task), **dict(task.settings)},
+        "evaluation": {"name": evaluation.name, "size": len(evaluation), **dict(evaluation.settings)},
+        "metric": metric, "threshold": threshold, "baseline": baseline.to_dict(), "circuit": metrics.to_dict(),
+        "size": total - mask.count, "total": total, "reattribute": reattribute, "grid_points": grid_points,
+        "min_kept": min_kept, "refine_steps": refine_steps,
+    }
+    final = Mask(mask.granularity, mask.fingerprint, mask.layout, mask.indices,
+                 {**mask.provenance, "circuit": circuit_info})
+    return Circuit(final, total - mask.count, total, baseline, metrics, curve, threshold, metric)

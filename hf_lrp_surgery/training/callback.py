@@ -1,0 +1,593 @@
+"""``LRPSurgeryCallback``: relevance, surgery and mask enforcement inside a ``transformers.Trainer``.
+
+The callback drives the library's ordinary functions from Trainer events; it has no relevance,
+contrast, selection or carrier code of its own:
+
+* **relevance during fine-tuning** (``every_n_steps``, ``on_evaluate``, ``at_end``): each pass
+  runs :func:`~hf_lrp_surgery.lrp.collect.collect_relevance` on the two reference sets in eval
+  mode (no dropout, no gradient checkpointing), with the optimizer's gradients set aside and put
+  back, and adds the result to running sums (:class:`RelevanceAccumulator`: the mean over every
+  sample of every pass). Summaries go into the Trainer's logs: the undesired mass per layer of the
+  contrast and the next candidates for pruning;
+* **surgery** at the end of training, or at every checkpoint: :func:`~hf_lrp_surgery.scoring.contrast`
+  of the accumulated relevance, :func:`~hf_lrp_surgery.masks.select`, then
+  :func:`~hf_lrp_surgery.apply.apply_masks` and :func:`~hf_lrp_surgery.apply.save_corrected`
+  next to the checkpoint, and an optional push;
+* **masks enforced while training** (:class:`MaskEnforcer`): a mask given up front, or made at a
+  checkpoint, stays exactly in place until training ends;
+* **resume**: the accumulated relevance and the masks are saved into every checkpoint and restored
+  when the Trainer resumes from one;
+* **several processes** (DDP, ``accelerate launch``, ``torchrun``): each rank explains its share of
+  the reference samples, sums and counts are all-reduced, the masks are rank 0's on every rank and
+  only the main process writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from hf_lrp_surgery.apply import Carrier, apply_masks
+from hf_lrp_surgery.exceptions import ReferenceSetError
+from hf_lrp_surgery.fingerprint import ModelFingerprint, fingerprint
+from hf_lrp_surgery.io import atomic_directory, write_json_atomic
+from hf_lrp_surgery.lrp.architectures import unwrap_model
+from hf_lrp_surgery.lrp.attach import Variant
+from hf_lrp_surgery.lrp.collect import ReferenceSample, SeedMode, collect_relevance
+from hf_lrp_surgery.masks import Granularity, Mask, Scope, select
+from hf_lrp_surgery.references import ReferenceSource, load_reference_set
+from hf_lrp_surgery.scoring import Aggregation, Normalization, Scores, contrast
+from hf_lrp_surgery.training.accumulate import SETS, RelevanceAccumulator, distributed_rank_and_size
+from hf_lrp_surgery.training.enforce import MaskEnforcer
+from hf_lrp_surgery.exceptions import TrainingSetupError, TrainingStateError
+
+__all__ = ["LRPSurgeryCallback", "STATE_DIR", "CORRECTED_DIR"]
+
+#: Sub-directory of a Trainer checkpoint that holds the callback's state.
+STATE_DIR = "lrp_surgery"
+#: Sub-directory of a Trainer checkpoint (or of ``args.output_dir`` at the end) with the corrected model.
+CORRECTED_DIR = "corrected"
+_STATE_FILE = "state.json"
+_LOG_PREFIX = "lrp/"
+
+PushFn = Callable[[Path, str], Any]
+
+
+def _samples_digest(samples: dict[str, list[ReferenceSample]]) -> str:
+    """A hash of the reference sets, to refuse resuming a run with other sets."""
+    return hashlib.sha256(json.dumps({k: [repr(s) for s in v] for k, v in samples.items()}).encode()).hexdigest()
+
+
+class LRPSurgeryCallback(TrainerCallback):
+    """Attribution-guided surgery during fine-tuning with any ``transformers.Trainer`` (or trl trainer).
+
+    Args:
+        undesired: The behaviour to remove (any form :func:`~hf_lrp_surgery.references.load_reference_set`
+            takes). Needed for relevance passes and surgery.
+        general: The behaviour to keep.
+        tokenizer: Tokenizes text samples (default: the Trainer's ``processing_class``); saved with
+            the corrected model.
+        masks: Masks to enforce from the first step (at most one per granularity), built for the
+            model being trained (the fingerprint is checked on a fresh run).
+        granularity: What surgery prunes: ``"neurons"``, ``"heads"`` or ``"weights"``.
+        budget: Units each surgery prunes in addition to those already pruned (a count, or a
+            fraction of the eligible units), as in :func:`~hf_lrp_surgery.masks.select`.
+        scope, modules, layers: Selection options of :func:`~hf_lrp_surgery.masks.select`.
+        method: ``"lrp"`` (AttnLRP) or ``"gradient"`` (gradient x input, no rules).
+        normalize, protect_top: Contrast options of :func:`~hf_lrp_surgery.scoring.contrast`.
+        aggregation, seed, variant, epsilon: Relevance options of :func:`~hf_lrp_surgery.scoring.score`.
+        every_n_steps: Run a relevance pass every this many optimizer steps (``None``: never).
+        on_evaluate: Also run one after every evaluation.
+        at_end: Also run one at the last step (before surgery at the end), when relevance is used at all.
+        surgery: ``"end"`` (one selection when training ends), ``"save"`` (one selection at every
+            checkpoint, enforced from then on) or ``None`` (relevance and enforcement only).
+        carrier: How the saved corrected model carries the masks: ``"bake"`` (an ordinary
+            checkpoint with zeros) or ``"adapter"`` (IA3 on the fine-tuned base; neurons and heads).
+        output_dir: Where the corrected model is saved at the end (default:
+            ``<args.output_dir>/corrected``); at checkpoints it goes to ``<checkpoint>/corrected``.
+        base_model_name_or_path: For ``carrier="adapter"`` at the end: where the fine-tuned base
+            loads from (default: it is saved next to the adapter, in ``<output_dir>-base``).
+        push_to_hub: A Hub repo id to push every saved corrected model to (main process only).
+        push_fn: ``push_fn(directory, repo_id, **push_kwargs)`` does the push (default:
+            ``hf_lrp_surgery.hub.push_to_hub``). A failed push is a warning (with the directory
+            to retry from), never the end of a training run; failures are kept in ``push_errors``.
+        push_kwargs: Extra keyword arguments of ``push_fn`` (e.g. ``private=True``, ``base_model=``).
+        batch_size: Samples per relevance batch.
+        limit: Use at most this many samples of each set.
+        top_k: Pruning candidates written to the logs.
+        progress: Show progress bars during relevance passes.
+
+    Raises:
+        ReferenceSetError: A relevance schedule or surgery is asked for without both reference sets.
+        ValueError: An option is out of range, or ``carrier="adapter"`` with weight masks.
+
+    Example:
+        >>> callback = LRPSurgeryCallback(undesired=toxic_pairs, general=clean_pairs, granularity="neurons",
+        ...                               budget=20, every_n_steps=50)  # doctest: +SKIP
+        >>> trainer = Trainer(model=model, args=args, train_dataset=train)  # doctest: +SKIP
+        >>> callback.attach(trainer)  # doctest: +SKIP
+        >>> trainer.train()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        undesired: ReferenceSource | None = None,
+        general: ReferenceSource | None = None,
+        *,
+        tokenizer: Any = None,
+        masks: Mask | Sequence[Mask] | None = None,
+        granularity: Granularity = "neurons",
+        budget: int | float = 50,
+        scope: Scope = "global",
+        modules: Sequence[str] | str | None = None,
+        layers: Sequence[int] | None = None,
+        method: Literal["lrp", "gradient"] = "lrp",
+        normalize: Normalization = "total",
+        protect_top: float = 0.05,
+        aggregation: Aggregation = "signed",
+        seed: SeedMode = "logit",
+        variant: Variant = "attnlrp",
+        epsilon: float = 0.0,
+        every_n_steps: int | None = None,
+        on_evaluate: bool = False,
+        at_end: bool = True,
+        surgery: Literal["end", "save"] | None = "end",
+        carrier: Carrier = "bake",
+        output_dir: str | os.PathLike[str] | None = None,
+        base_model_name_or_path: str | None = None,
+        push_to_hub: str | None = None,
+        push_fn: PushFn | None = None,
+        push_kwargs: dict[str, Any] | None = None,
+        batch_size: int = 8,
+        limit: int | None = None,
+        top_k: int = 3,
+        progress: bool = False,
+    ) -> None:
+        if granularity not in ("neurons", "heads", "weights"):
+            raise ValueError(f"granularity must be 'neurons', 'heads' or 'weights', got {granularity!r}")
+        if surgery not in ("end", "save", None):
+            raise ValueError(f"surgery must be 'end', 'save' or None, got {surgery!r}")
+        if carrier not in ("bake", "adapter"):
+            raise ValueError(f"carrier must be 'bake' or 'adapter', got {carrier!r}")
+        if method not in ("lrp", "gradient"):
+            raise ValueError(f"method must be 'lrp' or 'gradient' (relevance needs samples), got {method!r}")
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1 or None, got {every_n_steps}")
+        if batch_size < 1 or top_k < 0:
+            raise ValueError(f"batch_size must be >= 1 and top_k >= 0, got {batch_size} and {top_k}")
+        mask_list = [masks] if isinstance(masks, Mask) else list(masks or [])
+        if len({m.granularity for m in mask_list}) != len(mask_list):
+            raise ValueError(f"give at most one mask per granularity, got {[m.granularity for m in mask_list]}")
+        weight_masks = any(m.granularity == "weights" for m in mask_list) or (granularity == "weights" and surgery)
+        if carrier == "adapter" and weight_masks:
+            raise ValueError("a weight mask has no exact IA3 form; use carrier='bake' with weight masks")
+        if carrier == "adapter" and push_to_hub and not (push_kwargs or {}).get("base_model"):
+            raise ValueError(
+                "an adapter saved by the callback sits on the fine-tuned weights, which exist only locally, so the Hub "
+                "copy would not load; push with carrier='bake' (a self-contained checkpoint), or push the fine-tuned "
+                "base first and pass push_kwargs={'base_model': '<its repo id>'}")
+        self.relevance_wanted = bool(every_n_steps or on_evaluate or surgery)
+        self.samples: dict[str, list[ReferenceSample]] = {}
+        if self.relevance_wanted:
+            for name, source in (("general", general), ("undesired", undesired)):
+                if source is None:
+                    raise ReferenceSetError(
+                        f"relevance passes and surgery contrast two reference sets, but {name}= was not given; pass "
+                        "both undesired= and general= (or surgery=None and no schedule, to only enforce masks)")
+                self.samples[name] = load_reference_set(source, limit=limit)
+        self.tokenizer = tokenizer
+        self.initial_masks = mask_list
+        self.selection = {"granularity": granularity, "budget": budget, "scope": scope, "modules": modules,
+                          "layers": layers}
+        self.contrast_options = {"normalize": normalize, "protect_top": protect_top}
+        self.aggregation = aggregation
+        self.relevance_options = {
+            "variant": "gradient" if method == "gradient" else variant,
+            "epsilon": 0.0 if method == "gradient" else float(epsilon),
+            "seed": seed,
+            "per_sample_abs_weights": granularity == "weights" and aggregation == "abs",
+        }
+        self.method = method
+        self.every_n_steps = every_n_steps
+        self.on_evaluate_pass = on_evaluate
+        self.at_end = at_end
+        self.surgery = surgery
+        self.carrier: Carrier = carrier
+        self.output_dir = output_dir
+        self.base_model_name_or_path = base_model_name_or_path
+        self.push_to_hub = push_to_hub
+        self.push_fn = push_fn
+        self.push_kwargs = dict(push_kwargs or {})
+        self.push_errors: list[str] = []
+        self.batch_size = batch_size
+        self.top_k = top_k
+        self.progress = progress
+        self.enforcer: MaskEnforcer | None = None
+        self.accumulator: RelevanceAccumulator | None = None
+        self.surgery_steps: list[int] = []
+        self.saved: list[Path] = []
+        self._pending_logs: dict[str, float] = {}
+
+    # -- wiring -------------------------------------------------------------------------------
+    def attach(self, trainer: Any) -> "LRPSurgeryCallback":
+        """Add the callback to ``trainer`` right after its flow callback, before the reporting integrations.
+
+        ``trainer.add_callback(callback)`` works too, but puts the callback after TensorBoard / W&B,
+        which then never see the relevance summaries (they still reach ``state.log_history`` and the
+        console).
+
+        Args:
+            trainer: A ``transformers.Trainer`` (or a subclass such as trl's trainers).
+
+        Returns:
+            The callback.
+        """
+        from transformers.trainer_callback import DefaultFlowCallback
+
+        callbacks = trainer.callback_handler.callbacks
+        if self in callbacks:
+            callbacks.remove(self)
+        flow = [i for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)]
+        callbacks.insert(flow[0] + 1 if flow else 0, self)
+        return self
+
+    @property
+    def masks(self) -> dict[str, Mask]:
+        """The masks in force, by granularity."""
+        if self.enforcer is None:
+            return {m.granularity: m for m in self.initial_masks}
+        return dict(self.enforcer.masks)
+
+    # -- checks -------------------------------------------------------------------------------
+    def _check_setup(self, args: TrainingArguments, model: nn.Module) -> None:
+        weight_masks = any(m.granularity == "weights" for m in self.initial_masks) or (
+            self.surgery is not None and self.selection["granularity"] == "weights")
+        fsdp = bool(getattr(args, "fsdp", None)) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+        if fsdp or any(type(p).__name__ in ("FlatParameter", "DTensor") for p in model.parameters()):
+            raise TrainingSetupError(
+                "LRPSurgeryCallback does not support FSDP: relevance passes, weight masks and surgery need whole, "
+                "unsharded parameters on every rank. Train with DDP (torchrun / accelerate launch without an FSDP "
+                "config), or apply the mask after training with hf_lrp_surgery.Surgeon")
+        deepspeed = bool(getattr(args, "deepspeed", None)) or \
+            os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
+        if deepspeed and (weight_masks or self.relevance_wanted):
+            raise TrainingSetupError(
+                "under DeepSpeed, LRPSurgeryCallback only enforces neuron and head masks given up front (activation "
+                "masks): DeepSpeed keeps fp32 master weights, so zeroed weights do not stay zero, and ZeRO partitions "
+                "the parameters that relevance passes and surgery read. Pass masks= with surgery=None and no "
+                "relevance schedule, or train with DDP")
+        if self.surgery is not None and unwrap_model(model) is not model:
+            raise TrainingSetupError(
+                "surgery needs a plain model, but this one is PEFT-wrapped (e.g. LoRA fine-tuning); pass surgery=None "
+                "(relevance and enforcement work), then merge the adapter (merge_and_unload()) and run "
+                "hf_lrp_surgery.Surgeon on the merged model")
+
+    def _check_initial_mask(self, mask: Mask, model: nn.Module, resumed: bool) -> None:
+        current = fingerprint(model)
+        if not resumed:
+            mask.check_model(model)
+            return
+        if (current.model_type, current.config_sha256) != (mask.fingerprint.model_type, mask.fingerprint.config_sha256):
+            mask.check_model(model)  # raises with the architecture named
+
+    # -- events -------------------------------------------------------------------------------
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       model: nn.Module | None = None, optimizer: Any = None, processing_class: Any = None,
+                       **kwargs: Any) -> None:
+        """Check the set-up, restore a resumed run's state and start enforcing the masks."""
+        if model is None:
+            raise TrainingSetupError("the Trainer passed no model to the callback")
+        self._check_setup(args, model)
+        if self.tokenizer is None:
+            self.tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        if self.push_to_hub and self.push_fn is None:
+            self.push_fn = _default_push()
+        self.enforcer = MaskEnforcer(model)
+        layout = self.enforcer.layout
+        self.accumulator = RelevanceAccumulator(
+            layout=layout, components=(self.selection["granularity"],),
+            settings={"method": self.method, **self.relevance_options,
+                      "components": [self.selection["granularity"]]})
+        self.surgery_steps, self.saved, self._pending_logs = [], [], {}
+        resumed = state.global_step > 0
+        for mask in self.initial_masks:  # all checked before a weight mask changes the fingerprint
+            self._check_initial_mask(mask, model, resumed)
+        for mask in self.initial_masks:
+            self.enforcer.add(mask, optimizer)
+        if resumed:
+            self._restore(args, state, model, optimizer)
+
+    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                          optimizer: Any = None, **kwargs: Any) -> None:
+        """Put the weight masks (and the optimizer state at them) back after the update."""
+        if self.enforcer is not None:
+            self.enforcer.after_optimizer_step(optimizer)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    model: nn.Module | None = None, **kwargs: Any) -> TrainerControl:
+        """Run the scheduled relevance pass (and the final one at the last step)."""
+        step = state.global_step
+        scheduled = self.every_n_steps is not None and step % self.every_n_steps == 0
+        last = self.at_end and self.relevance_wanted and step >= state.max_steps > 0
+        if (scheduled or last) and self._pass_due(step):
+            self._relevance_pass(model, step)  # type: ignore[arg-type]
+            control.should_log = True
+        return control
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    model: nn.Module | None = None, **kwargs: Any) -> None:
+        """Run a relevance pass after an evaluation, if asked (logged with the next log)."""
+        if self.on_evaluate_pass and self.enforcer is not None and self._pass_due(state.global_step):
+            self._relevance_pass(model, state.global_step)  # type: ignore[arg-type]
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        """Add the pending relevance summaries to this log (and to ``state.log_history``)."""
+        if not self._pending_logs or logs is None:
+            return
+        logs.update(self._pending_logs)
+        if state.log_history:
+            state.log_history[-1].update(self._pending_logs)
+        self._pending_logs = {}
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                model: nn.Module | None = None, optimizer: Any = None, **kwargs: Any) -> None:
+        """Surgery at the checkpoint (if ``surgery="save"``), then save the callback's state into it."""
+        if self.enforcer is None or model is None:
+            return
+        checkpoint = self._checkpoint_dir(args, state)
+        if self.surgery == "save":
+            self._surgery(model, optimizer, state.global_step)
+            if state.is_world_process_zero:
+                self._save_corrected(model, checkpoint / CORRECTED_DIR, base=str(checkpoint.resolve()))
+        if state.is_world_process_zero:
+            self._save_state(checkpoint / STATE_DIR)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     model: nn.Module | None = None, optimizer: Any = None, **kwargs: Any) -> None:
+        """Final relevance pass and surgery; save (and push) the corrected model; remove the hooks."""
+        if self.enforcer is None or model is None:
+            return
+        try:
+            step = state.global_step
+            if self.at_end and self.relevance_wanted and self._pass_due(step):
+                self._relevance_pass(model, step)
+                if self._pending_logs:  # training is over: no further log call will carry them
+                    state.log_history.append({**self._pending_logs, "step": step})
+                    self._pending_logs = {}
+            if self.surgery == "end":
+                self._surgery(model, optimizer, step)
+            if self.enforcer.masks and state.is_world_process_zero:
+                directory = Path(self.output_dir or Path(args.output_dir) / CORRECTED_DIR)
+                self._save_corrected(model, directory, base=self.base_model_name_or_path)
+        finally:
+            self.enforcer.remove()
+
+    # -- relevance ----------------------------------------------------------------------------
+    def _pass_due(self, step: int) -> bool:
+        return bool(self.samples) and (self.accumulator is None or step not in self.accumulator.steps)
+
+    def _relevance_pass(self, model: nn.Module, step: int) -> None:
+        """Explain both sets on the current weights (eval mode, optimizer gradients set aside) and accumulate."""
+        assert self.accumulator is not None and self.enforcer is not None
+        rank, world = distributed_rank_and_size()
+        params = list(model.parameters())
+        grads = [p.grad for p in params]
+        modes = [(m, m.training) for m in model.modules()]
+        for p in params:
+            p.grad = None  # anything written during the pass lands in fresh tensors, discarded below
+        model.eval()  # no dropout; transformers' gradient checkpointing only acts in training mode
+        try:
+            results = {}
+            for name in SETS:
+                shard = self.samples[name][rank::world]
+                results[name] = collect_relevance(
+                    model, shard, self.tokenizer, components=self.accumulator.components, batch_size=self.batch_size,
+                    progress=self.progress, description=f"relevance ({name}, step {step})",
+                    **self.relevance_options) if shard else None
+            weight_shapes = {p.name: tuple(p.weight.shape) for p in self.enforcer.arch.prunable}
+            self.accumulator.add_pass(step, results, weight_shapes,
+                                      device=self.enforcer.arch.token_embedding.weight.device)
+        finally:
+            for module, training in modes:
+                module.training = training
+            for p, grad in zip(params, grads):
+                p.grad = grad
+        self._pending_logs.update(self._summary(model))
+
+    def _scores(self, model: nn.Module, current: ModelFingerprint | None = None) -> Scores:
+        """The contrast of the accumulated relevance (attributed to ``current``), pruned units made ineligible."""
+        assert self.accumulator is not None and self.enforcer is not None
+        current = current or fingerprint(model)  # for logs the cached fingerprint is enough
+        scores = contrast(self.accumulator.scores("general", current, self.aggregation),
+                          self.accumulator.scores("undesired", current, self.aggregation), **self.contrast_options)
+        pruned = self.enforcer.masks.get(self.selection["granularity"])
+        return scores if pruned is None else _exclude(scores, pruned)
+
+    def _summary(self, model: nn.Module) -> dict[str, float]:
+        """Log entries: passes, samples, undesired mass per layer, and the next pruning candidates."""
+        assert self.accumulator is not None
+        granularity = self.selection["granularity"]
+        scores = self._scores(model)
+        values = scores.get(granularity)
+        logs: dict[str, float] = {f"{_LOG_PREFIX}passes": float(self.accumulator.passes)}
+        logs.update({f"{_LOG_PREFIX}samples_{name}": float(self.accumulator.counts[name]) for name in SETS})
+        if isinstance(values, dict):
+            layout = scores.layout
+            per_layer = [0.0] * layout.num_layers
+            for name, tensor in values.items():
+                per_layer[layout.weight_modules[name][0]] += _undesired_mass(tensor)
+            flat = [(layout.weight_modules[n][0], n, t.flatten()) for n, t in values.items()]
+        else:
+            per_layer = [_undesired_mass(row) for row in values]
+            flat = [(layer, str(layer), row.flatten()) for layer, row in enumerate(values)]
+        logs.update({f"{_LOG_PREFIX}undesired_mass/layer_{i:02d}": v for i, v in enumerate(per_layer)})
+        candidates = sorted(((float(v), layer, int(i)) for layer, _, row in flat
+                             for v, i in zip(*_lowest(row, self.top_k))), key=lambda c: c[0])[:self.top_k]
+        for rank, (value, layer, index) in enumerate(candidates, start=1):
+            logs[f"{_LOG_PREFIX}candidate_{rank}/layer"] = float(layer)
+            logs[f"{_LOG_PREFIX}candidate_{rank}/index"] = float(index)
+            logs[f"{_LOG_PREFIX}candidate_{rank}/score"] = value
+        pruned = self.enforcer.masks.get(granularity) if self.enforcer else None
+        logs[f"{_LOG_PREFIX}pruned"] = float(pruned.count if pruned else 0)
+        return logs
+
+    # -- surgery ------------------------------------------------------------------------------
+    def _surgery(self, model: nn.Module, optimizer: Any, step: int) -> Mask:
+        """Select ``budget`` more units from the accumulated contrast and enforce them from now on."""
+        assert self.enforcer is not None and self.accumulator is not None
+        if self._pass_due(step) and self.accumulator.passes == 0:
+            self._relevance_pass(model, step)
+        selection = {k: v for k, v in self.selection.items() if k != "granularity" and k != "budget"}
+        scores = self._scores(model, fingerprint(model))
+        mask = select(scores, self.selection["granularity"], self.selection["budget"], **selection)
+        mask = _broadcast_mask(mask)
+        mask = replace(mask, provenance={**mask.provenance, "training": {
+            "step": step, "relevance_passes": self.accumulator.passes, "relevance_steps": list(self.accumulator.steps),
+            "samples": dict(self.accumulator.counts)}})
+        self.surgery_steps.append(step)
+        return self.enforcer.add(mask, optimizer)
+
+    def _save_corrected(self, model: nn.Module, directory: Path, base: str | None) -> None:
+        """Apply the masks in force to a copy of the model, save it with its manifest, push it if asked."""
+        assert self.enforcer is not None
+        masks = self.enforcer.masks_for(fingerprint(model))
+        with self.enforcer.suspended():  # the probe must record the unmasked weights as "original"
+            corrected = apply_masks(model, masks, self.carrier)
+        if self.carrier == "adapter" and base is None:
+            base_dir = Path(f"{directory}-base")
+            with atomic_directory(base_dir) as tmp:
+                model.save_pretrained(str(tmp))
+                if self.tokenizer is not None:
+                    self.tokenizer.save_pretrained(str(tmp))
+            base = str(base_dir.resolve())
+        corrected.save(directory, tokenizer=self.tokenizer, base_model_name_or_path=base)
+        del corrected
+        self.saved.append(directory)
+        if self.push_to_hub and self.push_fn is not None:
+            try:
+                self.push_fn(directory, self.push_to_hub, **self.push_kwargs)
+            except Exception as err:  # the model is saved; a network failure must not end the training run
+                retry = getattr(err, "retry_command", None) or ("hf_lrp_surgery.hub.push_to_hub"
+                                                                 f"({str(directory)!r}, {self.push_to_hub!r})")
+                message = (f"pushing {directory} to {self.push_to_hub} failed: {err}. The corrected model is saved "
+                           f"there; retry with {retry}")
+                self.push_errors.append(message)
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+    # -- state --------------------------------------------------------------------------------
+    @staticmethod
+    def _checkpoint_dir(args: TrainingArguments, state: TrainerState) -> Path:
+        return Path(args.output_dir) / f"checkpoint-{state.global_step}"
+
+    def _state_record(self) -> dict[str, Any]:
+        return {"format_version": 1, "samples_sha256": _samples_digest(self.samples),
+                "selection": {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in self.selection.items()},
+                "relevance": {"method": self.method, **self.relevance_options, "aggregation": self.aggregation},
+                "surgery": self.surgery, "surgery_steps": self.surgery_steps,
+                "masks": sorted(self.enforcer.masks) if self.enforcer else []}
+
+    def _save_state(self, directory: Path) -> None:
+        assert self.accumulator is not None and self.enforcer is not None
+        with atomic_directory(directory) as tmp:
+            if self.accumulator.passes:
+                self.accumulator.save(tmp / "relevance")
+            for granularity, mask in self.enforcer.masks.items():
+                mask.save(tmp / "masks" / granularity)
+            write_json_atomic(tmp / _STATE_FILE, self._state_record())
+
+    def _restore(self, args: TrainingArguments, state: TrainerState, model: nn.Module, optimizer: Any) -> None:
+        """Load the accumulated relevance and the masks saved in the checkpoint being resumed."""
+        assert self.accumulator is not None and self.enforcer is not None
+        candidates = [Path(p) / STATE_DIR for p in (getattr(args, "resume_from_checkpoint", None),) if p]
+        candidates.append(self._checkpoint_dir(args, state) / STATE_DIR)
+        directory = next((c for c in candidates if (c / _STATE_FILE).is_file()), None)
+        if directory is None:
+            raise TrainingStateError(
+                f"the Trainer resumed at step {state.global_step}, but no {STATE_DIR}/{_STATE_FILE} was found in "
+                f"{', '.join(str(c.parent) for c in candidates)}: the checkpoint was saved without LRPSurgeryCallback "
+                "(or by another output_dir). Resume from a checkpoint written with the callback, or start a new run")
+        record = json.loads((directory / _STATE_FILE).read_text())
+        expected = self._state_record()
+        for key in ("samples_sha256", "selection", "relevance", "surgery"):
+            if record.get(key) != expected[key]:
+                raise TrainingStateError(
+                    f"the checkpoint's callback state was made with other {key.replace('_sha256', '')} "
+                    f"({record.get(key)!r} vs now {expected[key]!r}); resume with the callback configured as in the "
+                    "interrupted run, or start a new run")
+        if (directory / "relevance").is_dir():
+            loaded = RelevanceAccumulator.load(directory / "relevance")
+            if loaded.layout != self.accumulator.layout:
+                raise TrainingStateError("the checkpoint's accumulated relevance is for another model layout")
+            self.accumulator = loaded
+        self.surgery_steps = [int(s) for s in record.get("surgery_steps", [])]
+        current = fingerprint(model)
+        for granularity in record.get("masks", []):
+            mask = Mask.load(directory / "masks" / granularity)
+            if (mask.fingerprint.model_type, mask.fingerprint.config_sha256) != (current.model_type,
+                                                                                 current.config_sha256):
+                mask.check_model(model)
+            self.enforcer.add(mask, optimizer)
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def _default_push() -> PushFn:
+    try:
+        from hf_lrp_surgery.hub import push_to_hub
+    except ImportError as err:
+        raise TrainingSetupError(f"push_to_hub= needs hf_lrp_surgery.hub ({err}); pass push_fn= to push another "
+                                 "way, or leave push_to_hub unset") from err
+    return push_to_hub
+
+
+def _undesired_mass(scores: torch.Tensor) -> float:
+    """How much of a contrast lies on the undesired side: the sum of its finite negative parts."""
+    finite = scores[torch.isfinite(scores)]
+    return float((-finite).clamp_min(0).sum())
+
+
+def _lowest(row: torch.Tensor, k: int) -> tuple[list[float], list[int]]:
+    finite = torch.isfinite(row)
+    values = torch.where(finite, row.double(), torch.inf)
+    count = min(k, int(finite.sum()))
+    if count == 0:
+        return [], []
+    top = torch.topk(values, count, largest=False)
+    return top.values.tolist(), top.indices.tolist()
+
+
+def _exclude(scores: Scores, mask: Mask) -> Scores:
+    """A copy of ``scores`` in which the units of ``mask`` score ``+inf`` (never selected again)."""
+    out = replace(scores, weights={k: v.clone() for k, v in scores.weights.items()},
+                  neurons=None if scores.neurons is None else scores.neurons.clone(),
+                  heads=None if scores.heads is None else scores.heads.clone())
+    for name, index in mask.indices.items():
+        if mask.granularity == "weights":
+            out.weights[name].view(-1)[index] = torch.inf
+        else:
+            getattr(out, mask.granularity)[mask.layer_of(name), index] = torch.inf
+    return out
+
+
+def _broadcast_mask(mask: Mask) -> Mask:
+    """Rank 0's selection on every rank (the sums are all-reduced, so this only guards against float drift)."""
+    rank, world = distributed_rank_and_size()
+    if world == 1:
+        return mask
+    import torch.distributed as dist
+
+    payload = [{name: index.tolist() for name, index in mask.indices.items()} if rank == 0 else None]
+    dist.broadcast_object_list(payload, src=0)
+    chosen: dict[str, list[int]] = payload[0]  # type: ignore[assignment]
+    indices = {name: torch.tensor(values, dtype=torch.int64) for name, values in chosen.items()}
+    return replace(mask, indices=indices)
+
