@@ -22,14 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hf_lrp_surgery.correction import (
-    budget_search,
-    detox_behaviour,
-    paired_contrast_sets,
-    recipe_split,
-    repetition_behaviour,
-)
-from hf_lrp_surgery.lrp.collect import ReferenceSample
+from correction_bench import Bench, reference_sets
+
+from hf_lrp_surgery.apply import apply_masks
+from hf_lrp_surgery.correction import detox_behaviour, repetition_behaviour
+from hf_lrp_surgery.masks import select
 from hf_lrp_surgery.models import DEFAULT_MODEL, load_model
 from hf_lrp_surgery.references import shipped_set
 from hf_lrp_surgery.surgeon import Surgeon
@@ -37,25 +34,13 @@ from hf_lrp_surgery.surgeon import Surgeon
 METHODS = ("lrp", "gradient", "activation", "wanda", "random")
 
 
-def _reference_sets(model: Any, tokenizer: Any, behaviour: Any, cache: Path) -> tuple[list, list]:
-    if cache.is_file():
-        data = json.loads(cache.read_text())
-    else:
-        attribution, _ = recipe_split(shipped_set(behaviour.prompt_set, "train"))
-        undesired, desired = paired_contrast_sets(model, tokenizer, attribution, behaviour)
-        data = {name: [[list(s.prompt), list(s.continuation)] for s in samples]
-                for name, samples in (("undesired", undesired), ("desired", desired))}
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(data))
-    return ([ReferenceSample(p, c) for p, c in data["undesired"]],
-            [ReferenceSample(p, c) for p, c in data["desired"]])
-
-
 def _table(rows: list[dict[str, Any]], primary: str) -> str:
-    lines = [f"| granularity | method | budget | {primary} | KL | perplexity change |", "|---|---|---|---|---|---|"]
+    lines = [f"| granularity | method | budget | {primary} | KL | perplexity change | within limits |",
+             "|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['granularity']} | {row['method']} | {row['budget']} | {row['effect'][primary]:.3f} | "
-                     f"{row['kl']:.4f} | {100 * row['perplexity_increase']:+.2f}% |")
+                     f"{row['kl']:.4f} | {100 * row['perplexity_increase']:+.2f}% | "
+                     f"{'yes' if row['within_limits'] else 'no'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -89,8 +74,10 @@ def main() -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--behaviour", choices=("detox", "repetition"), required=True)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--granularities", nargs="+", choices=("neurons", "weights"), default=["neurons", "weights"])
+    parser.add_argument("--granularities", nargs="+", choices=("neurons", "heads", "weights"),
+                        default=["neurons", "weights"])
     parser.add_argument("--neuron-budgets", nargs="+", type=int, default=[10, 50])
+    parser.add_argument("--head-budgets", nargs="+", type=int, default=[5, 10])
     parser.add_argument("--weight-budgets", nargs="+", type=int, default=[1000, 7000])
     parser.add_argument("--output", required=True)
     args = parser.parse_args()
@@ -98,32 +85,32 @@ def main() -> None:
     output = Path(args.output)
     model, tokenizer = load_model(args.model)
     behaviour = detox_behaviour() if args.behaviour == "detox" else repetition_behaviour()
-    undesired, desired = _reference_sets(model, tokenizer, behaviour, output / "reference_sets.json")
+    undesired, desired = reference_sets(model, tokenizer, behaviour, args.model, output / "reference_sets.json")
     surgeon = Surgeon(model, tokenizer)
-    heldout = {"validation_prompts": shipped_set(behaviour.prompt_set, "heldout"),
-               "general_prompts": shipped_set("neutral_prompts", "heldout"),
-               "general_texts": shipped_set("general_text", "heldout")}
+    bench = Bench(model, tokenizer, behaviour, shipped_set(behaviour.prompt_set, "heldout"),
+                  shipped_set("neutral_prompts", "heldout"), shipped_set("general_text", "heldout"))
+    print("before:", json.dumps(bench.before), flush=True)
     rows: list[dict[str, Any]] = []
-    base: dict[str, Any] = {}
     for granularity in args.granularities:
-        budgets = args.neuron_budgets if granularity == "neurons" else args.weight_budgets
+        budgets = {"neurons": args.neuron_budgets, "heads": args.head_budgets,
+                   "weights": args.weight_budgets}[granularity]
         for method in args.methods:
             start = time.perf_counter()
             scores = surgeon.contrast(undesired=undesired, general=desired, method=method, components=(granularity,))
-            points, _ = budget_search(model, tokenizer, scores, behaviour, budgets=budgets, granularity=granularity,
-                                      **heldout)
-            base = points[0].effect
-            for point in points[1:]:
-                rows.append({"granularity": granularity, "method": method, "budget": point.budget,
-                             "effect": point.effect, "kl": point.kl, "perplexity_increase": point.perplexity_increase,
-                             "within_limits": point.within_limits})
+            for budget in budgets:
+                candidate = apply_masks(model, select(scores, granularity, budget), "bake").model
+                rows.append({"granularity": granularity, "method": method, "budget": budget,
+                             **bench.point(candidate)})
                 print(json.dumps(rows[-1]), f"({time.perf_counter() - start:.0f} s)", flush=True)
+                del candidate
     result = {"model": args.model, "behaviour": behaviour.name, "primary": behaviour.primary,
+              "limits": vars(bench.limits),
               "reference_sizes": {"undesired": len(undesired), "desired": len(desired)},
-              "before": base, "rows": rows}
+              "before": bench.before, "rows": rows}
     (output / "compare.json").write_text(json.dumps(result, indent=1) + "\n")
     table = _table(rows, behaviour.primary)
-    (output / "compare.md").write_text(f"Before: {behaviour.primary} = {base[behaviour.primary]:.3f}\n\n" + table)
+    before = f"Before: {behaviour.primary} = {bench.before[behaviour.primary]:.3f}\n\n"
+    (output / "compare.md").write_text(before + table)
     _plot(rows, behaviour.primary, output / "compare.png")
     print(table)
 

@@ -37,6 +37,7 @@ from hf_lrp_surgery.lrp.architectures import ResolvedArchitecture, resolve, unwr
 from hf_lrp_surgery.masks import Mask
 
 __all__ = [
+    "CHECK_FILE",
     "Carrier",
     "CorrectedModel",
     "LogitsProbe",
@@ -55,7 +56,8 @@ __all__ = [
 Carrier = Literal["bake", "adapter"]
 #: Sub-directory of a saved corrected model that holds the mask and the check record.
 SURGERY_DIR = "surgery"
-_CHECK_FILE = "check.json"
+#: The file in ``surgery/`` that records the carrier and the probe logits of a saved corrected model.
+CHECK_FILE = "check.json"
 _PROBE_LENGTH = 16
 _PROBE_VOCAB = 128
 
@@ -453,7 +455,7 @@ def save_corrected(corrected: CorrectedModel, directory: str | os.PathLike[str],
         for mask in corrected.masks:
             (tmp / SURGERY_DIR / mask.granularity).mkdir(parents=True)
             mask.write_into(tmp / SURGERY_DIR / mask.granularity)
-        (tmp / SURGERY_DIR / _CHECK_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        (tmp / SURGERY_DIR / CHECK_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return Path(directory)
 
 
@@ -464,9 +466,9 @@ def read_surgery(directory: str | os.PathLike[str]) -> tuple[list[Mask], Carrier
         FileNotFoundError: ``directory`` holds no ``surgery/check.json``.
     """
     root = Path(directory) / SURGERY_DIR
-    if not (root / _CHECK_FILE).is_file():
-        raise FileNotFoundError(f"{directory} holds no {SURGERY_DIR}/{_CHECK_FILE}; it was not saved by hf_lrp_surgery")
-    record = json.loads((root / _CHECK_FILE).read_text())
+    if not (root / CHECK_FILE).is_file():
+        raise FileNotFoundError(f"{directory} holds no {SURGERY_DIR}/{CHECK_FILE}; it was not saved by hf_lrp_surgery")
+    record = json.loads((root / CHECK_FILE).read_text())
     masks = [Mask.load(root / granularity) for granularity in record["granularities"]]
     return masks, record["carrier"], LogitsProbe(**record["probe"]), record.get("base_model_name_or_path")
 

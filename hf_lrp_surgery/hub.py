@@ -31,7 +31,7 @@ from huggingface_hub import CommitInfo, HfApi
 from huggingface_hub.errors import OfflineModeIsEnabled
 from torch import nn
 
-from hf_lrp_surgery.apply import SURGERY_DIR, CorrectedModel, load_corrected, read_surgery
+from hf_lrp_surgery.apply import CHECK_FILE, SURGERY_DIR, CorrectedModel, load_corrected, read_surgery
 from hf_lrp_surgery.exceptions import ModelLoadError, PublishError, PushError
 from hf_lrp_surgery.io import write_json_atomic
 from hf_lrp_surgery.modelcard import is_hub_id, card_from_recipe, write_card
@@ -47,7 +47,7 @@ _MODEL_FILES = [
     "generation_config.json", "model.safetensors", "model-*.safetensors", "model.safetensors.index.json",
     "pytorch_model*.bin", "pytorch_model.bin.index.json",
 ]
-_CHECK_FILE = f"{SURGERY_DIR}/check.json"
+_CHECK_FILE = f"{SURGERY_DIR}/{CHECK_FILE}"
 PushReason = Literal["network", "offline", "auth", "conflict", "rejected", "unknown"]
 
 
@@ -73,14 +73,16 @@ def _prepare_adapter_base(directory: Path, carrier: str, saved_base: str | None,
 
 
 def _retry_command(directory: Path, repo_id: str, *, private: bool | None, revision: str | None, create_pr: bool,
-                   endpoint: str | None, base_model: str | None, commit_message: str | None) -> str:
+                   endpoint: str | None, base_model: str | None, commit_message: str | None, card: bool,
+                   license: str | None) -> str:
     parts = ["hf-lrp-surgery", "push", str(directory), repo_id]
     for flag, value in (("--endpoint", endpoint), ("--revision", revision), ("--base-model", base_model),
-                        ("--commit-message", commit_message)):
+                        ("--commit-message", commit_message), ("--license", license)):
         if value:
             parts += [flag, value]
     parts += ["--private"] if private else []
     parts += ["--create-pr"] if create_pr else []
+    parts += [] if card else ["--no-card"]
     return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -165,11 +167,15 @@ def push_to_hub(directory_or_corrected: str | os.PathLike[str] | CorrectedModel,
         directory = Path(directory_or_corrected)
     try:
         _, carrier, _, saved_base = read_surgery(directory)
+        _prepare_adapter_base(directory, carrier, saved_base, base_model)
+        if card:
+            write_card(directory, repo_id=repo_id, base_model=base_model, license=license)
     except FileNotFoundError as err:
+        _remove(temporary)
         raise PublishError(f"{directory} is not a saved corrected model: {err}") from err
-    _prepare_adapter_base(directory, carrier, saved_base, base_model)
-    if card:
-        write_card(directory, repo_id=repo_id, base_model=base_model, license=license)
+    except BaseException:  # a set-up mistake: nothing was pushed, so the temporary copy has nothing to retry
+        _remove(temporary)
+        raise
 
     api = HfApi(endpoint=endpoint, token=token)
     what = "IA3 adapter" if carrier == "adapter" else "baked checkpoint"
@@ -183,13 +189,18 @@ def push_to_hub(directory_or_corrected: str | os.PathLike[str] | CorrectedModel,
     except Exception as err:  # every failure becomes one error that keeps the local copy and says how to retry
         reason, why = _explain(err, api.endpoint, repo_id)
         retry = _retry_command(directory, repo_id, private=private, revision=revision, create_pr=create_pr,
-                               endpoint=endpoint, base_model=base_model, commit_message=commit_message)
+                               endpoint=endpoint, base_model=base_model, commit_message=commit_message,
+                               card=card, license=license)
         raise PushError(f"pushing {directory} to {repo_id} failed: {why}. The local copy is intact at {directory}; "
                         f"retry with: {retry}", reason=reason, directory=directory, repo_id=repo_id,
                         retry_command=retry) from err
+    _remove(temporary)
+    return commit
+
+
+def _remove(temporary: Path | None) -> None:
     if temporary is not None:
         shutil.rmtree(temporary, ignore_errors=True)
-    return commit
 
 
 def push_or_warn(directory_or_corrected: str | os.PathLike[str] | CorrectedModel, repo_id: str,

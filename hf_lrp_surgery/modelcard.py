@@ -33,11 +33,12 @@ from typing import Any, Mapping, Sequence
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from hf_lrp_surgery import __version__
-from hf_lrp_surgery.apply import SURGERY_DIR, read_surgery
+from hf_lrp_surgery.apply import CHECK_FILE, SURGERY_DIR, read_surgery
 from hf_lrp_surgery.exceptions import CardError
 from hf_lrp_surgery.masks import Mask
+from hf_lrp_surgery.models import EMBEDDED_MODELS
 
-__all__ = ["BEHAVIOUR_TAGS", "CARD_MARKER", "CardError", "build_card", "card_from_recipe", "write_card"]
+__all__ = ["BEHAVIOUR_TAGS", "CARD_MARKER", "CardError", "build_card", "card_from_recipe", "is_hub_id", "write_card"]
 
 #: First line of every card body this module writes (how a later write recognises its own card).
 CARD_MARKER = "<!-- hf_lrp_surgery model card -->"
@@ -316,6 +317,12 @@ def build_card(directory: str | os.PathLike[str], *, repo_id: str | None = None,
     body = [CARD_MARKER, f"# {repo.split('/')[-1]}", "",
             f"{base_text} with {what} pruned to {goal}, by attribution-guided pruning with Layer-wise Relevance "
             f"Propagation, {form}. Made with `hf_lrp_surgery`.", ""]
+    recipe_model = report.get("settings", {}).get("model")
+    if recipe_model in EMBEDDED_MODELS:
+        dtype = report["settings"].get("dtype", "float32")
+        body += [f"The recipe ran on `hf_lrp_surgery`'s embedded `{recipe_model}` "
+                 f"({EMBEDDED_MODELS[recipe_model].description}), de-quantised to {dtype}: its weights are close to, "
+                 "not equal to, the base model's, and every number below is for that model.", ""]
     if report:
         body += _results_section(report, plots)
     body += _pruned_section(masks, carrier, plots)
@@ -373,7 +380,7 @@ def write_card(directory: str | os.PathLike[str], *, repo_id: str | None = None,
     """
     root = Path(directory)
     surgery = root / SURGERY_DIR
-    if not (surgery / "check.json").is_file():
+    if not (surgery / CHECK_FILE).is_file():
         raise CardError(f"{root} is not a saved corrected model (no {SURGERY_DIR}/check.json); save it with "
                         "CorrectedModel.save / save_corrected first")
     for plot in map(Path, plots):
@@ -415,7 +422,8 @@ def _recipe_command(report: Mapping[str, Any], base_model: str | None) -> str | 
     if name is None or not settings:
         return None
     limits = settings.get("limits", {})
-    parts = ["hf-lrp-surgery", name, "--model", base_model or "<base model id>",
+    # The model the recipe ran on (an embedded name such as smollm2-135m-instruct, a path or a Hub id).
+    parts = ["hf-lrp-surgery", name, "--model", settings.get("model") or base_model or "<base model id>",
              "--budgets", *map(str, settings.get("budgets", [])), "--granularity", settings.get("granularity"),
              "--method", settings.get("method"), "--normalize", settings.get("normalize"),
              "--protect-top", str(settings.get("protect_top")), "--seed", settings.get("seed"),
@@ -423,8 +431,16 @@ def _recipe_command(report: Mapping[str, Any], base_model: str | None) -> str | 
              "--max-perplexity-increase", str(limits.get("max_perplexity_increase"))]
     if settings.get("modules"):
         parts += ["--modules", *settings["modules"]]
-    if name == "fix-repetition" and settings.get("decoding", {}).get("use_chat_template"):
-        parts.append("--chat-template")
+    if settings.get("dtype") not in (None, "float32"):
+        parts += ["--dtype", settings["dtype"]]
+    if settings.get("focus") is False:
+        parts.append("--no-focus")
+    if name == "fix-repetition" and not settings.get("decoding", {}).get("use_chat_template", True):
+        parts.append("--no-chat-template")
+    if name == "detox" and settings.get("scorer") not in (None, "alt-profanity-check"):
+        parts += ["--scorer", settings["scorer"]]
+    if name == "detox" and settings.get("threshold") not in (None, 0.5):
+        parts += ["--threshold", str(settings["threshold"])]
     if base_model:
         parts += ["--base-model-id", base_model]
     return " ".join(shlex.quote(str(p)) for p in parts + ["--output", f"runs/{name}"])
@@ -442,7 +458,7 @@ def card_from_recipe(output_dir: str | os.PathLike[str], *, base_model: str | No
         base_model: Hub id of the base model (default: the one saved with each model, when it is a Hub id).
         repo_ids: ``{"baked": repo_id, "adapter": repo_id}``, the repos the models will be pushed to.
         command: The command that reproduces the run (default: the recipe command rebuilt from the
-            report's settings; decoding settings are the recipe's defaults).
+            report's settings; decoding settings are the behaviour's defaults).
         license: The license (usually the base model's).
 
     Returns:
@@ -460,7 +476,7 @@ def card_from_recipe(output_dir: str | os.PathLike[str], *, base_model: str | No
     if not report_path.is_file():
         raise CardError(f"{root} holds no {_REPORT}; give the output directory of a correction recipe")
     report = json.loads(report_path.read_text())
-    forms = [form for form in ("baked", "adapter") if (root / form / SURGERY_DIR / "check.json").is_file()]
+    forms = [form for form in ("baked", "adapter") if (root / form / SURGERY_DIR / CHECK_FILE).is_file()]
     if not forms:
         raise CardError(f"{root} holds no corrected model (chosen budget {report.get('chosen_budget')}): the recipe "
                         "found no budget within its general-behaviour limits, so there is nothing to publish")

@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hf_lrp_surgery import __version__
-from hf_lrp_surgery.exceptions import NonFiniteScoreError, ReferenceSetError
+from hf_lrp_surgery.exceptions import FingerprintMismatchError, NonFiniteScoreError, ReferenceSetError
 from hf_lrp_surgery.fingerprint import ModelFingerprint, fingerprint
 from hf_lrp_surgery.io import atomic_directory
 from hf_lrp_surgery.lrp.architectures import ResolvedArchitecture, resolve
@@ -528,14 +528,15 @@ def contrast(
             layer, or each weight matrix, by its own total ``|score|``).
         protect_top: Fraction in ``[0, 1)`` of components with the largest general ``|score|`` that
             may never be pruned; they score ``+inf``. Default 0.05: on SmolLM2 an unprotected
-            contrast picked neurons whose removal broke the model (see docs/method notes).
+            contrast picked neurons whose removal broke the model (see docs/correction.md).
 
     Returns:
         Scores with ``method="contrast"``; settings record both inputs and the options.
 
     Raises:
-        ValueError: The inputs come from different models or methods, or hold different components;
-            or an option is out of range.
+        FingerprintMismatchError: The inputs come from different models.
+        ValueError: The inputs come from different methods, or hold different components; or an
+            option is out of range.
         NonFiniteScoreError: An input holds NaN.
     """
     if normalize not in ("none", "total", "max", "layer"):
@@ -543,7 +544,7 @@ def contrast(
     if not 0.0 <= protect_top < 1.0:
         raise ValueError(f"protect_top is a fraction in [0, 1), got {protect_top}")
     if general.fingerprint != undesired.fingerprint:
-        raise ValueError(f"cannot contrast scores of different models ({general.fingerprint.short()} vs "
+        raise FingerprintMismatchError(f"cannot contrast scores of different models ({general.fingerprint.short()} vs "
                          f"{undesired.fingerprint.short()})")
     if general.method != undesired.method:
         raise ValueError(f"cannot contrast {general.method} scores with {undesired.method} scores; score both "

@@ -157,6 +157,31 @@ def test_recipe_cards_carry_metadata_results_and_mask(recipe: dict[str, Any], tm
     assert written["baked"].read_text() == first and first.count("Notes a person wrote") == 1
 
 
+@pytest.mark.parametrize("behaviour,options", [
+    ("toxicity", {"focus": False, "scorer": "unitary/toxic-bert", "threshold": 0.7}),
+    ("repetition", {"focus": True, "decoding": {"use_chat_template": False}}),
+])
+def test_recipe_command_in_the_card_repeats_the_run(behaviour: str, options: dict[str, Any]) -> None:
+    """The card's reproduce command parses with the CLI and gives back the run's settings."""
+    import shlex
+
+    from hf_lrp_surgery.cli import build_parser
+    from hf_lrp_surgery.modelcard import _recipe_command
+
+    settings = {"model": "smollm2-135m-instruct", "budgets": [10, 50], "granularity": "neurons", "method": "wanda",
+                "normalize": "layer", "protect_top": 0.1, "seed": "logprob", "scope": "per_layer",
+                "limits": {"max_kl": 0.01, "max_perplexity_increase": 0.02}, **options}
+    command = _recipe_command({"behaviour": behaviour, "settings": settings}, "org/base")
+    args = build_parser().parse_args(shlex.split(command)[1:])
+    assert (args.model, args.budgets, args.method, args.normalize) == ("smollm2-135m-instruct", [10, 50], "wanda", "layer")
+    assert (args.protect_top, args.seed, args.scope, args.max_kl) == (0.1, "logprob", "per_layer", 0.01)
+    assert args.no_focus is not settings["focus"] and args.base_model_id == "org/base"
+    if behaviour == "toxicity":
+        assert (args.scorer, args.threshold) == ("unitary/toxic-bert", 0.7)
+    else:
+        assert args.no_chat_template
+
+
 def test_card_command_writes_a_card_into_each_form(recipe: dict[str, Any], tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     import argparse

@@ -56,11 +56,6 @@ def _names(family: str, role: str) -> list[str]:
     return [f"{prefix}.{i}.{role}" for i in range(2)]
 
 
-def _per_input(weight: torch.Tensor, conv1d: bool) -> torch.Tensor:
-    """The weight as ``[in, out]`` (row j holds every weight reading input unit j)."""
-    return weight.detach() if conv1d else weight.detach().T
-
-
 def _neuron_norms(model: nn.Module, family: str) -> torch.Tensor:
     """``[layers, neurons]``: L2 norm of the MLP output projection's weights reading each neuron."""
     conv1d = FAMILY_INFO[family][4]

@@ -125,11 +125,6 @@ class NextTokenTask:
                               for i, e in enumerate(self.examples)])
         return correct, wrong
 
-    def to_records(self) -> list[dict[str, Any]]:
-        """JSON-ready records (``prompt``, ``correct``, ``wrong``, ``info``)."""
-        return [{"prompt": e.prompt if isinstance(e.prompt, str) else list(e.prompt), "correct": e.correct,
-                 "wrong": e.wrong, "info": dict(e.info)} for e in self.examples]
-
 
 def _single_token(token: str | int, tokenizer: Any, index: int) -> int:
     if isinstance(token, int):

@@ -7,7 +7,7 @@
 * ``evaluate`` modules for the same metrics: ``evaluate.load(evaluate_module_path("toxicity"))``.
 """
 
-from hf_lrp_surgery.evaluation.generation import DecodingSettings, Generation, generate
+from hf_lrp_surgery.evaluation.generation import DecodingSettings, Generation, generate, prompt_ids
 from hf_lrp_surgery.evaluation.language import next_token_kl, perplexity
 from hf_lrp_surgery.evaluation.modules import EVALUATE_MODULES, evaluate_module_path
 from hf_lrp_surgery.evaluation.repetition import distinct_n, mean_rur, response_uniqueness_ratio
@@ -37,6 +37,7 @@ __all__ = [
     "distinct_n",
     "evaluate_module_path",
     "generate",
+    "prompt_ids",
     "get_scorer",
     "mean_rur",
     "next_token_kl",

@@ -20,7 +20,7 @@ from transformers import GenerationConfig
 from hf_lrp_surgery.evaluation._runtime import context_length, encode, eval_mode, filler_id, input_device, pad
 from hf_lrp_surgery.exceptions import EvaluationError, MissingChatTemplateError, SequenceTooLongError
 
-__all__ = ["DecodingSettings", "Generation", "generate"]
+__all__ = ["DecodingSettings", "Generation", "generate", "prompt_ids"]
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,21 @@ class Generation:
     token_ids: list[int]
 
 
-def _prompt_ids(tokenizer: Any, prompt: str, use_chat_template: bool) -> list[int]:
+def prompt_ids(tokenizer: Any, prompt: str, use_chat_template: bool) -> list[int]:
+    """The token ids :func:`generate` feeds the model for one prompt (before any padding).
+
+    Args:
+        tokenizer: The tokenizer.
+        prompt: The prompt text.
+        use_chat_template: Wrap the prompt as a user turn of the tokenizer's chat template, with the
+            generation prompt (the templated text holds the special tokens; none are added again).
+
+    Returns:
+        The prompt's token ids.
+
+    Example:
+        >>> ids = prompt_ids(tokenizer, "Name three colours.", use_chat_template=True)  # doctest: +SKIP
+    """
     if not use_chat_template:
         return encode(tokenizer, prompt)
     # The templated text already holds the special tokens the model expects (e.g. BOS).
@@ -203,7 +217,7 @@ def generate(
             "use_chat_template=True but the tokenizer has no chat template; set tokenizer.chat_template or "
             "generate from plain prompts (use_chat_template=False)"
         )
-    encoded = [_prompt_ids(tokenizer, prompt, settings.use_chat_template) for prompt in prompts]
+    encoded = [prompt_ids(tokenizer, prompt, settings.use_chat_template) for prompt in prompts]
     context = context_length(model)
     for index, ids in enumerate(encoded):
         if not ids:

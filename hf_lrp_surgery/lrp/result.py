@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hf_lrp_surgery import __version__
+from hf_lrp_surgery.exceptions import FingerprintMismatchError
 from hf_lrp_surgery.fingerprint import ModelFingerprint
 from hf_lrp_surgery.io import atomic_directory
 
@@ -111,10 +112,11 @@ class RelevanceResult:
         """Sum of two results over disjoint sample sets (same model and settings).
 
         Raises:
-            ValueError: The results were computed on different models or with different settings.
+            FingerprintMismatchError: The results were computed on different models.
+            ValueError: The results were computed with different settings.
         """
         if other.fingerprint != self.fingerprint:
-            raise ValueError(
+            raise FingerprintMismatchError(
                 f"cannot merge relevance of {other.fingerprint.short()} into {self.fingerprint.short()}"
             )
         if other.settings != self.settings:
