@@ -18,7 +18,7 @@ import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 from torch import nn
 from tqdm.auto import tqdm
@@ -435,7 +435,8 @@ def run_recipe(model: nn.Module, tokenizer: Any, behaviour: Behaviour, output: s
                seed: str = "logit", focus: bool = True, limits: GeneralLimits = GeneralLimits(),
                validation_share: float = 0.4,
                scope: Literal["global", "per_layer"] = "global", modules: Sequence[str] | None = None,
-               base_model_name_or_path: str | None = None, model_name: str | None = None, batch_size: int = 8,
+               base_model_name_or_path: str | None = None, model_name: str | None = None,
+               prompts: Mapping[str, Sequence[str]] | None = None, batch_size: int = 8,
                progress: bool = True) -> RecipeResult:
     """Attribute, search the budget, apply and save, then measure once on the held-out split.
 
@@ -459,6 +460,8 @@ def run_recipe(model: nn.Module, tokenizer: Any, behaviour: Behaviour, output: s
         model_name: How the model was named when loaded (an embedded name, a path or a Hub id),
             recorded in the report so that the run can be repeated (default: the model's
             ``name_or_path``).
+        prompts: ``{"train": [...], "heldout": [...]}`` to use instead of the behaviour's shipped
+            prompt set (e.g. :func:`~hf_lrp_surgery.references.hub_set` where the Hub is reachable).
         batch_size: Relevance batch size.
         progress: Show progress bars.
 
@@ -479,7 +482,9 @@ def run_recipe(model: nn.Module, tokenizer: Any, behaviour: Behaviour, output: s
     timer = time.perf_counter
     seconds: dict[str, float] = {}
     start = timer()
-    attribution_prompts, validation_prompts = recipe_split(shipped_set(behaviour.prompt_set, "train"), validation_share)
+    prompt_sets = dict(prompts) if prompts is not None else {
+        split: shipped_set(behaviour.prompt_set, split) for split in ("train", "heldout")}
+    attribution_prompts, validation_prompts = recipe_split(list(prompt_sets["train"]), validation_share)
     undesired, desired = paired_contrast_sets(model, tokenizer, attribution_prompts, behaviour, focus=focus,
                                               progress=progress)
     seconds["reference_sets"] = timer() - start
@@ -500,7 +505,7 @@ def run_recipe(model: nn.Module, tokenizer: Any, behaviour: Behaviour, output: s
     seconds["budget_search"] = timer() - start
 
     start = timer()
-    heldout_prompts = shipped_set(behaviour.prompt_set, "heldout")
+    heldout_prompts = list(prompt_sets["heldout"])
     texts = shipped_set("general_text", "heldout")
     general = _General(shipped_set("neutral_prompts", "heldout"), texts, perplexity(model, tokenizer, texts,
                                                                                    progress=False))
@@ -523,6 +528,7 @@ def run_recipe(model: nn.Module, tokenizer: Any, behaviour: Behaviour, output: s
                 "granularity": granularity, "method": method, "normalize": normalize,
                 "protect_top": protect_top, "seed": seed, "focus": focus, "limits": asdict(limits),
                 "validation_share": validation_share, "scope": scope, "modules": list(modules) if modules else None,
+                "prompts": "shipped" if prompts is None else "given",
                 "decoding": behaviour.decoding.to_dict(), "sampling": behaviour.sampling.to_dict(),
                 **behaviour.details}
     result = RecipeResult(behaviour.name, settings, {"undesired": len(undesired), "desired": len(desired)},

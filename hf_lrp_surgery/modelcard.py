@@ -134,8 +134,11 @@ def _eval_results(report: Mapping[str, Any]) -> list[EvalResult]:
 def _results_section(report: Mapping[str, Any], plots: Sequence[str]) -> list[str]:
     behaviour = report.get("behaviour")
     before, after = report.get("heldout", {}).get("before", {}), report.get("heldout", {}).get("after", {})
+    given = report.get("settings", {}).get("prompts") == "given"
+    where = ("of the user-given behaviour prompts (general text and neutral prompts: the sets shipped with "
+             "`hf_lrp_surgery`)" if given else "of the sets shipped with `hf_lrp_surgery`")
     lines = ["## Results", "",
-             "Measured once on the held-out split of the sets shipped with `hf_lrp_surgery`, which nothing was "
+             f"Measured once on the held-out split {where}, which nothing was "
              "tuned on (the budget was chosen on validation prompts from the train split).", "",
              "| metric | measured on (held-out) | base model | corrected | change |", "|---|---|---|---|---|"]
     for key, (name, _, lower_is_better) in _METRICS.items():
@@ -419,7 +422,7 @@ def _merge_tags(ours: list[str], theirs: Any) -> list[str]:
 def _recipe_command(report: Mapping[str, Any], base_model: str | None) -> str | None:
     name = _RECIPE_COMMANDS.get(report.get("behaviour", ""))
     settings = report.get("settings", {})
-    if name is None or not settings:
+    if name is None or not settings or settings.get("prompts") == "given":  # the CLI runs on the shipped prompts
         return None
     limits = settings.get("limits", {})
     # The model the recipe ran on (an embedded name such as smollm2-135m-instruct, a path or a Hub id).

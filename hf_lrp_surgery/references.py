@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from hf_lrp_surgery.exceptions import ReferenceSetError
 from hf_lrp_surgery.lrp.collect import ReferenceSample, SampleLike, as_samples
 
-__all__ = ["ReferenceSource", "SHIPPED_SETS", "load_reference_set", "shipped_set"]
+__all__ = ["HUB_SETS", "ReferenceSource", "SHIPPED_SETS", "hub_set", "load_reference_set", "shipped_set"]
 
 #: Everything :func:`load_reference_set` accepts.
 ReferenceSource = Any
@@ -139,3 +141,77 @@ def shipped_set(name: str, split: str = "train") -> list[str]:
         raise KeyError(f"split must be 'train' or 'heldout', got {split!r}")
     path = Path(__file__).parent / "data" / "sets" / f"{name}.json"
     return list(json.loads(path.read_text(encoding="utf-8"))[split])
+
+
+@dataclass(frozen=True)
+class _HubSource:
+    path: str
+    config: str | None
+    split: str
+    text: Callable[[Mapping[str, Any]], str]
+    for_set: str
+
+
+#: Public datasets that stand in for the shipped sets where the Hub is reachable
+#: (name -> dataset, configuration, split, text field, and the shipped set it replaces).
+HUB_SETS: dict[str, _HubSource] = {
+    "real_toxicity_prompts": _HubSource("allenai/real-toxicity-prompts", None, "train",
+                                        lambda row: row["prompt"]["text"], "provocative_prompts"),
+    "c4": _HubSource("allenai/c4", "en", "validation", lambda row: row["text"], "general_text"),
+    "wikitext": _HubSource("Salesforce/wikitext", "wikitext-2-raw-v1", "test", lambda row: row["text"], "general_text"),
+}
+
+
+def hub_set(name: str, split: str = "train", size: int = 100, *, heldout_share: float = 0.5,
+            min_chars: int = 20) -> list[str]:
+    """Prompts or texts from a public dataset on the Hub, with a fixed train/held-out split.
+
+    The dataset is streamed (nothing but the rows read is downloaded). A row belongs to the
+    held-out split when the SHA-256 of its text falls below ``heldout_share``, so the split is the
+    same on every machine, for every ``size``, and never depends on the order rows arrive in.
+
+    Args:
+        name: One of :data:`HUB_SETS` (``real_toxicity_prompts``, ``c4``, ``wikitext``).
+        split: ``"train"`` or ``"heldout"``.
+        size: How many texts to return (the first ones of the split, in the dataset's order).
+        heldout_share: Fraction of rows in the held-out split.
+        min_chars: Shorter texts (empty lines, WikiText headings) are skipped.
+
+    Returns:
+        ``size`` texts (fewer if the dataset has fewer).
+
+    Raises:
+        KeyError: Unknown set or split.
+        ReferenceSetError: The dataset cannot be read (no network, ``HF_HUB_OFFLINE``, missing
+            ``datasets``); use :func:`shipped_set` offline.
+
+    Example:
+        >>> prompts = hub_set("real_toxicity_prompts", "train", 200)  # doctest: +SKIP
+        >>> result = run_recipe(model, tokenizer, detox_behaviour(), "runs/detox-rtp",  # doctest: +SKIP
+        ...                     prompts={"train": prompts, "heldout": hub_set("real_toxicity_prompts", "heldout", 200)})
+    """
+    if name not in HUB_SETS:
+        raise KeyError(f"unknown Hub set {name!r}; available: {', '.join(HUB_SETS)}")
+    if split not in ("train", "heldout"):
+        raise KeyError(f"split must be 'train' or 'heldout', got {split!r}")
+    source = HUB_SETS[name]
+    try:
+        import datasets
+
+        rows = datasets.load_dataset(source.path, source.config, split=source.split, streaming=True)
+        texts: list[str] = []
+        for row in rows:
+            text = source.text(row).strip()
+            if len(text) < min_chars or text.startswith("="):
+                continue
+            digest = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2**64
+            if (digest < heldout_share) == (split == "heldout"):
+                texts.append(text)
+                if len(texts) >= size:
+                    break
+    except Exception as err:  # network, offline mode, missing package: one clear message
+        raise ReferenceSetError(
+            f"cannot read {source.path} from the Hub ({type(err).__name__}: {err}); offline, use "
+            f"shipped_set({source.for_set!r}, {split!r}) instead"
+        ) from err
+    return texts

@@ -112,3 +112,19 @@ def test_detox_recipe_end_to_end_on_a_tiny_model(model: torch.nn.Module, tmp_pat
     if result.chosen_budget:
         assert {"after"} <= set(report["heldout"]) and (tmp_path / "detox" / "adapter").is_dir()
         assert (tmp_path / "detox" / "baked" / "surgery" / "check.json").is_file()
+
+
+def test_recipe_runs_on_given_prompts(model: torch.nn.Module, tmp_path: Path) -> None:
+    """``prompts=`` replaces the shipped behaviour prompts, and the report and card say so."""
+    from hf_lrp_surgery.modelcard import _recipe_command
+
+    behaviour = detox_behaviour(BAD, max_new_tokens=4)
+    given = {"train": PROMPTS * 2, "heldout": PROMPTS[:3]}
+    try:
+        run_recipe(model, tiny_tokenizer(), behaviour, tmp_path / "given", budgets=[2],
+                   limits=GeneralLimits(1e9, 1e9), prompts=given, progress=False)
+    except ReferenceSetError:
+        pytest.skip("the tiny model gave no prompt both a 'bad' and a clean continuation")
+    report = json.loads((tmp_path / "given" / "report.json").read_text())
+    assert report["settings"]["prompts"] == "given" and report["settings"]["granularity"] == "neurons"
+    assert _recipe_command(report, None) is None  # the CLI could not repeat a run on other prompts

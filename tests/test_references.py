@@ -146,3 +146,38 @@ def test_column_mappings_are_rows_and_dataset_dicts_need_a_split() -> None:
         load_reference_set(datasets.DatasetDict({"train": dataset}))
     with pytest.raises(ReferenceSetError, match="different lengths"):
         load_reference_set({"prompt": ["a", "b"], "continuation": ["c"]})
+
+
+def test_hub_sets_stream_a_fixed_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``hub_set`` streams the dataset, skips short rows and splits by a hash of the text, not by order."""
+    from hf_lrp_surgery.references import hub_set
+
+    rows = [{"prompt": {"text": f"Sentence number {i} that is long enough to keep."}} for i in range(200)]
+    rows.insert(3, {"prompt": {"text": "short"}})
+    calls: list[tuple] = []
+
+    def fake_load(path, config, split, streaming):
+        calls.append((path, config, split, streaming))
+        return iter(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    train = hub_set("real_toxicity_prompts", "train", 50)
+    heldout = hub_set("real_toxicity_prompts", "heldout", 50)
+    assert calls[0] == ("allenai/real-toxicity-prompts", None, "train", True)
+    assert len(train) == len(heldout) == 50 and not set(train) & set(heldout) and "short" not in train
+    assert hub_set("real_toxicity_prompts", "train", 10) == train[:10]     # the split does not depend on size
+    rows.reverse()
+    assert set(hub_set("real_toxicity_prompts", "train", 200)) >= set(train)  # nor on the order rows arrive in
+
+
+def test_hub_sets_say_what_to_do_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hf_lrp_surgery.references import hub_set
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(ReferenceSetError, match=r"shipped_set\('general_text', 'heldout'\)"):
+        hub_set("wikitext", "heldout")
+    with pytest.raises(KeyError, match="unknown Hub set"):
+        hub_set("the_pile")
