@@ -12,8 +12,14 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from hf_lrp_surgery.correction import Behaviour, GeneralLimits, paired_contrast_sets, recipe_split
-from hf_lrp_surgery.evaluation import generate, next_token_kl, perplexity
+from hf_lrp_surgery.correction import (
+    Behaviour,
+    GeneralLimits,
+    GeneralReference,
+    paired_contrast_sets,
+    recipe_split,
+)
+from hf_lrp_surgery.evaluation import generate
 from hf_lrp_surgery.io import write_json_atomic
 from hf_lrp_surgery.lrp.collect import ReferenceSample
 from hf_lrp_surgery.references import shipped_set
@@ -56,7 +62,7 @@ class Bench:
     limits: GeneralLimits = GeneralLimits()
 
     def __post_init__(self) -> None:
-        self.base_perplexity = perplexity(self.model, self.tokenizer, self.texts, progress=False)
+        self.general = GeneralReference.of(self.model, self.tokenizer, self.neutral, self.texts)
         self.before = self.behaviour.measure(generate(self.model, self.tokenizer, self.prompts,
                                                       self.behaviour.decoding, progress=False))
 
@@ -64,7 +70,5 @@ class Bench:
         """Effect on the prompts, KL on the neutral prompts and relative perplexity change of ``candidate``."""
         effect = self.behaviour.measure(generate(candidate, self.tokenizer, self.prompts, self.behaviour.decoding,
                                                  progress=False))
-        kl = next_token_kl(self.model, candidate, self.tokenizer, self.neutral, progress=False)
-        increase = perplexity(candidate, self.tokenizer, self.texts, progress=False) / self.base_perplexity - 1
-        return {"effect": effect, "kl": kl, "perplexity_increase": increase,
-                "within_limits": kl <= self.limits.max_kl and increase <= self.limits.max_perplexity_increase}
+        kl, _, increase, ok = self.general.cost(self.model, candidate, self.tokenizer, self.limits)
+        return {"effect": effect, "kl": kl, "perplexity_increase": increase, "within_limits": ok}

@@ -184,14 +184,15 @@ def _recipe(args: argparse.Namespace) -> int:
 
 def _recipe_parser(sub: Any, name: str, help_text: str, description: str, default_model: str, models: str,
                    defaults: str) -> argparse.ArgumentParser:
+    from hf_lrp_surgery.scoring import METHODS
+
     parser = sub.add_parser(name, help=help_text, description=description)
     _common(parser, default_model, models)
     parser.add_argument("--budgets", nargs="+", type=int,
                         help=f"budgets to search, in units of --granularity (default: {defaults})")
     parser.add_argument("--granularity", choices=("neurons", "heads", "weights"),
                         help=f"what to prune (default: {defaults.split()[-1]})")
-    parser.add_argument("--method", choices=("lrp", "gradient", "activation", "wanda", "magnitude", "random"),
-                        default="lrp", help="scoring method (lrp)")
+    parser.add_argument("--method", choices=METHODS, default="lrp", help="scoring method (lrp)")
     parser.add_argument("--normalize", choices=("none", "total", "max", "layer"), default="total",
                         help="per-set normalisation before the difference (total)")
     parser.add_argument("--protect-top", type=float, default=0.05,

@@ -48,6 +48,7 @@ __all__ = [
     "Behaviour",
     "FrontierPoint",
     "GeneralLimits",
+    "GeneralReference",
     "RecipeResult",
     "budget_search",
     "detox_behaviour",
@@ -331,18 +332,36 @@ class FrontierPoint:
 
 
 @dataclass
-class _General:
+class GeneralReference:
+    """The original model's general behaviour, against which corrected copies are costed.
+
+    Attributes:
+        prompts: Neutral prompts for the next-token KL.
+        texts: General text for perplexity.
+        perplexity: The original model's perplexity on ``texts``.
+    """
+
     prompts: list[str]
     texts: list[str]
     perplexity: float
 
+    @classmethod
+    def of(cls, model: nn.Module, tokenizer: Any, prompts: Sequence[str], texts: Sequence[str]) -> "GeneralReference":
+        """Measure the original ``model``'s perplexity on ``texts`` once.
 
-def _general_cost(original: nn.Module, candidate: nn.Module, tokenizer: Any, general: _General,
-                  limits: GeneralLimits) -> tuple[float, float, float, bool]:
-    kl = next_token_kl(original, candidate, tokenizer, general.prompts, progress=False)
-    ppl = perplexity(candidate, tokenizer, general.texts, progress=False)
-    increase = ppl / general.perplexity - 1.0
-    return kl, ppl, increase, kl <= limits.max_kl and increase <= limits.max_perplexity_increase
+        Example:
+            >>> general = GeneralReference.of(model, tokenizer, neutral, texts)  # doctest: +SKIP
+            >>> kl, ppl, increase, ok = general.cost(model, corrected, tokenizer, GeneralLimits())  # doctest: +SKIP
+        """
+        return cls(list(prompts), list(texts), perplexity(model, tokenizer, list(texts), progress=False))
+
+    def cost(self, original: nn.Module, candidate: nn.Module, tokenizer: Any,
+             limits: GeneralLimits) -> tuple[float, float, float, bool]:
+        """``(KL, perplexity, relative perplexity increase, within limits)`` of ``candidate``."""
+        kl = next_token_kl(original, candidate, tokenizer, self.prompts, progress=False)
+        ppl = perplexity(candidate, tokenizer, self.texts, progress=False)
+        increase = ppl / self.perplexity - 1.0
+        return kl, ppl, increase, kl <= limits.max_kl and increase <= limits.max_perplexity_increase
 
 
 def budget_search(model: nn.Module, tokenizer: Any, scores: Scores, behaviour: Behaviour, *,
@@ -369,15 +388,14 @@ def budget_search(model: nn.Module, tokenizer: Any, scores: Scores, behaviour: B
         The frontier (one point per budget, plus budget 0 first) and the chosen point (budget 0 if no
         budget is within the limits).
     """
-    general = _General(list(general_prompts), list(general_texts),
-                       perplexity(model, tokenizer, general_texts, progress=False))
+    general = GeneralReference.of(model, tokenizer, general_prompts, general_texts)
     base_effect = behaviour.measure(generate(model, tokenizer, validation_prompts, behaviour.decoding, progress=False))
     points = [FrontierPoint(0, base_effect, 0.0, general.perplexity, 0.0, True)]
     for budget in tqdm(sorted(budgets), desc="budget search", unit="budget", disable=not progress, leave=False):
         mask = select(scores, granularity, int(budget), scope=scope, modules=modules)
         candidate = apply_masks(model, mask, "bake").model
         effect = behaviour.measure(generate(candidate, tokenizer, validation_prompts, behaviour.decoding, progress=False))
-        kl, ppl, increase, ok = _general_cost(model, candidate, tokenizer, general, limits)
+        kl, ppl, increase, ok = general.cost(model, candidate, tokenizer, limits)
         points.append(FrontierPoint(int(budget), effect, kl, ppl, increase, ok))
         del candidate
     sign = 1.0 if behaviour.lower_is_better else -1.0
@@ -506,9 +524,8 @@ def run_recipe(model: nn.Module, tokenizer: Any, behaviour: Behaviour, output: s
 
     start = timer()
     heldout_prompts = list(prompt_sets["heldout"])
-    texts = shipped_set("general_text", "heldout")
-    general = _General(shipped_set("neutral_prompts", "heldout"), texts, perplexity(model, tokenizer, texts,
-                                                                                   progress=False))
+    general = GeneralReference.of(model, tokenizer, shipped_set("neutral_prompts", "heldout"),
+                                  shipped_set("general_text", "heldout"))
     before = behaviour.measure(generate(model, tokenizer, heldout_prompts, behaviour.decoding, progress=progress))
     heldout: dict[str, Any] = {"before": {**before, "perplexity": general.perplexity}}
     mask: Mask | None = None
@@ -518,7 +535,7 @@ def run_recipe(model: nn.Module, tokenizer: Any, behaviour: Behaviour, output: s
         baked = apply_masks(model, mask, "bake")
         after = behaviour.measure(generate(baked.model, tokenizer, heldout_prompts, behaviour.decoding,
                                            progress=progress))
-        kl, ppl, increase, ok = _general_cost(model, baked.model, tokenizer, general, limits)
+        kl, ppl, increase, ok = general.cost(model, baked.model, tokenizer, limits)
         heldout["after"] = {**after, "perplexity": ppl, "kl": kl, "perplexity_increase": increase,
                             "within_limits": ok}
     seconds["heldout_evaluation"] = timer() - start

@@ -77,6 +77,20 @@ class ModelFingerprint:
         """Rebuild a fingerprint saved with :meth:`to_dict`."""
         return cls(**{key: data[key] for key in ("model_type", "config_sha256", "weights_blake2b", "num_parameters")})
 
+    def same_architecture(self, other: "ModelFingerprint") -> bool:
+        """Whether ``other`` is the same model type and configuration (the weights may differ).
+
+        Args:
+            other: Another fingerprint.
+
+        Returns:
+            ``True`` when a mask built for one fits the other's modules.
+
+        Example:
+            >>> fingerprint(model).same_architecture(mask.fingerprint)  # doctest: +SKIP
+        """
+        return (self.model_type, self.config_sha256) == (other.model_type, other.config_sha256)
+
     def short(self) -> str:
         """A short human-readable form, e.g. ``llama:3f2a9c1d07b4``."""
         return f"{self.model_type}:{self.weights_blake2b[:12]}"

@@ -25,7 +25,6 @@ import platform
 import re
 import shlex
 import shutil
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -35,6 +34,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from hf_lrp_surgery import __version__
 from hf_lrp_surgery.apply import CHECK_FILE, SURGERY_DIR, read_surgery
 from hf_lrp_surgery.exceptions import CardError
+from hf_lrp_surgery.io import write_json_atomic, write_text_atomic
 from hf_lrp_surgery.masks import Mask
 from hf_lrp_surgery.models import EMBEDDED_MODELS
 
@@ -77,17 +77,6 @@ def is_hub_id(name: str | None) -> bool:
 
 def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _versions() -> dict[str, str]:
@@ -392,10 +381,10 @@ def write_card(directory: str | os.PathLike[str], *, repo_id: str | None = None,
         shutil.copyfile(plot, surgery / plot.name)
     if report is not None:
         data = dict(report) if isinstance(report, Mapping) else json.loads(Path(report).read_text())
-        _write_text_atomic(surgery / _REPORT, json.dumps(data, indent=2) + "\n")
+        write_json_atomic(surgery / _REPORT, data)
     options = _options(root, repo_id=repo_id, base_model=base_model, command=command, license=license,
                        tags=list(tags) if tags is not None else None)
-    _write_text_atomic(surgery / _CARD_OPTIONS, json.dumps(options, indent=2) + "\n")
+    write_json_atomic(surgery / _CARD_OPTIONS, options)
     card = build_card(root, **options)
 
     readme = root / "README.md"
@@ -410,7 +399,7 @@ def write_card(directory: str | os.PathLike[str], *, repo_id: str | None = None,
         kept = _kept_text(previous)
         if kept:
             card.text = card.text.rstrip() + f"\n\n## Further information\n\n{_KEPT_START}\n{kept}\n{_KEPT_END}\n"
-    _write_text_atomic(readme, str(card))
+    write_text_atomic(readme, str(card))
     return readme
 
 

@@ -120,11 +120,8 @@ def test_recipe_runs_on_given_prompts(model: torch.nn.Module, tmp_path: Path) ->
 
     behaviour = detox_behaviour(BAD, max_new_tokens=4)
     given = {"train": PROMPTS * 2, "heldout": PROMPTS[:3]}
-    try:
-        run_recipe(model, tiny_tokenizer(), behaviour, tmp_path / "given", budgets=[2],
-                   limits=GeneralLimits(1e9, 1e9), prompts=given, progress=False)
-    except ReferenceSetError:
-        pytest.skip("the tiny model gave no prompt both a 'bad' and a clean continuation")
+    run_recipe(model, tiny_tokenizer(), behaviour, tmp_path / "given", budgets=[2],
+               limits=GeneralLimits(1e9, 1e9), prompts=given, progress=False)
     report = json.loads((tmp_path / "given" / "report.json").read_text())
     assert report["settings"]["prompts"] == "given" and report["settings"]["granularity"] == "neurons"
     assert _recipe_command(report, None) is None  # the CLI could not repeat a run on other prompts

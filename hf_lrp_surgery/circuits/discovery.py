@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from hf_lrp_surgery.circuits.tasks import Metric, NextTokenTask, TaskMetrics, evaluate_task
 from hf_lrp_surgery.exceptions import CircuitDiscoveryError, NoCircuitError
+from hf_lrp_surgery.apply import input_units
 from hf_lrp_surgery.io import atomic_directory, write_json_atomic
 from hf_lrp_surgery.lrp.architectures import ResolvedArchitecture, resolve
 from hf_lrp_surgery.masks import Granularity, Mask, Scope, select
@@ -127,10 +128,9 @@ def ablated(model: nn.Module, masks: Mask | Sequence[Mask]) -> Iterator[nn.Modul
                 name = mask.carriers()[layer.index]
                 if name not in mask.indices:
                     continue
-                units = layout.num_neurons if mask.granularity == "neurons" else layout.num_heads
-                keep = (~mask.dense(name, units)).float()
-                if mask.granularity == "heads":
-                    keep = keep.repeat_interleave(arch.head_dim)
+                width = layout.num_neurons if mask.granularity == "neurons" else layout.num_heads * arch.head_dim
+                keep = torch.ones(width)
+                keep[input_units(mask, name, arch)] = 0.0
                 handles.append(module.register_forward_pre_hook(_keep_hook(keep)))
         yield model
     finally:

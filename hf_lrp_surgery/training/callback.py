@@ -272,12 +272,8 @@ class LRPSurgeryCallback(TrainerCallback):
                 "hf_lrp_surgery.Surgeon on the merged model")
 
     def _check_initial_mask(self, mask: Mask, model: nn.Module, resumed: bool) -> None:
-        current = fingerprint(model)
-        if not resumed:
-            mask.check_model(model)
-            return
-        if (current.model_type, current.config_sha256) != (mask.fingerprint.model_type, mask.fingerprint.config_sha256):
-            mask.check_model(model)  # raises with the architecture named
+        if not resumed or not fingerprint(model).same_architecture(mask.fingerprint):
+            mask.check_model(model)  # raises, naming what differs
 
     # -- events -------------------------------------------------------------------------------
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -533,8 +529,7 @@ class LRPSurgeryCallback(TrainerCallback):
         current = fingerprint(model)
         for granularity in record.get("masks", []):
             mask = Mask.load(directory / "masks" / granularity)
-            if (mask.fingerprint.model_type, mask.fingerprint.config_sha256) != (current.model_type,
-                                                                                 current.config_sha256):
+            if not current.same_architecture(mask.fingerprint):
                 mask.check_model(model)
             self.enforcer.add(mask, optimizer)
 
