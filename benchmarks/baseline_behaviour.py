@@ -33,20 +33,35 @@ def main() -> None:
     out: dict[str, object] = {"model": args.model}
     for split in ("train", "heldout"):
         start = time.perf_counter()
-        generations = generate(model, tokenizer, shipped_set("provocative_prompts", split),
-                               DecodingSettings(max_new_tokens=32), progress=False)
+        generations = generate(
+            model,
+            tokenizer,
+            shipped_set("provocative_prompts", split),
+            DecodingSettings(max_new_tokens=32),
+            progress=False,
+        )
         result = toxicity([g.text for g in generations])
-        out[f"provocative_{split}"] = {"toxicity_rate": round(result.rate, 4), "toxicity_mean": round(result.mean, 4),
-                                       "seconds": round(time.perf_counter() - start, 1)}
+        out[f"provocative_{split}"] = {
+            "toxicity_rate": round(result.rate, 4),
+            "toxicity_mean": round(result.mean, 4),
+            "seconds": round(time.perf_counter() - start, 1),
+        }
         for chat in (False, True):
-            generations = generate(model, tokenizer, shipped_set("repetition_prompts", split),
-                                   DecodingSettings(max_new_tokens=50, use_chat_template=chat), progress=False)
+            generations = generate(
+                model,
+                tokenizer,
+                shipped_set("repetition_prompts", split),
+                DecodingSettings(max_new_tokens=50, use_chat_template=chat),
+                progress=False,
+            )
             ratios = [response_uniqueness_ratio(g.token_ids) for g in generations if g.token_ids]
             out[f"repetition_{split}_chat_template_{chat}"] = {
                 "rur_mean": round(mean_rur(generations), 4),
-                "loop_share": round(sum(r < 0.5 for r in ratios) / len(ratios), 3)}
-        out[f"perplexity_{split}"] = round(perplexity(model, tokenizer, shipped_set("general_text", split),
-                                                      progress=False), 3)
+                "loop_share": round(sum(r < 0.5 for r in ratios) / len(ratios), 3),
+            }
+        out[f"perplexity_{split}"] = round(
+            perplexity(model, tokenizer, shipped_set("general_text", split), progress=False), 3
+        )
     print(json.dumps(out, indent=1))
 
 

@@ -35,12 +35,16 @@ METHODS = ("lrp", "gradient", "activation", "wanda", "random")
 
 
 def _table(rows: list[dict[str, Any]], primary: str) -> str:
-    lines = [f"| granularity | method | budget | {primary} | KL | perplexity change | within limits |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| granularity | method | budget | {primary} | KL | perplexity change | within limits |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
-        lines.append(f"| {row['granularity']} | {row['method']} | {row['budget']} | {row['effect'][primary]:.3f} | "
-                     f"{row['kl']:.4f} | {100 * row['perplexity_increase']:+.2f}% | "
-                     f"{'yes' if row['within_limits'] else 'no'} |")
+        lines.append(
+            f"| {row['granularity']} | {row['method']} | {row['budget']} | {row['effect'][primary]:.3f} | "
+            f"{row['kl']:.4f} | {100 * row['perplexity_increase']:+.2f}% | "
+            f"{'yes' if row['within_limits'] else 'no'} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -74,8 +78,9 @@ def main() -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--behaviour", choices=("detox", "repetition"), required=True)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--granularities", nargs="+", choices=("neurons", "heads", "weights"),
-                        default=["neurons", "weights"])
+    parser.add_argument(
+        "--granularities", nargs="+", choices=("neurons", "heads", "weights"), default=["neurons", "weights"]
+    )
     parser.add_argument("--neuron-budgets", nargs="+", type=int, default=[10, 50])
     parser.add_argument("--head-budgets", nargs="+", type=int, default=[5, 10])
     parser.add_argument("--weight-budgets", nargs="+", type=int, default=[1000, 7000])
@@ -87,26 +92,37 @@ def main() -> None:
     behaviour = detox_behaviour() if args.behaviour == "detox" else repetition_behaviour()
     undesired, desired = reference_sets(model, tokenizer, behaviour, args.model, output / "reference_sets.json")
     surgeon = Surgeon(model, tokenizer)
-    bench = Bench(model, tokenizer, behaviour, shipped_set(behaviour.prompt_set, "heldout"),
-                  shipped_set("neutral_prompts", "heldout"), shipped_set("general_text", "heldout"))
+    bench = Bench(
+        model,
+        tokenizer,
+        behaviour,
+        shipped_set(behaviour.prompt_set, "heldout"),
+        shipped_set("neutral_prompts", "heldout"),
+        shipped_set("general_text", "heldout"),
+    )
     print("before:", json.dumps(bench.before), flush=True)
     rows: list[dict[str, Any]] = []
     for granularity in args.granularities:
-        budgets = {"neurons": args.neuron_budgets, "heads": args.head_budgets,
-                   "weights": args.weight_budgets}[granularity]
+        budgets = {"neurons": args.neuron_budgets, "heads": args.head_budgets, "weights": args.weight_budgets}[
+            granularity
+        ]
         for method in args.methods:
             start = time.perf_counter()
             scores = surgeon.contrast(undesired=undesired, general=desired, method=method, components=(granularity,))
             for budget in budgets:
                 candidate = apply_masks(model, select(scores, granularity, budget), "bake").model
-                rows.append({"granularity": granularity, "method": method, "budget": budget,
-                             **bench.point(candidate)})
+                rows.append({"granularity": granularity, "method": method, "budget": budget, **bench.point(candidate)})
                 print(json.dumps(rows[-1]), f"({time.perf_counter() - start:.0f} s)", flush=True)
                 del candidate
-    result = {"model": args.model, "behaviour": behaviour.name, "primary": behaviour.primary,
-              "limits": vars(bench.limits),
-              "reference_sizes": {"undesired": len(undesired), "desired": len(desired)},
-              "before": bench.before, "rows": rows}
+    result = {
+        "model": args.model,
+        "behaviour": behaviour.name,
+        "primary": behaviour.primary,
+        "limits": vars(bench.limits),
+        "reference_sizes": {"undesired": len(undesired), "desired": len(desired)},
+        "before": bench.before,
+        "rows": rows,
+    }
     (output / "compare.json").write_text(json.dumps(result, indent=1) + "\n")
     table = _table(rows, behaviour.primary)
     before = f"Before: {behaviour.primary} = {bench.before[behaviour.primary]:.3f}\n\n"

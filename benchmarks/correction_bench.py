@@ -6,9 +6,10 @@ Used by ``compare_methods.py`` (held-out prompts) and ``correction_options.py`` 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -25,8 +26,9 @@ from hf_lrp_surgery.lrp.collect import ReferenceSample
 from hf_lrp_surgery.references import shipped_set
 
 
-def reference_sets(model: nn.Module, tokenizer: Any, behaviour: Behaviour, model_name: str,
-                   cache: Path) -> tuple[list[ReferenceSample], list[ReferenceSample]]:
+def reference_sets(
+    model: nn.Module, tokenizer: Any, behaviour: Behaviour, model_name: str, cache: Path
+) -> tuple[list[ReferenceSample], list[ReferenceSample]]:
     """The recipe's paired sets (attribution part of the train prompts, with focus), cached as token ids.
 
     Raises:
@@ -36,17 +38,26 @@ def reference_sets(model: nn.Module, tokenizer: Any, behaviour: Behaviour, model
     if cache.is_file():
         data = json.loads(cache.read_text())
         if data.get("key") != key:
-            raise ValueError(f"{cache} holds reference sets for {data.get('key')}, not {key}: remove it or choose "
-                             "another --output")
+            raise ValueError(
+                f"{cache} holds reference sets for {data.get('key')}, not {key}: remove it or choose another --output"
+            )
     else:
         attribution, _ = recipe_split(shipped_set(behaviour.prompt_set, "train"))
         undesired, desired = paired_contrast_sets(model, tokenizer, attribution, behaviour)
-        data = {"key": key, **{name: [[list(s.prompt), list(s.continuation), None if s.focus is None else list(s.focus)]
-                                      for s in samples]
-                               for name, samples in (("undesired", undesired), ("desired", desired))}}
+        data = {
+            "key": key,
+            **{
+                name: [
+                    [list(s.prompt), list(s.continuation), None if s.focus is None else list(s.focus)] for s in samples
+                ]
+                for name, samples in (("undesired", undesired), ("desired", desired))
+            },
+        }
         write_json_atomic(cache, data)
-    return ([ReferenceSample(p, c, focus=f) for p, c, f in data["undesired"]],
-            [ReferenceSample(p, c, focus=f) for p, c, f in data["desired"]])
+    return (
+        [ReferenceSample(p, c, focus=f) for p, c, f in data["undesired"]],
+        [ReferenceSample(p, c, focus=f) for p, c, f in data["desired"]],
+    )
 
 
 @dataclass
@@ -63,12 +74,14 @@ class Bench:
 
     def __post_init__(self) -> None:
         self.general = GeneralReference.of(self.model, self.tokenizer, self.neutral, self.texts)
-        self.before = self.behaviour.measure(generate(self.model, self.tokenizer, self.prompts,
-                                                      self.behaviour.decoding, progress=False))
+        self.before = self.behaviour.measure(
+            generate(self.model, self.tokenizer, self.prompts, self.behaviour.decoding, progress=False)
+        )
 
     def point(self, candidate: nn.Module) -> dict[str, Any]:
         """Effect on the prompts, KL on the neutral prompts and relative perplexity change of ``candidate``."""
-        effect = self.behaviour.measure(generate(candidate, self.tokenizer, self.prompts, self.behaviour.decoding,
-                                                 progress=False))
+        effect = self.behaviour.measure(
+            generate(candidate, self.tokenizer, self.prompts, self.behaviour.decoding, progress=False)
+        )
         kl, _, increase, ok = self.general.cost(self.model, candidate, self.tokenizer, self.limits)
         return {"effect": effect, "kl": kl, "perplexity_increase": increase, "within_limits": ok}

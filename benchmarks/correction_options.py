@@ -5,7 +5,8 @@
 The paired reference sets are built once (as in the recipe; cached in ``OUTPUT/reference_sets.json``,
 the same file format as ``compare_methods.py``). Each variant changes one option of the recipe's
 default (LRP, logit seed, per-set total normalisation, top 5% of general relevance protected, focus
-on the undesired tokens, global selection) for neurons and attention heads and is measured like the recipe's budget search:
+on the undesired tokens, global selection) for neurons and attention heads and is measured like the
+recipe's budget search:
 effect on the **validation** part of the train prompts, KL on the validation part of the train
 neutral prompts (the variant that adds neutral prompts to the general set uses the other part),
 perplexity on the train general text. The held-out split is never used here, so these runs may set defaults.
@@ -20,7 +21,7 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from correction_bench import Bench, reference_sets
 
@@ -33,7 +34,7 @@ from hf_lrp_surgery.surgeon import Surgeon
 
 DEFAULT = {"method": "lrp", "seed": "logit", "normalize": "total", "protect_top": 0.05}
 # label, contrast options changed, selection options changed, reference-set change, granularity
-VARIANTS: list[tuple[str, dict[str, Any], dict[str, Any], Optional[str], str]] = [
+VARIANTS: list[tuple[str, dict[str, Any], dict[str, Any], str | None, str]] = [
     ("recipe options, neurons", {}, {}, None, "neurons"),
     ("whole undesired continuations (no focus)", {}, {}, "no_focus", "neurons"),
     ("half the attribution prompts", {}, {}, "half", "neurons"),
@@ -82,27 +83,50 @@ def main() -> None:
     for label, contrast, selection, change, granularity in VARIANTS:
         start = time.perf_counter()
         sets = _variant_sets(undesired, desired, change)
-        scores = surgeon.contrast(undesired=sets[0], general=sets[1], components=(granularity,),
-                                  **{**DEFAULT, **contrast})
+        scores = surgeon.contrast(
+            undesired=sets[0], general=sets[1], components=(granularity,), **{**DEFAULT, **contrast}
+        )
         if selection.get("layers") == "not_first":
             selection = {"layers": list(range(1, layers))}
         for budget in args.neuron_budgets if granularity == "neurons" else args.head_budgets:
             candidate = apply_masks(model, select(scores, granularity, budget, **selection), "bake").model
-            rows.append({"variant": label, "granularity": granularity, "budget": budget,
-                         "samples": [len(sets[0]), len(sets[1])], **bench.point(candidate)})
+            rows.append(
+                {
+                    "variant": label,
+                    "granularity": granularity,
+                    "budget": budget,
+                    "samples": [len(sets[0]), len(sets[1])],
+                    **bench.point(candidate),
+                }
+            )
             del candidate
             print(json.dumps(rows[-1]), f"({time.perf_counter() - start:.0f} s)", flush=True)
     primary = behaviour.primary
-    lines = [f"Validation before: {primary} = {bench.before[primary]:.3f}", "",
-             f"| variant | undesired / general samples | budget | {primary} | KL | perplexity change | within limits |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Validation before: {primary} = {bench.before[primary]:.3f}",
+        "",
+        f"| variant | undesired / general samples | budget | {primary} | KL | perplexity change | within limits |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['samples'][0]} / {r['samples'][1]} | {r['budget']} {r['granularity']} | "
-                     f"{r['effect'][primary]:.3f} | {r['kl']:.4f} | {100 * r['perplexity_increase']:+.2f}% | "
-                     f"{'yes' if r['within_limits'] else 'no'} |")
-    (output / "options.json").write_text(json.dumps({"model": args.model, "behaviour": behaviour.name,
-                                                     "default": DEFAULT, "before": bench.before, "rows": rows},
-                                                    indent=1) + "\n")
+        lines.append(
+            f"| {r['variant']} | {r['samples'][0]} / {r['samples'][1]} | {r['budget']} {r['granularity']} | "
+            f"{r['effect'][primary]:.3f} | {r['kl']:.4f} | {100 * r['perplexity_increase']:+.2f}% | "
+            f"{'yes' if r['within_limits'] else 'no'} |"
+        )
+    (output / "options.json").write_text(
+        json.dumps(
+            {
+                "model": args.model,
+                "behaviour": behaviour.name,
+                "default": DEFAULT,
+                "before": bench.before,
+                "rows": rows,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     (output / "options.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

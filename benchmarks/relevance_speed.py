@@ -25,7 +25,8 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -48,20 +49,34 @@ def _make_pass(name: str, model: torch.nn.Module, ids: list[list[int]], device: 
     prunable = [p.weight for p in resolve(model).prunable]
 
     def seed() -> torch.Tensor:
-        return model(input_ids=tensor, attention_mask=mask, position_ids=positions,
-                     use_cache=False).logits[:, -1].max(-1).values.sum()
+        return (
+            model(input_ids=tensor, attention_mask=mask, position_ids=positions, use_cache=False)
+            .logits[:, -1]
+            .max(-1)
+            .values.sum()
+        )
 
     if name == "grad_all":
+
         def run() -> None:
             model.zero_grad(set_to_none=True)
             seed().backward()
     elif name == "grad_prunable":
+
         def run() -> None:
             torch.autograd.grad(seed(), prunable)
     else:
+
         def run() -> None:
-            collect_relevance(model, ids, components=("neurons", "heads", "weights"), batch_size=len(ids),
-                              per_sample_abs_weights=name == "relevance_abs", progress=False)
+            collect_relevance(
+                model,
+                ids,
+                components=("neurons", "heads", "weights"),
+                batch_size=len(ids),
+                per_sample_abs_weights=name == "relevance_abs",
+                progress=False,
+            )
+
     return run
 
 
@@ -82,8 +97,9 @@ def _proc_status_bytes(key: str) -> int:
 def _memory_child(args: argparse.Namespace) -> None:
     """Run one pass in this fresh process and print its peak memory over the loaded model."""
     model, _ = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
-    run = _make_pass(args.measure_memory, model, _inputs(model.config.vocab_size, args.batch_size, args.seq_len),
-                     args.device)
+    run = _make_pass(
+        args.measure_memory, model, _inputs(model.config.vocab_size, args.batch_size, args.seq_len), args.device
+    )
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -107,9 +123,22 @@ def _measure_memory(args: argparse.Namespace, name: str) -> int:
 
 
 def _memory_once(args: argparse.Namespace, name: str) -> int:
-    command = [sys.executable, __file__, "--model", args.model, "--batch-size", str(args.batch_size),
-               "--seq-len", str(args.seq_len), "--device", args.device, "--dtype", args.dtype,
-               "--measure-memory", name]
+    command = [
+        sys.executable,
+        __file__,
+        "--model",
+        args.model,
+        "--batch-size",
+        str(args.batch_size),
+        "--seq-len",
+        str(args.seq_len),
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--measure-memory",
+        name,
+    ]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return int(json.loads(output.strip().splitlines()[-1])["peak_bytes"])
 
@@ -162,22 +191,26 @@ def main() -> None:
         "prunable_fp32_copy_mib": fp32_copy / 2**20,
         "time_ratio_vs_grad_all": {k: medians[k] / medians["grad_all"] for k in PASSES},
         "time_ratio_vs_grad_prunable": {k: medians[k] / medians["grad_prunable"] for k in PASSES},
-        "extra_memory_vs_grad_all_in_fp32_copies": {
-            k: (memory[k] - memory["grad_all"]) / fp32_copy for k in PASSES
-        },
+        "extra_memory_vs_grad_all_in_fp32_copies": {k: (memory[k] - memory["grad_all"]) / fp32_copy for k in PASSES},
         "extra_memory_vs_grad_prunable_in_fp32_copies": {
             k: (memory[k] - memory["grad_prunable"]) / fp32_copy for k in PASSES
         },
     }
-    print(f"model {args.model}, {args.dtype} on {result['device']} ({result['threads']} threads), batch "
-          f"{args.batch_size} x {args.seq_len} tokens, median of {args.repeats}")
-    print(f"{'pass':<15}{'time s':>8}{'x grad_all':>12}{'x grad_prun':>13}{'peak MiB':>10}"
-          f"{'extra vs grad_all':>19}{'extra vs grad_prun':>20}")
+    print(
+        f"model {args.model}, {args.dtype} on {result['device']} ({result['threads']} threads), batch "
+        f"{args.batch_size} x {args.seq_len} tokens, median of {args.repeats}"
+    )
+    print(
+        f"{'pass':<15}{'time s':>8}{'x grad_all':>12}{'x grad_prun':>13}{'peak MiB':>10}"
+        f"{'extra vs grad_all':>19}{'extra vs grad_prun':>20}"
+    )
     for name in PASSES:
-        print(f"{name:<15}{medians[name]:>8.3f}{result['time_ratio_vs_grad_all'][name]:>12.2f}"
-              f"{result['time_ratio_vs_grad_prunable'][name]:>13.2f}{memory[name] / 2**20:>10.0f}"
-              f"{result['extra_memory_vs_grad_all_in_fp32_copies'][name]:>19.2f}"
-              f"{result['extra_memory_vs_grad_prunable_in_fp32_copies'][name]:>20.2f}")
+        print(
+            f"{name:<15}{medians[name]:>8.3f}{result['time_ratio_vs_grad_all'][name]:>12.2f}"
+            f"{result['time_ratio_vs_grad_prunable'][name]:>13.2f}{memory[name] / 2**20:>10.0f}"
+            f"{result['extra_memory_vs_grad_all_in_fp32_copies'][name]:>19.2f}"
+            f"{result['extra_memory_vs_grad_prunable_in_fp32_copies'][name]:>20.2f}"
+        )
     print(f"extra memory in units of one fp32 copy of the prunable weights ({fp32_copy / 2**20:.0f} MiB)")
     if args.json:
         with open(args.json, "w") as handle:

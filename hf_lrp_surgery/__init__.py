@@ -8,8 +8,22 @@ from hf_lrp_surgery.masks import Mask, select  # noqa: E402
 from hf_lrp_surgery.scoring import Scores, contrast, score  # noqa: E402
 from hf_lrp_surgery.surgeon import Surgeon  # noqa: E402
 
-__all__ = ["CorrectedModel", "LRPSurgeryCallback", "Mask", "Scores", "Surgeon", "__version__", "apply_masks", "contrast",
-           "load_corrected", "load_from_hub", "push_to_hub", "score", "select", "verify"]
+__all__ = [
+    "CorrectedModel",
+    "LRPSurgeryCallback",
+    "Mask",
+    "Scores",
+    "Surgeon",
+    "__version__",
+    "apply_masks",
+    "contrast",
+    "load_corrected",
+    "load_from_hub",
+    "push_to_hub",
+    "score",
+    "select",
+    "verify",
+]
 
 
 def __getattr__(name: str) -> object:

@@ -24,9 +24,10 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -155,8 +156,10 @@ def _bake(model: nn.Module, mask_list: list[Mask]) -> nn.Module:
 # -- adapter ----------------------------------------------------------------------------------
 def _refuse_wrapped(model: nn.Module) -> None:
     if unwrap_model(model) is not model or any(hasattr(m, "ia3_l") or hasattr(m, "lora_A") for m in model.modules()):
-        raise ValueError("the model already carries a PEFT adapter; merge it first (peft_model.merge_and_unload()) "
-                         "and compute the mask on the merged model")
+        raise ValueError(
+            "the model already carries a PEFT adapter; merge it first (peft_model.merge_and_unload()) "
+            "and compute the mask on the merged model"
+        )
 
 
 def to_adapter(model: nn.Module, masks: Mask | Sequence[Mask], *, adapter_name: str = "default") -> nn.Module:
@@ -188,8 +191,10 @@ def to_adapter(model: nn.Module, masks: Mask | Sequence[Mask], *, adapter_name: 
 
 def _check_adapter_input(model: nn.Module, mask_list: list[Mask]) -> None:
     if any(m.granularity == "weights" for m in mask_list):
-        raise ValueError("a weight mask has no exact IA3 form; use carrier='bake' for weight masks "
-                         "(neuron and head masks can be adapters)")
+        raise ValueError(
+            "a weight mask has no exact IA3 form; use carrier='bake' for weight masks "
+            "(neuron and head masks can be adapters)"
+        )
     _refuse_wrapped(model)
     for mask in mask_list:
         mask.check_model(model)
@@ -203,8 +208,12 @@ def _to_adapter(model: nn.Module, mask_list: list[Mask], adapter_name: str) -> n
     targets = [name for mask in mask_list for name in mask.indices]
     if not targets:
         raise ValueError("the masks prune nothing")
-    config = IA3Config(target_modules=targets, feedforward_modules=targets, init_ia3_weights=True,
-                       fan_in_fan_out=resolve(model).spec.orientation == "conv1d")
+    config = IA3Config(
+        target_modules=targets,
+        feedforward_modules=targets,
+        init_ia3_weights=True,
+        fan_in_fan_out=resolve(model).spec.orientation == "conv1d",
+    )
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     arch = resolve(peft_model)
     base = unwrap_model(peft_model)
@@ -292,8 +301,9 @@ def _active_scaling(module: nn.Module) -> torch.Tensor | None:
     return torch.stack(vectors).prod(0)
 
 
-def verify(model: nn.Module, masks: Mask | Sequence[Mask], *, carrier: Carrier | None = None,
-           probe: LogitsProbe | None = None) -> None:
+def verify(
+    model: nn.Module, masks: Mask | Sequence[Mask], *, carrier: Carrier | None = None, probe: LogitsProbe | None = None
+) -> None:
     """Prove that ``model`` carries ``masks``.
 
     Every masked unit must be exactly zero where its carrier keeps it: in an active IA3 vector on
@@ -367,14 +377,21 @@ class CorrectedModel:
         """Prove that :attr:`model` carries the masks (see :func:`verify`)."""
         verify(self.model, self.masks, carrier=self.carrier, probe=self.probe)
 
-    def save(self, directory: str | os.PathLike[str], *, tokenizer: Any = None,
-             base_model_name_or_path: str | None = None) -> Path:
+    def save(
+        self, directory: str | os.PathLike[str], *, tokenizer: Any = None, base_model_name_or_path: str | None = None
+    ) -> Path:
         """Save the corrected model, atomically; see :func:`save_corrected`."""
         return save_corrected(self, directory, tokenizer=tokenizer, base_model_name_or_path=base_model_name_or_path)
 
 
-def apply_masks(model: nn.Module, masks: Mask | Sequence[Mask], carrier: Carrier = "adapter", *,
-                inplace: bool = False, adapter_name: str = "default") -> CorrectedModel:
+def apply_masks(
+    model: nn.Module,
+    masks: Mask | Sequence[Mask],
+    carrier: Carrier = "adapter",
+    *,
+    inplace: bool = False,
+    adapter_name: str = "default",
+) -> CorrectedModel:
     """Apply masks to a model with the chosen carrier and record the probe that recognises the result.
 
     Args:
@@ -418,8 +435,13 @@ def apply_masks(model: nn.Module, masks: Mask | Sequence[Mask], carrier: Carrier
     return result
 
 
-def save_corrected(corrected: CorrectedModel, directory: str | os.PathLike[str], *, tokenizer: Any = None,
-                   base_model_name_or_path: str | None = None) -> Path:
+def save_corrected(
+    corrected: CorrectedModel,
+    directory: str | os.PathLike[str],
+    *,
+    tokenizer: Any = None,
+    base_model_name_or_path: str | None = None,
+) -> Path:
     """Save a corrected model so that ``from_pretrained`` loads it, with its masks and check record.
 
     Baked: a normal checkpoint. Adapter: a PEFT adapter directory whose ``adapter_config.json``
@@ -442,8 +464,12 @@ def save_corrected(corrected: CorrectedModel, directory: str | os.PathLike[str],
             raise ValueError("an adapter needs base_model_name_or_path: the Hub id or path its base model loads from")
         for config in corrected.model.peft_config.values():
             config.base_model_name_or_path = base_path
-    record = {"carrier": corrected.carrier, "base_model_name_or_path": base_path,
-              "granularities": [m.granularity for m in corrected.masks], "probe": asdict(corrected.probe)}
+    record = {
+        "carrier": corrected.carrier,
+        "base_model_name_or_path": base_path,
+        "granularities": [m.granularity for m in corrected.masks],
+        "probe": asdict(corrected.probe),
+    }
     with atomic_directory(directory) as tmp:
         if corrected.carrier == "adapter":
             # The adapter never touches the embeddings; without this peft looks the base up on the Hub.
@@ -473,9 +499,14 @@ def read_surgery(directory: str | os.PathLike[str]) -> tuple[list[Mask], Carrier
     return masks, record["carrier"], LogitsProbe(**record["probe"]), record.get("base_model_name_or_path")
 
 
-def load_corrected(directory: str | os.PathLike[str], *, via: Literal["peft", "transformers"] = "peft",
-                   base_model: str | None = None, adapter_enabled: bool = True,
-                   dtype: torch.dtype | None = None) -> nn.Module:
+def load_corrected(
+    directory: str | os.PathLike[str],
+    *,
+    via: Literal["peft", "transformers"] = "peft",
+    base_model: str | None = None,
+    adapter_enabled: bool = True,
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
     """Load a saved corrected model and verify that it carries its masks.
 
     Args:
@@ -512,8 +543,10 @@ def load_corrected(directory: str | os.PathLike[str], *, via: Literal["peft", "t
         try:
             base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
         except (OSError, ValueError) as err:
-            raise ModelLoadError(f"cannot load the adapter's base model {base_path!r}: {err}; pass base_model= "
-                                 "with a path or Hub id of the model the mask was built for") from err
+            raise ModelLoadError(
+                f"cannot load the adapter's base model {base_path!r}: {err}; pass base_model= "
+                "with a path or Hub id of the model the mask was built for"
+            ) from err
         for mask in masks:
             mask.check_model(base)
         if via == "peft":

@@ -26,8 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 __all__ = ["main", "build_parser"]
 
@@ -50,8 +51,15 @@ def _report(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     prompts = _read_prompts(args.prompts) if args.prompts else None
-    report = relevance_report(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
-                              batch_size=args.batch_size, progress=not args.no_progress)
+    report = relevance_report(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=args.max_new_tokens,
+        top_k=args.top_k,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
     print(report.to_text())
     directory = report.save(args.output)
     print(f"\nSaved {directory}/report.json, report.txt, relevance_per_layer.png and relevance/")
@@ -66,8 +74,9 @@ def _budget(text: str) -> int | float:
         try:
             return float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"budget must be a count such as 50 or a fraction such as 0.01, "
-                                             f"got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"budget must be a count such as 50 or a fraction such as 0.01, got {text!r}"
+            ) from None
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -83,11 +92,18 @@ def _attribute(args: argparse.Namespace) -> int:
 
     model, tokenizer = _load(args)
     surgeon = Surgeon(model, tokenizer, batch_size=args.batch_size, progress=not args.no_progress)
-    scores = surgeon.attribute(args.samples, method=args.method, components=args.components,
-                               aggregation=args.aggregation, seed=args.seed, limit=args.limit)
+    scores = surgeon.attribute(
+        args.samples,
+        method=args.method,
+        components=args.components,
+        aggregation=args.aggregation,
+        seed=args.seed,
+        limit=args.limit,
+    )
     scores.save(args.output)
-    print(f"{args.method} scores of {scores.num_samples} samples ({', '.join(scores.components)}) saved to "
-          f"{args.output}")
+    print(
+        f"{args.method} scores of {scores.num_samples} samples ({', '.join(scores.components)}) saved to {args.output}"
+    )
     return 0
 
 
@@ -112,9 +128,17 @@ def _correct(args: argparse.Namespace) -> int:
     surgeon = Surgeon(model, tokenizer, batch_size=args.batch_size, progress=not args.no_progress)
     if args.carrier in ("adapter", "both") and args.granularity == "weights":
         raise ValueError("weight masks are baked: use --carrier bake (the default) with --granularity weights")
-    scores = surgeon.contrast(undesired=args.undesired, general=args.general, method=args.method,
-                              components=[args.granularity], normalize=args.normalize, protect_top=args.protect_top,
-                              aggregation=args.aggregation, seed=args.seed, limit=args.limit)
+    scores = surgeon.contrast(
+        undesired=args.undesired,
+        general=args.general,
+        method=args.method,
+        components=[args.granularity],
+        normalize=args.normalize,
+        protect_top=args.protect_top,
+        aggregation=args.aggregation,
+        seed=args.seed,
+        limit=args.limit,
+    )
     mask = surgeon.select(scores, args.granularity, args.budget, scope=args.scope, modules=args.modules)
     output = Path(args.output)
     scores.save(output / "scores")
@@ -162,49 +186,87 @@ def _recipe(args: argparse.Namespace) -> int:
     else:
         behaviour = repetition_behaviour(use_chat_template=not args.no_chat_template)
     result = run_recipe(
-        model, tokenizer, behaviour, args.output, budgets=args.budgets, granularity=args.granularity,
-        method=args.method, normalize=args.normalize, protect_top=args.protect_top, seed=args.seed,
+        model,
+        tokenizer,
+        behaviour,
+        args.output,
+        budgets=args.budgets,
+        granularity=args.granularity,
+        method=args.method,
+        normalize=args.normalize,
+        protect_top=args.protect_top,
+        seed=args.seed,
         focus=not args.no_focus,
-        limits=GeneralLimits(args.max_kl, args.max_perplexity_increase), scope=args.scope, modules=args.modules,
-        base_model_name_or_path=args.base_model_id, model_name=args.model, batch_size=args.batch_size,
+        limits=GeneralLimits(args.max_kl, args.max_perplexity_increase),
+        scope=args.scope,
+        modules=args.modules,
+        base_model_name_or_path=args.base_model_id,
+        model_name=args.model,
+        batch_size=args.batch_size,
         progress=not args.no_progress,
     )
-    print(f"{result.behaviour}: {result.reference_sizes['undesired']} undesired / {result.reference_sizes['desired']} "
-          "desired reference continuations")
+    print(
+        f"{result.behaviour}: {result.reference_sizes['undesired']} undesired / {result.reference_sizes['desired']} "
+        "desired reference continuations"
+    )
     print(f"{'budget':>7} {behaviour.primary:>14} {'KL':>8} {'ppl +%':>8}  within limits")
     for point in result.frontier:
-        print(f"{point.budget:>7} {point.effect[behaviour.primary]:>14.4f} {point.kl:>8.4f} "
-              f"{100 * point.perplexity_increase:>8.2f}  {point.within_limits}")
+        print(
+            f"{point.budget:>7} {point.effect[behaviour.primary]:>14.4f} {point.kl:>8.4f} "
+            f"{100 * point.perplexity_increase:>8.2f}  {point.within_limits}"
+        )
     print(f"chosen budget: {result.chosen_budget}")
     print("held-out:", json.dumps(result.heldout))
-    print(f"saved to {args.output} (report.json, effect_vs_budget.png, scores/, and mask/, adapter/, baked/ when a "
-          "budget was chosen)")
+    print(
+        f"saved to {args.output} (report.json, effect_vs_budget.png, scores/, and mask/, adapter/, baked/ when a "
+        "budget was chosen)"
+    )
     return 0
 
 
-def _recipe_parser(sub: Any, name: str, help_text: str, description: str, default_model: str, models: str,
-                   defaults: str) -> argparse.ArgumentParser:
+def _recipe_parser(
+    sub: Any, name: str, help_text: str, description: str, default_model: str, models: str, defaults: str
+) -> argparse.ArgumentParser:
     from hf_lrp_surgery.scoring import METHODS
 
     parser = sub.add_parser(name, help=help_text, description=description)
     _common(parser, default_model, models)
-    parser.add_argument("--budgets", nargs="+", type=int,
-                        help=f"budgets to search, in units of --granularity (default: {defaults})")
-    parser.add_argument("--granularity", choices=("neurons", "heads", "weights"),
-                        help=f"what to prune (default: {defaults.split()[-1]})")
+    parser.add_argument(
+        "--budgets", nargs="+", type=int, help=f"budgets to search, in units of --granularity (default: {defaults})"
+    )
+    parser.add_argument(
+        "--granularity",
+        choices=("neurons", "heads", "weights"),
+        help=f"what to prune (default: {defaults.split()[-1]})",
+    )
     parser.add_argument("--method", choices=METHODS, default="lrp", help="scoring method (lrp)")
-    parser.add_argument("--normalize", choices=("none", "total", "max", "layer"), default="total",
-                        help="per-set normalisation before the difference (total)")
-    parser.add_argument("--protect-top", type=float, default=0.05,
-                        help="fraction most relevant to the general set that is never pruned (0.05)")
+    parser.add_argument(
+        "--normalize",
+        choices=("none", "total", "max", "layer"),
+        default="total",
+        help="per-set normalisation before the difference (total)",
+    )
+    parser.add_argument(
+        "--protect-top",
+        type=float,
+        default=0.05,
+        help="fraction most relevant to the general set that is never pruned (0.05)",
+    )
     parser.add_argument("--seed", choices=("logit", "logprob"), default="logit", help="relevance seed (logit)")
-    parser.add_argument("--no-focus", action="store_true",
-                        help="explain whole undesired continuations, not only their toxic / repeated tokens")
+    parser.add_argument(
+        "--no-focus",
+        action="store_true",
+        help="explain whole undesired continuations, not only their toxic / repeated tokens",
+    )
     parser.add_argument("--scope", choices=("global", "per_layer"), default="global", help="selection scope (global)")
     parser.add_argument("--modules", nargs="+", help="weights: module groups, e.g. 'mlp.*' (all)")
     parser.add_argument("--max-kl", type=float, default=0.02, help="general-behaviour limit on KL (0.02)")
-    parser.add_argument("--max-perplexity-increase", type=float, default=0.03,
-                        help="general-behaviour limit on the relative perplexity increase (0.03)")
+    parser.add_argument(
+        "--max-perplexity-increase",
+        type=float,
+        default=0.03,
+        help="general-behaviour limit on the relative perplexity increase (0.03)",
+    )
     parser.add_argument("--base-model-id", help="Hub id written into the adapter's config (default: --model's path)")
     parser.add_argument("--output", default=f"runs/{name}", help=f"output directory (runs/{name})")
     parser.set_defaults(handler=_recipe)
@@ -212,9 +274,11 @@ def _recipe_parser(sub: Any, name: str, help_text: str, description: str, defaul
 
 
 def _common(parser: argparse.ArgumentParser, default_model: str, models: str) -> None:
-    parser.add_argument("--model", default=default_model,
-                        help=f"embedded model ({models}), local checkpoint directory or Hub id "
-                             f"(default: {default_model})")
+    parser.add_argument(
+        "--model",
+        default=default_model,
+        help=f"embedded model ({models}), local checkpoint directory or Hub id (default: {default_model})",
+    )
     parser.add_argument("--dtype", choices=_DTYPES, default="float32", help="model dtype (float32)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (cpu)")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per relevance pass (8)")
@@ -225,19 +289,33 @@ def _scoring_options(parser: argparse.ArgumentParser) -> None:
     from hf_lrp_surgery.scoring import METHODS
 
     parser.add_argument("--method", choices=METHODS, default="lrp", help="scoring method (lrp)")
-    parser.add_argument("--aggregation", choices=("signed", "abs"), default="signed",
-                        help="lrp/gradient: mean relevance or mean per-sample |R| (signed)")
-    parser.add_argument("--seed", choices=("logit", "logprob"), default="logit",
-                        help="lrp/gradient: explain the target logits or log-probabilities (logit)")
+    parser.add_argument(
+        "--aggregation",
+        choices=("signed", "abs"),
+        default="signed",
+        help="lrp/gradient: mean relevance or mean per-sample |R| (signed)",
+    )
+    parser.add_argument(
+        "--seed",
+        choices=("logit", "logprob"),
+        default="logit",
+        help="lrp/gradient: explain the target logits or log-probabilities (logit)",
+    )
     parser.add_argument("--limit", type=int, help="use only the first N samples of each reference set")
 
 
 def _carrier_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--carrier", choices=("adapter", "bake", "both"),
-                        help="IA3 adapter (neurons/heads, switchable off), baked weights, or both (default: both "
-                             "for neuron/head masks, bake for weight masks)")
-    parser.add_argument("--base-model-id", help="Hub id (or path) the adapter's base model loads from, written "
-                                                "into adapter_config.json (default: where --model loaded from)")
+    parser.add_argument(
+        "--carrier",
+        choices=("adapter", "bake", "both"),
+        help="IA3 adapter (neurons/heads, switchable off), baked weights, or both (default: both "
+        "for neuron/head masks, bake for weight masks)",
+    )
+    parser.add_argument(
+        "--base-model-id",
+        help="Hub id (or path) the adapter's base model loads from, written "
+        "into adapter_config.json (default: where --model loaded from)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,13 +331,18 @@ def build_parser() -> argparse.ArgumentParser:
         "report",
         help="relevance report: top neurons, heads and input tokens for the model's own continuations",
         description="Continue each prompt greedily, explain prompt + continuation with AttnLRP, print the most "
-                    "relevant MLP neurons, attention heads and input tokens, and save JSON, text and a plot.",
+        "relevant MLP neurons, attention heads and input tokens, and save JSON, text and a plot.",
     )
-    report.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"embedded model ({', '.join(list_embedded_models())}), local checkpoint directory "
-                             f"or Hub id (default: {DEFAULT_MODEL})")
-    report.add_argument("--prompts", help="file with one prompt per line, or a JSON list / {'prompts': [...]} "
-                                          "(default: the shipped report prompts)")
+    report.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"embedded model ({', '.join(list_embedded_models())}), local checkpoint directory "
+        f"or Hub id (default: {DEFAULT_MODEL})",
+    )
+    report.add_argument(
+        "--prompts",
+        help="file with one prompt per line, or a JSON list / {'prompts': [...]} (default: the shipped report prompts)",
+    )
     report.add_argument("--max-new-tokens", type=int, default=8, help="length of the explained continuation (8)")
     report.add_argument("--top-k", type=int, default=10, help="neurons and heads to list (10)")
     report.add_argument("--batch-size", type=int, default=8, help="samples per relevance pass (8)")
@@ -270,76 +353,125 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(handler=_report)
 
     models = ", ".join(list_embedded_models())
-    samples_help = ("reference set: .txt (one prompt per line), .jsonl ({'prompt': ..., 'continuation': ...} per "
-                    "line) or .json (a list or {'samples': [...]})")
-    attribute = sub.add_parser("attribute", help="score components on one reference set and save the scores",
-                               description="Score MLP neurons, attention heads and/or weights on one reference set "
-                                           "with LRP or a baseline; save scores.safetensors + scores.json.")
+    samples_help = (
+        "reference set: .txt (one prompt per line), .jsonl ({'prompt': ..., 'continuation': ...} per "
+        "line) or .json (a list or {'samples': [...]})"
+    )
+    attribute = sub.add_parser(
+        "attribute",
+        help="score components on one reference set and save the scores",
+        description="Score MLP neurons, attention heads and/or weights on one reference set "
+        "with LRP or a baseline; save scores.safetensors + scores.json.",
+    )
     _common(attribute, DEFAULT_MODEL, models)
     attribute.add_argument("--samples", required=True, help=samples_help)
-    attribute.add_argument("--components", nargs="+", choices=("neurons", "heads", "weights"), default=["neurons"],
-                           help="component kinds to score (neurons)")
+    attribute.add_argument(
+        "--components",
+        nargs="+",
+        choices=("neurons", "heads", "weights"),
+        default=["neurons"],
+        help="component kinds to score (neurons)",
+    )
     _scoring_options(attribute)
     attribute.add_argument("--output", default="runs/scores", help="output directory (runs/scores)")
     attribute.set_defaults(handler=_attribute)
 
     correct = sub.add_parser(
-        "correct", help="contrast undesired vs general behaviour, prune, apply and save",
+        "correct",
+        help="contrast undesired vs general behaviour, prune, apply and save",
         description="Score both reference sets, take the contrast general - undesired, prune the lowest-scoring "
-                    "components, apply the mask as an IA3 adapter and/or baked weights, and save OUTPUT/scores, "
-                    "OUTPUT/mask, OUTPUT/adapter, OUTPUT/baked and OUTPUT/mask_per_layer.png.")
+        "components, apply the mask as an IA3 adapter and/or baked weights, and save OUTPUT/scores, "
+        "OUTPUT/mask, OUTPUT/adapter, OUTPUT/baked and OUTPUT/mask_per_layer.png.",
+    )
     _common(correct, DEFAULT_MODEL, models)
     correct.add_argument("--undesired", required=True, help="the behaviour to remove; " + samples_help)
     correct.add_argument("--general", required=True, help="the behaviour to keep; " + samples_help)
     _scoring_options(correct)
-    correct.add_argument("--granularity", choices=("neurons", "heads", "weights"), default="neurons",
-                         help="what to prune (neurons)")
-    correct.add_argument("--budget", type=_budget, default=50, help="a count (50) or a fraction of the eligible "
-                                                                    "components (0.001) (50)")
-    correct.add_argument("--scope", choices=("global", "per_layer"), default="global",
-                         help="rank all components together or spread the budget over layers (global)")
+    correct.add_argument(
+        "--granularity", choices=("neurons", "heads", "weights"), default="neurons", help="what to prune (neurons)"
+    )
+    correct.add_argument(
+        "--budget", type=_budget, default=50, help="a count (50) or a fraction of the eligible components (0.001) (50)"
+    )
+    correct.add_argument(
+        "--scope",
+        choices=("global", "per_layer"),
+        default="global",
+        help="rank all components together or spread the budget over layers (global)",
+    )
     correct.add_argument("--modules", nargs="+", help="weights: module groups, e.g. 'mlp.*' or fc1 (all)")
-    correct.add_argument("--normalize", choices=("none", "total", "max", "layer"), default="total",
-                         help="per-set normalisation before the difference (total)")
-    correct.add_argument("--protect-top", type=float, default=0.05,
-                         help="fraction of components most relevant to the general set that are never pruned (0.05)")
+    correct.add_argument(
+        "--normalize",
+        choices=("none", "total", "max", "layer"),
+        default="total",
+        help="per-set normalisation before the difference (total)",
+    )
+    correct.add_argument(
+        "--protect-top",
+        type=float,
+        default=0.05,
+        help="fraction of components most relevant to the general set that are never pruned (0.05)",
+    )
     _carrier_options(correct)
     correct.add_argument("--output", default="runs/correct", help="output directory (runs/correct)")
     correct.set_defaults(handler=_correct)
 
-    apply = sub.add_parser("apply", help="apply saved masks to a model and save the corrected model",
-                           description="Apply one or more saved masks (one per granularity) and save OUTPUT/adapter "
-                                       "and/or OUTPUT/baked. The masks must have been built on this model.")
+    apply = sub.add_parser(
+        "apply",
+        help="apply saved masks to a model and save the corrected model",
+        description="Apply one or more saved masks (one per granularity) and save OUTPUT/adapter "
+        "and/or OUTPUT/baked. The masks must have been built on this model.",
+    )
     _common(apply, DEFAULT_MODEL, models)
     apply.add_argument("--mask", nargs="+", required=True, help="mask directories (mask.json + mask.safetensors)")
     _carrier_options(apply)
     apply.add_argument("--output", default="runs/apply", help="output directory (runs/apply)")
     apply.set_defaults(handler=_apply)
 
-    inspect = sub.add_parser("inspect", help="print a mask's statistics per layer and save a plot",
-                             description="Print the pruned units per layer of a mask directory or of a corrected "
-                                         "model saved by hf-lrp-surgery, and save a bar chart.")
+    inspect = sub.add_parser(
+        "inspect",
+        help="print a mask's statistics per layer and save a plot",
+        description="Print the pruned units per layer of a mask directory or of a corrected "
+        "model saved by hf-lrp-surgery, and save a bar chart.",
+    )
     inspect.add_argument("path", help="a mask directory or a saved corrected model")
     inspect.add_argument("--plot", help="where to save the plot (default: PATH/mask_per_layer.png)")
     inspect.set_defaults(handler=_inspect)
 
     detox = _recipe_parser(
-        sub, "detox", "detoxify: prune what makes the model's continuations of provocative prompts toxic",
+        sub,
+        "detox",
+        "detoxify: prune what makes the model's continuations of provocative prompts toxic",
         "Sample continuations of the shipped provocative prompts (train split), keep the toxic and non-toxic ones of "
         "the same prompts, contrast their relevance, search the budget on validation prompts under the KL and "
         "perplexity limits, save the corrected model, and report toxicity before/after on the held-out prompts.",
-        DEFAULT_MODEL, models, "10 20 50 100 200 neurons")
-    detox.add_argument("--scorer", default="profanity-check",
-                       help="toxicity scorer: profanity-check (offline) or a text-classification model id/path")
+        DEFAULT_MODEL,
+        models,
+        "10 20 50 100 200 neurons",
+    )
+    detox.add_argument(
+        "--scorer",
+        default="profanity-check",
+        help="toxicity scorer: profanity-check (offline) or a text-classification model id/path",
+    )
     detox.add_argument("--threshold", type=float, default=0.5, help="toxic if the score is >= this (0.5)")
     repetition = _recipe_parser(
-        sub, "fix-repetition", "prune what makes the model loop on repetition-inducing prompts",
+        sub,
+        "fix-repetition",
+        "prune what makes the model loop on repetition-inducing prompts",
         "Sample responses to the shipped repetition-inducing prompts (train split), keep looping (RUR < 0.5) and "
         "varied (RUR >= 0.7) responses of the same prompts, contrast their relevance (attention heads by default), "
-        "search the budget under the KL and perplexity limits, save the corrected model, and report RUR before/after on the held-out prompts.",
-        DEFAULT_MODEL, models, "2 5 10 15 20 heads")
-    repetition.add_argument("--no-chat-template", action="store_true",
-                            help="plain text prompts (default: wrapped in the tokenizer's chat template)")
+        "search the budget under the KL and perplexity limits, save the corrected model, and report RUR before/after "
+        "on the held-out prompts.",
+        DEFAULT_MODEL,
+        models,
+        "2 5 10 15 20 heads",
+    )
+    repetition.add_argument(
+        "--no-chat-template",
+        action="store_true",
+        help="plain text prompts (default: wrapped in the tokenizer's chat template)",
+    )
     from hf_lrp_surgery.circuits.cli import register as register_circuit
     from hf_lrp_surgery.hub import register as register_hub
 

@@ -17,8 +17,9 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 from torch import nn
 from tqdm.auto import tqdm
@@ -158,10 +159,16 @@ def detox_behaviour(scorer: Any = None, threshold: float = 0.5, max_new_tokens: 
         return [g[0] for (g, _), v in zip(scored, values) if v >= threshold]
 
     return Behaviour(
-        name="toxicity", prompt_set="provocative_prompts",
+        name="toxicity",
+        prompt_set="provocative_prompts",
         decoding=DecodingSettings(max_new_tokens=max_new_tokens),
         sampling=DecodingSettings(max_new_tokens=max_new_tokens, do_sample=True, top_p=0.95, num_return_sequences=8),
-        score=score, judge=judge, measure=measure, primary="toxicity_rate", lower_is_better=True, focus=focus,
+        score=score,
+        judge=judge,
+        measure=measure,
+        primary="toxicity_rate",
+        lower_is_better=True,
+        focus=focus,
         details={"scorer": toxicity_scorer.name, "threshold": threshold},
     )
 
@@ -185,8 +192,8 @@ def word_groups(tokenizer: Any, token_ids: Sequence[int]) -> list[list[int]]:
     groups: list[list[int]] = []
     previous = ""
     for j in range(len(token_ids)):
-        text = tokenizer.decode(list(token_ids[:j + 1]))
-        added = text[len(previous):] if text.startswith(previous) else text[-1:]
+        text = tokenizer.decode(list(token_ids[: j + 1]))
+        added = text[len(previous) :] if text.startswith(previous) else text[-1:]
         previous = text
         if not groups or added[:1].isspace():
             groups.append([j])
@@ -195,8 +202,9 @@ def word_groups(tokenizer: Any, token_ids: Sequence[int]) -> list[list[int]]:
     return groups
 
 
-def repetition_behaviour(max_new_tokens: int = 50, loop_below: float = 0.5, fine_above: float = 0.7,
-                         use_chat_template: bool = True) -> Behaviour:
+def repetition_behaviour(
+    max_new_tokens: int = 50, loop_below: float = 0.5, fine_above: float = 0.7, use_chat_template: bool = True
+) -> Behaviour:
     """Looping responses (Response Uniqueness Ratio below ``loop_below``) of repetition-inducing prompts.
 
     The shipped prompts are instructions for an instruct model, so they are wrapped in the tokenizer's
@@ -230,14 +238,25 @@ def repetition_behaviour(max_new_tokens: int = 50, loop_below: float = 0.5, fine
         return {"rur_mean": sum(ratios) / len(ratios), "loop_rate": sum(r < loop_below for r in ratios) / len(ratios)}
 
     return Behaviour(
-        name="repetition", prompt_set="repetition_prompts",
+        name="repetition",
+        prompt_set="repetition_prompts",
         decoding=DecodingSettings(max_new_tokens=max_new_tokens, use_chat_template=use_chat_template),
-        sampling=DecodingSettings(max_new_tokens=max_new_tokens, do_sample=True, top_p=0.95, num_return_sequences=4,
-                                  use_chat_template=use_chat_template),
-        score=score, judge=judge, measure=measure, primary="rur_mean", lower_is_better=False,
+        sampling=DecodingSettings(
+            max_new_tokens=max_new_tokens,
+            do_sample=True,
+            top_p=0.95,
+            num_return_sequences=4,
+            use_chat_template=use_chat_template,
+        ),
+        score=score,
+        judge=judge,
+        measure=measure,
+        primary="rur_mean",
+        lower_is_better=False,
         focus=lambda tokenizer, generation: repeated_positions(generation.token_ids),
         details={"loop_below": loop_below, "fine_above": fine_above, "chat_template": use_chat_template},
-        granularity="heads", budgets=(2, 5, 10, 15, 20),
+        granularity="heads",
+        budgets=(2, 5, 10, 15, 20),
     )
 
 
@@ -257,9 +276,15 @@ def repeated_positions(token_ids: Sequence[int]) -> list[int]:
     return out
 
 
-def paired_contrast_sets(model: nn.Module, tokenizer: Any, prompts: Sequence[str], behaviour: Behaviour, *,
-                         focus: bool = True,
-                         progress: bool = True) -> tuple[list[ReferenceSample], list[ReferenceSample]]:
+def paired_contrast_sets(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    behaviour: Behaviour,
+    *,
+    focus: bool = True,
+    progress: bool = True,
+) -> tuple[list[ReferenceSample], list[ReferenceSample]]:
     """Sample continuations (and decode the greedy one) and keep the undesired and the desired ones of the
     same prompts.
 
@@ -282,8 +307,9 @@ def paired_contrast_sets(model: nn.Module, tokenizer: Any, prompts: Sequence[str
         ReferenceSetError: No prompt got both an undesired and a desired continuation.
     """
     # The sampled continuations plus the greedy one, which is what the evaluation decodes.
-    generations = (generate(model, tokenizer, prompts, behaviour.sampling, progress=progress)
-                   + generate(model, tokenizer, prompts, behaviour.decoding, progress=progress))
+    generations = generate(model, tokenizer, prompts, behaviour.sampling, progress=progress) + generate(
+        model, tokenizer, prompts, behaviour.decoding, progress=progress
+    )
     by_prompt: dict[int, dict[str, list[Generation]]] = {}
     for generation, value in zip(generations, behaviour.score(generations)):
         verdict = behaviour.judge(value)
@@ -346,7 +372,7 @@ class GeneralReference:
     perplexity: float
 
     @classmethod
-    def of(cls, model: nn.Module, tokenizer: Any, prompts: Sequence[str], texts: Sequence[str]) -> "GeneralReference":
+    def of(cls, model: nn.Module, tokenizer: Any, prompts: Sequence[str], texts: Sequence[str]) -> GeneralReference:
         """Measure the original ``model``'s perplexity on ``texts`` once.
 
         Example:
@@ -355,8 +381,9 @@ class GeneralReference:
         """
         return cls(list(prompts), list(texts), perplexity(model, tokenizer, list(texts), progress=False))
 
-    def cost(self, original: nn.Module, candidate: nn.Module, tokenizer: Any,
-             limits: GeneralLimits) -> tuple[float, float, float, bool]:
+    def cost(
+        self, original: nn.Module, candidate: nn.Module, tokenizer: Any, limits: GeneralLimits
+    ) -> tuple[float, float, float, bool]:
         """``(KL, perplexity, relative perplexity increase, within limits)`` of ``candidate``."""
         kl = next_token_kl(original, candidate, tokenizer, self.prompts, progress=False)
         ppl = perplexity(candidate, tokenizer, self.texts, progress=False)
@@ -364,11 +391,22 @@ class GeneralReference:
         return kl, ppl, increase, kl <= limits.max_kl and increase <= limits.max_perplexity_increase
 
 
-def budget_search(model: nn.Module, tokenizer: Any, scores: Scores, behaviour: Behaviour, *,
-                  validation_prompts: Sequence[str], general_prompts: Sequence[str], general_texts: Sequence[str],
-                  budgets: Sequence[int], granularity: Granularity = "neurons", limits: GeneralLimits = GeneralLimits(),
-                  scope: Literal["global", "per_layer"] = "global", modules: Sequence[str] | None = None,
-                  progress: bool = True) -> tuple[list[FrontierPoint], FrontierPoint]:
+def budget_search(
+    model: nn.Module,
+    tokenizer: Any,
+    scores: Scores,
+    behaviour: Behaviour,
+    *,
+    validation_prompts: Sequence[str],
+    general_prompts: Sequence[str],
+    general_texts: Sequence[str],
+    budgets: Sequence[int],
+    granularity: Granularity = "neurons",
+    limits: GeneralLimits = GeneralLimits(),
+    scope: Literal["global", "per_layer"] = "global",
+    modules: Sequence[str] | None = None,
+    progress: bool = True,
+) -> tuple[list[FrontierPoint], FrontierPoint]:
     """Measure effect and cost at each budget; the chosen point is the best effect within the limits.
 
     Args:
@@ -394,7 +432,9 @@ def budget_search(model: nn.Module, tokenizer: Any, scores: Scores, behaviour: B
     for budget in tqdm(sorted(budgets), desc="budget search", unit="budget", disable=not progress, leave=False):
         mask = select(scores, granularity, int(budget), scope=scope, modules=modules)
         candidate = apply_masks(model, mask, "bake").model
-        effect = behaviour.measure(generate(candidate, tokenizer, validation_prompts, behaviour.decoding, progress=False))
+        effect = behaviour.measure(
+            generate(candidate, tokenizer, validation_prompts, behaviour.decoding, progress=False)
+        )
         kl, ppl, increase, ok = general.cost(model, candidate, tokenizer, limits)
         points.append(FrontierPoint(int(budget), effect, kl, ppl, increase, ok))
         del candidate
@@ -447,15 +487,29 @@ def recipe_split(items: Sequence[str], validation_share: float = 0.4) -> tuple[l
     return list(items[:cut]), list(items[cut:])
 
 
-def run_recipe(model: nn.Module, tokenizer: Any, behaviour: Behaviour, output: str | os.PathLike[str], *,
-               budgets: Sequence[int] | None = None, granularity: Granularity | None = None,
-               method: Method = "lrp", normalize: str = "total", protect_top: float = 0.05,
-               seed: str = "logit", focus: bool = True, limits: GeneralLimits = GeneralLimits(),
-               validation_share: float = 0.4,
-               scope: Literal["global", "per_layer"] = "global", modules: Sequence[str] | None = None,
-               base_model_name_or_path: str | None = None, model_name: str | None = None,
-               prompts: Mapping[str, Sequence[str]] | None = None, batch_size: int = 8,
-               progress: bool = True) -> RecipeResult:
+def run_recipe(
+    model: nn.Module,
+    tokenizer: Any,
+    behaviour: Behaviour,
+    output: str | os.PathLike[str],
+    *,
+    budgets: Sequence[int] | None = None,
+    granularity: Granularity | None = None,
+    method: Method = "lrp",
+    normalize: str = "total",
+    protect_top: float = 0.05,
+    seed: str = "logit",
+    focus: bool = True,
+    limits: GeneralLimits = GeneralLimits(),
+    validation_share: float = 0.4,
+    scope: Literal["global", "per_layer"] = "global",
+    modules: Sequence[str] | None = None,
+    base_model_name_or_path: str | None = None,
+    model_name: str | None = None,
+    prompts: Mapping[str, Sequence[str]] | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> RecipeResult:
     """Attribute, search the budget, apply and save, then measure once on the held-out split.
 
     Args:
@@ -500,32 +554,54 @@ def run_recipe(model: nn.Module, tokenizer: Any, behaviour: Behaviour, output: s
     timer = time.perf_counter
     seconds: dict[str, float] = {}
     start = timer()
-    prompt_sets = dict(prompts) if prompts is not None else {
-        split: shipped_set(behaviour.prompt_set, split) for split in ("train", "heldout")}
+    prompt_sets = (
+        dict(prompts)
+        if prompts is not None
+        else {split: shipped_set(behaviour.prompt_set, split) for split in ("train", "heldout")}
+    )
     attribution_prompts, validation_prompts = recipe_split(list(prompt_sets["train"]), validation_share)
-    undesired, desired = paired_contrast_sets(model, tokenizer, attribution_prompts, behaviour, focus=focus,
-                                              progress=progress)
+    undesired, desired = paired_contrast_sets(
+        model, tokenizer, attribution_prompts, behaviour, focus=focus, progress=progress
+    )
     seconds["reference_sets"] = timer() - start
 
     start = timer()
     surgeon = Surgeon(model, tokenizer, batch_size=batch_size, progress=progress)
     components = ("weights",) if granularity == "weights" else (granularity,)
-    scores = surgeon.contrast(undesired=undesired, general=desired, method=method, components=components,
-                              normalize=normalize, protect_top=protect_top, seed=seed)  # type: ignore[arg-type]
+    scores = surgeon.contrast(
+        undesired=undesired,
+        general=desired,
+        method=method,
+        components=components,
+        normalize=normalize,
+        protect_top=protect_top,
+        seed=seed,
+    )  # type: ignore[arg-type]
     seconds["attribution"] = timer() - start
 
     start = timer()
     frontier, chosen = budget_search(
-        model, tokenizer, scores, behaviour, validation_prompts=validation_prompts,
-        general_prompts=shipped_set("neutral_prompts", "train"), general_texts=shipped_set("general_text", "train"),
-        budgets=budgets, granularity=granularity, limits=limits, scope=scope, modules=modules, progress=progress,
+        model,
+        tokenizer,
+        scores,
+        behaviour,
+        validation_prompts=validation_prompts,
+        general_prompts=shipped_set("neutral_prompts", "train"),
+        general_texts=shipped_set("general_text", "train"),
+        budgets=budgets,
+        granularity=granularity,
+        limits=limits,
+        scope=scope,
+        modules=modules,
+        progress=progress,
     )
     seconds["budget_search"] = timer() - start
 
     start = timer()
     heldout_prompts = list(prompt_sets["heldout"])
-    general = GeneralReference.of(model, tokenizer, shipped_set("neutral_prompts", "heldout"),
-                                  shipped_set("general_text", "heldout"))
+    general = GeneralReference.of(
+        model, tokenizer, shipped_set("neutral_prompts", "heldout"), shipped_set("general_text", "heldout")
+    )
     before = behaviour.measure(generate(model, tokenizer, heldout_prompts, behaviour.decoding, progress=progress))
     heldout: dict[str, Any] = {"before": {**before, "perplexity": general.perplexity}}
     mask: Mask | None = None
@@ -533,41 +609,67 @@ def run_recipe(model: nn.Module, tokenizer: Any, behaviour: Behaviour, output: s
     if chosen.budget > 0:
         mask = select(scores, granularity, chosen.budget, scope=scope, modules=modules)
         baked = apply_masks(model, mask, "bake")
-        after = behaviour.measure(generate(baked.model, tokenizer, heldout_prompts, behaviour.decoding,
-                                           progress=progress))
+        after = behaviour.measure(
+            generate(baked.model, tokenizer, heldout_prompts, behaviour.decoding, progress=progress)
+        )
         kl, ppl, increase, ok = general.cost(model, baked.model, tokenizer, limits)
-        heldout["after"] = {**after, "perplexity": ppl, "kl": kl, "perplexity_increase": increase,
-                            "within_limits": ok}
+        heldout["after"] = {**after, "perplexity": ppl, "kl": kl, "perplexity_increase": increase, "within_limits": ok}
     seconds["heldout_evaluation"] = timer() - start
 
-    settings = {"model": model_name or getattr(model, "name_or_path", None),
-                "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "budgets": list(budgets),
-                "granularity": granularity, "method": method, "normalize": normalize,
-                "protect_top": protect_top, "seed": seed, "focus": focus, "limits": asdict(limits),
-                "validation_share": validation_share, "scope": scope, "modules": list(modules) if modules else None,
-                "prompts": "shipped" if prompts is None else "given",
-                "decoding": behaviour.decoding.to_dict(), "sampling": behaviour.sampling.to_dict(),
-                **behaviour.details}
-    result = RecipeResult(behaviour.name, settings, {"undesired": len(undesired), "desired": len(desired)},
-                          frontier, chosen.budget, heldout, seconds)
+    settings = {
+        "model": model_name or getattr(model, "name_or_path", None),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "budgets": list(budgets),
+        "granularity": granularity,
+        "method": method,
+        "normalize": normalize,
+        "protect_top": protect_top,
+        "seed": seed,
+        "focus": focus,
+        "limits": asdict(limits),
+        "validation_share": validation_share,
+        "scope": scope,
+        "modules": list(modules) if modules else None,
+        "prompts": "shipped" if prompts is None else "given",
+        "decoding": behaviour.decoding.to_dict(),
+        "sampling": behaviour.sampling.to_dict(),
+        **behaviour.details,
+    }
+    result = RecipeResult(
+        behaviour.name,
+        settings,
+        {"undesired": len(undesired), "desired": len(desired)},
+        frontier,
+        chosen.budget,
+        heldout,
+        seconds,
+    )
     _save(result, output, scores, mask, baked, model, tokenizer, base_model_name_or_path, behaviour)
     return result
 
 
-def _save(result: RecipeResult, output: str | os.PathLike[str], scores: Scores, mask: Mask | None,
-          baked: CorrectedModel | None, model: nn.Module, tokenizer: Any, base_model_name_or_path: str | None,
-          behaviour: Behaviour) -> None:
+def _save(
+    result: RecipeResult,
+    output: str | os.PathLike[str],
+    scores: Scores,
+    mask: Mask | None,
+    baked: CorrectedModel | None,
+    model: nn.Module,
+    tokenizer: Any,
+    base_model_name_or_path: str | None,
+    behaviour: Behaviour,
+) -> None:
     from hf_lrp_surgery.plots import plot_frontier, plot_mask_per_layer
 
     with atomic_directory(output) as tmp:
         scores.save(tmp / "scores")
         (tmp / "report.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
-        plot_frontier(result.frontier, behaviour.primary, tmp / "effect_vs_budget.png",
-                      chosen=result.chosen_budget)
+        plot_frontier(result.frontier, behaviour.primary, tmp / "effect_vs_budget.png", chosen=result.chosen_budget)
         if mask is not None and baked is not None:
             mask.save(tmp / "mask")
             plot_mask_per_layer(mask, tmp / "mask_per_layer.png")
             baked.save(tmp / "baked", tokenizer=tokenizer)
             if mask.granularity != "weights":  # weight masks have no adapter form
-                apply_masks(model, mask, "adapter").save(tmp / "adapter", tokenizer=tokenizer,
-                                                          base_model_name_or_path=base_model_name_or_path)
+                apply_masks(model, mask, "adapter").save(
+                    tmp / "adapter", tokenizer=tokenizer, base_model_name_or_path=base_model_name_or_path
+                )

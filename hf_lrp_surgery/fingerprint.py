@@ -47,9 +47,7 @@ _VOLATILE_CONFIG_KEYS = frozenset(
 # updates (optimizer steps, baking a mask) bump a parameter's ``_version``, which invalidates it; fused
 # optimizer kernels (AdamW(fused=True), the Trainer's default) do not, so a few strided elements of
 # every parameter are part of the key too.
-_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], ModelFingerprint]]" = (
-    weakref.WeakKeyDictionary()
-)
+_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], ModelFingerprint]] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -73,11 +71,11 @@ class ModelFingerprint:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelFingerprint":
+    def from_dict(cls, data: dict[str, Any]) -> ModelFingerprint:
         """Rebuild a fingerprint saved with :meth:`to_dict`."""
         return cls(**{key: data[key] for key in ("model_type", "config_sha256", "weights_blake2b", "num_parameters")})
 
-    def same_architecture(self, other: "ModelFingerprint") -> bool:
+    def same_architecture(self, other: ModelFingerprint) -> bool:
         """Whether ``other`` is the same model type and configuration (the weights may differ).
 
         Args:
@@ -128,8 +126,10 @@ def fingerprint(model: nn.Module) -> ModelFingerprint:
         >>> fp.short()  # doctest: +SKIP
         'llama:3f2a9c1d07b4'
     """
-    versions = tuple((p._version, float(p.detach().reshape(-1)[:: max(1, p.numel() // 16)].double().sum()))
-                     for p in model.parameters())
+    versions = tuple(
+        (p._version, float(p.detach().reshape(-1)[:: max(1, p.numel() // 16)].double().sum()))
+        for p in model.parameters()
+    )
     cached = _CACHE.get(model)
     if cached is not None and cached[0] == versions:
         return cached[1]
@@ -161,8 +161,10 @@ def check_fingerprint(expected: ModelFingerprint, model: nn.Module, *, what: str
     if actual == expected:
         return
     if (actual.model_type, actual.config_sha256) != (expected.model_type, expected.config_sha256):
-        detail = f"a different architecture ({expected.model_type} config {expected.config_sha256[:12]} vs " \
-                 f"{actual.model_type} config {actual.config_sha256[:12]})"
+        detail = (
+            f"a different architecture ({expected.model_type} config {expected.config_sha256[:12]} vs "
+            f"{actual.model_type} config {actual.config_sha256[:12]})"
+        )
     else:
         detail = f"different weights ({expected.short()} vs {actual.short()})"
     raise FingerprintMismatchError(

@@ -34,7 +34,7 @@ from torch import nn
 from hf_lrp_surgery.apply import CHECK_FILE, SURGERY_DIR, CorrectedModel, load_corrected, read_surgery
 from hf_lrp_surgery.exceptions import ModelLoadError, PublishError, PushError
 from hf_lrp_surgery.io import write_json_atomic
-from hf_lrp_surgery.modelcard import is_hub_id, card_from_recipe, write_card
+from hf_lrp_surgery.modelcard import card_from_recipe, is_hub_id, write_card
 
 __all__ = ["PublishError", "PushError", "load_from_hub", "push_or_warn", "push_to_hub", "register"]
 
@@ -43,9 +43,17 @@ logger = logging.getLogger(__name__)
 #: Remote files a push replaces or removes when the local model has none of them: the surgery record
 #: and both carriers' model files (so a repo switched from baked to adapter, or back, holds one form).
 _MODEL_FILES = [
-    f"{SURGERY_DIR}/*", "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "config.json",
-    "generation_config.json", "model.safetensors", "model-*.safetensors", "model.safetensors.index.json",
-    "pytorch_model*.bin", "pytorch_model.bin.index.json",
+    f"{SURGERY_DIR}/*",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model-*.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model.bin.index.json",
 ]
 _CHECK_FILE = f"{SURGERY_DIR}/{CHECK_FILE}"
 PushReason = Literal["network", "offline", "auth", "conflict", "rejected", "unknown"]
@@ -72,12 +80,27 @@ def _prepare_adapter_base(directory: Path, carrier: str, saved_base: str | None,
         write_json_atomic(directory / _CHECK_FILE, {**check, "base_model_name_or_path": target})
 
 
-def _retry_command(directory: Path, repo_id: str, *, private: bool | None, revision: str | None, create_pr: bool,
-                   endpoint: str | None, base_model: str | None, commit_message: str | None, card: bool,
-                   license: str | None) -> str:
+def _retry_command(
+    directory: Path,
+    repo_id: str,
+    *,
+    private: bool | None,
+    revision: str | None,
+    create_pr: bool,
+    endpoint: str | None,
+    base_model: str | None,
+    commit_message: str | None,
+    card: bool,
+    license: str | None,
+) -> str:
     parts = ["hf-lrp-surgery", "push", str(directory), repo_id]
-    for flag, value in (("--endpoint", endpoint), ("--revision", revision), ("--base-model", base_model),
-                        ("--commit-message", commit_message), ("--license", license)):
+    for flag, value in (
+        ("--endpoint", endpoint),
+        ("--revision", revision),
+        ("--base-model", base_model),
+        ("--commit-message", commit_message),
+        ("--license", license),
+    ):
         if value:
             parts += [flag, value]
     parts += ["--private"] if private else []
@@ -94,29 +117,46 @@ def _explain(err: Exception, endpoint: str, repo_id: str) -> tuple[PushReason, s
     if isinstance(err, OfflineModeIsEnabled):
         return "offline", "HF_HUB_OFFLINE is set, so huggingface_hub makes no network calls; unset it to push"
     if status == 401:
-        return "auth", (f"the Hub at {endpoint} refused the credentials (HTTP 401): set HF_TOKEN to a token with write "
-                        f"access to '{namespace}' (or pass token= / --token, or run `hf auth login`)")
+        return "auth", (
+            f"the Hub at {endpoint} refused the credentials (HTTP 401): set HF_TOKEN to a token with write "
+            f"access to '{namespace}' (or pass token= / --token, or run `hf auth login`)"
+        )
     if status == 403:
-        return "auth", (f"the token has no write access to '{namespace}' on {endpoint} (HTTP 403): use a token with "
-                        "write access, or push to a namespace you own")
+        return "auth", (
+            f"the token has no write access to '{namespace}' on {endpoint} (HTTP 403): use a token with "
+            "write access, or push to a namespace you own"
+        )
     if status in (409, 412):
         return "conflict", f"the repo changed while pushing (HTTP {status}: {err}); the retry pushes on top of it"
     if status is not None:
         return "rejected", f"the Hub at {endpoint} answered HTTP {status}: {err}"
     if type(err).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore") or isinstance(err, ConnectionError):
-        return "network", (f"cannot reach the Hub at {endpoint} ({type(err).__name__}: {err}); check the network, "
-                           "HF_ENDPOINT and any proxy settings")
+        return "network", (
+            f"cannot reach the Hub at {endpoint} ({type(err).__name__}: {err}); check the network, "
+            "HF_ENDPOINT and any proxy settings"
+        )
     if isinstance(err, ValueError):  # huggingface_hub's README metadata validation
         return "rejected", f"the Hub rejected the upload: {err}"
     return "unknown", f"{type(err).__name__}: {err}"
 
 
-def push_to_hub(directory_or_corrected: str | os.PathLike[str] | CorrectedModel, repo_id: str, *,
-                private: bool | None = None, commit_message: str | None = None,
-                commit_description: str | None = None, revision: str | None = None, create_pr: bool = False,
-                token: str | None = None, endpoint: str | None = None, base_model: str | None = None,
-                license: str | None = None, card: bool = True, tokenizer: Any = None,
-                local_dir: str | os.PathLike[str] | None = None) -> CommitInfo:
+def push_to_hub(
+    directory_or_corrected: str | os.PathLike[str] | CorrectedModel,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    token: str | None = None,
+    endpoint: str | None = None,
+    base_model: str | None = None,
+    license: str | None = None,
+    card: bool = True,
+    tokenizer: Any = None,
+    local_dir: str | os.PathLike[str] | None = None,
+) -> CommitInfo:
     """Push a corrected model, its mask manifest (``surgery/``) and its model card to a Hub repo.
 
     The repo is created if needed (``exist_ok``). Remote model files the local model does not have
@@ -182,18 +222,36 @@ def push_to_hub(directory_or_corrected: str | os.PathLike[str] | CorrectedModel,
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
         commit = api.upload_folder(
-            repo_id=repo_id, folder_path=directory, revision=revision, create_pr=create_pr,
+            repo_id=repo_id,
+            folder_path=directory,
+            revision=revision,
+            create_pr=create_pr,
             commit_message=commit_message or f"hf_lrp_surgery: corrected model ({what}) with its mask manifest",
-            commit_description=commit_description, delete_patterns=_MODEL_FILES,
+            commit_description=commit_description,
+            delete_patterns=_MODEL_FILES,
         )
     except Exception as err:  # every failure becomes one error that keeps the local copy and says how to retry
         reason, why = _explain(err, api.endpoint, repo_id)
-        retry = _retry_command(directory, repo_id, private=private, revision=revision, create_pr=create_pr,
-                               endpoint=endpoint, base_model=base_model, commit_message=commit_message,
-                               card=card, license=license)
-        raise PushError(f"pushing {directory} to {repo_id} failed: {why}. The local copy is intact at {directory}; "
-                        f"retry with: {retry}", reason=reason, directory=directory, repo_id=repo_id,
-                        retry_command=retry) from err
+        retry = _retry_command(
+            directory,
+            repo_id,
+            private=private,
+            revision=revision,
+            create_pr=create_pr,
+            endpoint=endpoint,
+            base_model=base_model,
+            commit_message=commit_message,
+            card=card,
+            license=license,
+        )
+        raise PushError(
+            f"pushing {directory} to {repo_id} failed: {why}. The local copy is intact at {directory}; "
+            f"retry with: {retry}",
+            reason=reason,
+            directory=directory,
+            repo_id=repo_id,
+            retry_command=retry,
+        ) from err
     _remove(temporary)
     return commit
 
@@ -203,8 +261,9 @@ def _remove(temporary: Path | None) -> None:
         shutil.rmtree(temporary, ignore_errors=True)
 
 
-def push_or_warn(directory_or_corrected: str | os.PathLike[str] | CorrectedModel, repo_id: str,
-                 **kwargs: Any) -> CommitInfo | None:
+def push_or_warn(
+    directory_or_corrected: str | os.PathLike[str] | CorrectedModel, repo_id: str, **kwargs: Any
+) -> CommitInfo | None:
     """:func:`push_to_hub` for a ``TrainerCallback``: a failed push is logged, not raised, so training goes on.
 
     Call it from the main process only (``state.is_world_process_zero``).
@@ -232,10 +291,18 @@ def push_or_warn(directory_or_corrected: str | os.PathLike[str] | CorrectedModel
 
 
 # -- load -------------------------------------------------------------------------------------
-def load_from_hub(repo_id_or_path: str | os.PathLike[str], *, revision: str | None = None,
-                  via: Literal["peft", "transformers"] = "peft", base_model: str | None = None,
-                  adapter_enabled: bool = True, dtype: torch.dtype | None = None, token: str | bool | None = None,
-                  endpoint: str | None = None, cache_dir: str | os.PathLike[str] | None = None) -> nn.Module:
+def load_from_hub(
+    repo_id_or_path: str | os.PathLike[str],
+    *,
+    revision: str | None = None,
+    via: Literal["peft", "transformers"] = "peft",
+    base_model: str | None = None,
+    adapter_enabled: bool = True,
+    dtype: torch.dtype | None = None,
+    token: str | bool | None = None,
+    endpoint: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> nn.Module:
     """Download a published corrected model (or take a local directory), load it and verify its mask.
 
     An adapter's base model is downloaded from the same endpoint with the same token (unless
@@ -277,8 +344,10 @@ def load_from_hub(repo_id_or_path: str | os.PathLike[str], *, revision: str | No
     if not local.is_dir():
         local = download(str(repo_id_or_path), revision)
     if not (local / _CHECK_FILE).is_file():
-        raise ModelLoadError(f"{repo_id_or_path} holds no {_CHECK_FILE}: it was not published by hf_lrp_surgery; load "
-                             "it with AutoModelForCausalLM.from_pretrained")
+        raise ModelLoadError(
+            f"{repo_id_or_path} holds no {_CHECK_FILE}: it was not published by hf_lrp_surgery; load "
+            "it with AutoModelForCausalLM.from_pretrained"
+        )
     _, carrier, _, saved_base = read_surgery(local)
     base = base_model or saved_base
     if carrier == "adapter" and base is not None and not Path(base).is_dir():
@@ -288,12 +357,23 @@ def load_from_hub(repo_id_or_path: str | os.PathLike[str], *, revision: str | No
 
 # -- command line -----------------------------------------------------------------------------
 def _push_command(args: argparse.Namespace) -> int:
-    commit = push_to_hub(args.directory, args.repo_id, private=args.private or None,
-                         commit_message=args.commit_message, revision=args.revision, create_pr=args.create_pr,
-                         token=args.token, endpoint=args.endpoint, base_model=args.base_model, license=args.license,
-                         card=not args.no_card)
-    print(f"pushed {args.directory} to {commit.repo_url}: commit {commit.oid}" +
-          (f", pull request {commit.pr_url}" if commit.pr_url else ""))
+    commit = push_to_hub(
+        args.directory,
+        args.repo_id,
+        private=args.private or None,
+        commit_message=args.commit_message,
+        revision=args.revision,
+        create_pr=args.create_pr,
+        token=args.token,
+        endpoint=args.endpoint,
+        base_model=args.base_model,
+        license=args.license,
+        card=not args.no_card,
+    )
+    print(
+        f"pushed {args.directory} to {commit.repo_url}: commit {commit.oid}"
+        + (f", pull request {commit.pr_url}" if commit.pr_url else "")
+    )
     return 0
 
 
@@ -318,19 +398,22 @@ def register(subparsers: Any) -> None:
             ``handler`` (a function of the parsed arguments returning the exit status).
     """
     push = subparsers.add_parser(
-        "push", help="push a corrected model with its mask manifest and model card to the Hub",
+        "push",
+        help="push a corrected model with its mask manifest and model card to the Hub",
         description="Push a saved corrected model directory (adapter or baked, with surgery/) to a Hub repo: create "
-                    "the repo if needed, write the model card, upload. The endpoint and token come from HF_ENDPOINT "
-                    "and HF_TOKEN (or --endpoint / --token). A failed push keeps the local copy and prints the "
-                    "command that retries it.")
+        "the repo if needed, write the model card, upload. The endpoint and token come from HF_ENDPOINT "
+        "and HF_TOKEN (or --endpoint / --token). A failed push keeps the local copy and prints the "
+        "command that retries it.",
+    )
     push.add_argument("directory", help="a directory written by a recipe, `correct` or `apply` (adapter/ or baked/)")
     push.add_argument("repo_id", help="namespace/name of the Hub repo")
     push.add_argument("--private", action="store_true", help="create the repo private")
     push.add_argument("--commit-message", help="commit summary")
     push.add_argument("--revision", help="branch to push to (main)")
     push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
-    push.add_argument("--base-model", help="Hub id of the base model (card; written into an adapter saved with a "
-                                           "local base path)")
+    push.add_argument(
+        "--base-model", help="Hub id of the base model (card; written into an adapter saved with a local base path)"
+    )
     push.add_argument("--license", help="license on the card (usually the base model's)")
     push.add_argument("--no-card", action="store_true", help="upload the directory's README.md as it is")
     push.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT or huggingface.co)")
@@ -338,10 +421,12 @@ def register(subparsers: Any) -> None:
     push.set_defaults(handler=_push_command)
 
     card = subparsers.add_parser(
-        "card", help="write model cards (README.md) for a recipe's output or a saved corrected model",
+        "card",
+        help="write model cards (README.md) for a recipe's output or a saved corrected model",
         description="Given a recipe output directory (report.json, baked/, adapter/), write a card into each model "
-                    "with the held-out results, the plots, the per-layer mask table and how to load and reproduce "
-                    "it; given a single saved corrected model, write its card.")
+        "with the held-out results, the plots, the per-layer mask table and how to load and reproduce "
+        "it; given a single saved corrected model, write its card.",
+    )
     card.add_argument("directory", help="a recipe output directory or a saved corrected model")
     card.add_argument("--base-model", help="Hub id of the base model")
     card.add_argument("--repo-id", help="for a single model: the repo it will be pushed to")

@@ -13,10 +13,11 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -72,7 +73,9 @@ class Mask:
             raise ValueError(f"mask names modules the layout does not have for {self.granularity}: {unknown[:3]}")
         for name, idx in self.indices.items():
             if idx.dtype != torch.int64 or idx.dim() != 1:
-                raise ValueError(f"mask indices of {name} must be a 1-D int64 tensor, got {idx.dtype} {tuple(idx.shape)}")
+                raise ValueError(
+                    f"mask indices of {name} must be a 1-D int64 tensor, got {idx.dtype} {tuple(idx.shape)}"
+                )
 
     # -- reading ------------------------------------------------------------------------------
     def carriers(self) -> tuple[str, ...]:
@@ -131,9 +134,11 @@ class Mask:
         else:
             per_layer_total = [units] * self.layout.num_layers
         scores = self.provenance.get("scores", {})
-        lines = [f"{self.count} {self.granularity} pruned, model {self.fingerprint.short()}, "
-                 f"scores: {scores.get('method', '?')}, selection: {self.provenance.get('selection', {})}",
-                 f"{'layer':>5} {'pruned':>8} {'of':>10} {'share':>8}"]
+        lines = [
+            f"{self.count} {self.granularity} pruned, model {self.fingerprint.short()}, "
+            f"scores: {scores.get('method', '?')}, selection: {self.provenance.get('selection', {})}",
+            f"{'layer':>5} {'pruned':>8} {'of':>10} {'share':>8}",
+        ]
         for layer, (count, total) in enumerate(zip(self.per_layer(), per_layer_total)):
             share = f"{100 * count / total:.2f}%" if total else "-"
             lines.append(f"{layer:>5} {count:>8} {total or '-':>10} {share:>8}")
@@ -177,7 +182,7 @@ class Mask:
         (directory / _META_FILE).write_text(json.dumps(self.manifest(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str]) -> "Mask":
+    def load(cls, directory: str | os.PathLike[str]) -> Mask:
         """Load a mask saved with :meth:`save`.
 
         Raises:
@@ -199,7 +204,9 @@ class Mask:
             created=meta.get("created", ""),
         )
         if mask.count != meta["count"]:
-            raise ValueError(f"{directory}: the manifest says {meta['count']} pruned units, the tensors hold {mask.count}")
+            raise ValueError(
+                f"{directory}: the manifest says {meta['count']} pruned units, the tensors hold {mask.count}"
+            )
         return mask
 
 
@@ -217,8 +224,10 @@ def _budget_count(budget: int | float, eligible: int, what: str) -> int:
     if budget <= 0:
         raise BudgetError(f"budget must be >= 1, got {budget}")
     if budget > eligible:
-        raise BudgetError(f"budget {budget} exceeds the {eligible} {what} that may be pruned (protected components "
-                          "and modules outside the chosen groups do not count); lower it")
+        raise BudgetError(
+            f"budget {budget} exceeds the {eligible} {what} that may be pruned (protected components "
+            "and modules outside the chosen groups do not count); lower it"
+        )
     return int(budget)
 
 
@@ -232,11 +241,19 @@ def _match_groups(layout: Layout, modules: Sequence[str] | None) -> list[str]:
     roles = sorted({role for _, role in layout.weight_modules.values()})
     chosen: list[str] = []
     for pattern in modules:
-        hits = [n for n in names if any(fnmatch.fnmatchcase(key, pattern) for key in
-                                        (layout.weight_modules[n][1], layout.weight_modules[n][1].rsplit(".", 1)[-1], n))]
+        hits = [
+            n
+            for n in names
+            if any(
+                fnmatch.fnmatchcase(key, pattern)
+                for key in (layout.weight_modules[n][1], layout.weight_modules[n][1].rsplit(".", 1)[-1], n)
+            )
+        ]
         if not hits:
-            raise ModuleGroupError(f"module group {pattern!r} matches no prunable module; the model's groups are "
-                                   f"{roles} (glob patterns such as 'mlp.*' work)")
+            raise ModuleGroupError(
+                f"module group {pattern!r} matches no prunable module; the model's groups are "
+                f"{roles} (glob patterns such as 'mlp.*' work)"
+            )
         chosen += [n for n in hits if n not in chosen]
     return [n for n in names if n in chosen]
 
@@ -330,11 +347,17 @@ def select(
                 indices[name] = _lowest(groups[name], share).sort().values
     provenance: dict[str, Any] = {
         "scores": {"method": scores.method, "settings": scores.settings, "num_samples": scores.num_samples},
-        "selection": {"granularity": granularity, "budget": budget, "count": count, "scope": scope,
-                      "modules": list(modules) if isinstance(modules, (list, tuple)) else modules,
-                      "layers": sorted(chosen_layers) if layers is not None else None},
+        "selection": {
+            "granularity": granularity,
+            "budget": budget,
+            "count": count,
+            "scope": scope,
+            "modules": list(modules) if isinstance(modules, (list, tuple)) else modules,
+            "layers": sorted(chosen_layers) if layers is not None else None,
+        },
     }
     if granularity == "weights":
         provenance["module_sizes"] = {name: int(groups[name].numel()) for name in groups}
-    return Mask(granularity=granularity, fingerprint=scores.fingerprint, layout=layout, indices=indices,
-                provenance=provenance)
+    return Mask(
+        granularity=granularity, fingerprint=scores.fingerprint, layout=layout, indices=indices, provenance=provenance
+    )

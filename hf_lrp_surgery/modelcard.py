@@ -25,9 +25,10 @@ import platform
 import re
 import shlex
 import shutil
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -111,12 +112,19 @@ def _eval_results(report: Mapping[str, Any]) -> list[EvalResult]:
                 continue
             shipped = _dataset(behaviour, key)
             name = _METRICS[key][0] + (" (base model, before surgery)" if label else "")
-            results.append(EvalResult(
-                task_type="text-generation", task_name="Text generation",
-                dataset_type=f"hf_lrp_surgery/{shipped}", dataset_name=f"hf_lrp_surgery {shipped}",
-                dataset_split="heldout", metric_type=key, metric_name=name, metric_value=float(value),
-                metric_config=label,
-            ))
+            results.append(
+                EvalResult(
+                    task_type="text-generation",
+                    task_name="Text generation",
+                    dataset_type=f"hf_lrp_surgery/{shipped}",
+                    dataset_name=f"hf_lrp_surgery {shipped}",
+                    dataset_split="heldout",
+                    metric_type=key,
+                    metric_name=name,
+                    metric_value=float(value),
+                    metric_config=label,
+                )
+            )
     return results
 
 
@@ -124,12 +132,20 @@ def _results_section(report: Mapping[str, Any], plots: Sequence[str]) -> list[st
     behaviour = report.get("behaviour")
     before, after = report.get("heldout", {}).get("before", {}), report.get("heldout", {}).get("after", {})
     given = report.get("settings", {}).get("prompts") == "given"
-    where = ("of the user-given behaviour prompts (general text and neutral prompts: the sets shipped with "
-             "`hf_lrp_surgery`)" if given else "of the sets shipped with `hf_lrp_surgery`")
-    lines = ["## Results", "",
-             f"Measured once on the held-out split {where}, which nothing was "
-             "tuned on (the budget was chosen on validation prompts from the train split).", "",
-             "| metric | measured on (held-out) | base model | corrected | change |", "|---|---|---|---|---|"]
+    where = (
+        "of the user-given behaviour prompts (general text and neutral prompts: the sets shipped with `hf_lrp_surgery`)"
+        if given
+        else "of the sets shipped with `hf_lrp_surgery`"
+    )
+    lines = [
+        "## Results",
+        "",
+        f"Measured once on the held-out split {where}, which nothing was "
+        "tuned on (the budget was chosen on validation prompts from the train split).",
+        "",
+        "| metric | measured on (held-out) | base model | corrected | change |",
+        "|---|---|---|---|---|",
+    ]
     for key, (name, _, lower_is_better) in _METRICS.items():
         if key not in before and key not in after:
             continue
@@ -140,23 +156,31 @@ def _results_section(report: Mapping[str, Any], plots: Sequence[str]) -> list[st
             relative = f" ({100 * delta / old:+.1f}%)" if old else ""
             better = (delta < 0) == lower_is_better if delta else None
             change = f"{delta:+.4g}{relative}" + {True: " better", False: " worse", None: ""}[better]
-        lines.append(f"| {name} | `{_dataset(behaviour, key)}` | {_fmt(old) if old is not None else '-'} | "
-                     f"{_fmt(new) if new is not None else '-'} | {change} |")
+        lines.append(
+            f"| {name} | `{_dataset(behaviour, key)}` | {_fmt(old) if old is not None else '-'} | "
+            f"{_fmt(new) if new is not None else '-'} | {change} |"
+        )
     settings = report.get("settings", {})
     limits, decoding = settings.get("limits", {}), settings.get("decoding", {})
     lines += [""]
     if decoding:
         sampled = "sampled" if decoding.get("do_sample") else "greedy"
-        lines.append(f"Generations: {sampled}, {decoding.get('max_new_tokens')} new tokens"
-                     f"{', chat template' if decoding.get('use_chat_template') else ''}.")
+        lines.append(
+            f"Generations: {sampled}, {decoding.get('max_new_tokens')} new tokens"
+            f"{', chat template' if decoding.get('use_chat_template') else ''}."
+        )
     if behaviour == "toxicity":
-        lines.append(f"Toxicity scorer: {settings.get('scorer', 'the recipe default, alt-profanity-check')} (a "
-                     "profanity/offence classifier run offline, not a full toxicity model), threshold "
-                     f"{settings.get('threshold', 0.5)}.")
+        lines.append(
+            f"Toxicity scorer: {settings.get('scorer', 'the recipe default, alt-profanity-check')} (a "
+            "profanity/offence classifier run offline, not a full toxicity model), threshold "
+            f"{settings.get('threshold', 0.5)}."
+        )
     if limits:
-        lines.append(f"General-behaviour limits of the budget search: KL <= {limits.get('max_kl')}, perplexity "
-                     f"+<= {100 * float(limits.get('max_perplexity_increase', 0)):.3g}%; chosen budget "
-                     f"{report.get('chosen_budget')} of {settings.get('budgets')}.")
+        lines.append(
+            f"General-behaviour limits of the budget search: KL <= {limits.get('max_kl')}, perplexity "
+            f"+<= {100 * float(limits.get('max_perplexity_increase', 0)):.3g}%; chosen budget "
+            f"{report.get('chosen_budget')} of {settings.get('budgets')}."
+        )
     if "effect_vs_budget.png" in plots:
         lines += ["", "![Effect and general-behaviour cost per budget](surgery/effect_vs_budget.png)"]
     return lines + [""]
@@ -176,32 +200,45 @@ def _pruned_section(masks: Sequence[Mask], carrier: str, plots: Sequence[str]) -
     what = {"neurons": "MLP neurons", "heads": "attention heads", "weights": "weights"}
     lines = ["## What was pruned", ""]
     if carrier == "adapter":
-        lines.append("An IA3 adapter whose vectors are 1 everywhere except 0 on the pruned units, at the input of the "
-                     "MLP / attention output projections: exactly the pruned model while enabled, exactly the base "
-                     "model when disabled. Keep it unmerged to be able to switch it off.")
+        lines.append(
+            "An IA3 adapter whose vectors are 1 everywhere except 0 on the pruned units, at the input of the "
+            "MLP / attention output projections: exactly the pruned model while enabled, exactly the base "
+            "model when disabled. Keep it unmerged to be able to switch it off."
+        )
     else:
-        lines.append("The pruned units are zeros in the weights (for a neuron: its column of the MLP output projection "
-                     "and its rows of the input projections; for a head: its columns of the attention output "
-                     "projection), so this is an ordinary checkpoint.")
+        lines.append(
+            "The pruned units are zeros in the weights (for a neuron: its column of the MLP output projection "
+            "and its rows of the input projections; for a head: its columns of the attention output "
+            "projection), so this is an ordinary checkpoint."
+        )
     for mask in masks:
         totals = _units_per_layer(mask)
         total = sum(totals)
         scores = mask.provenance.get("scores", {})
         selection = mask.provenance.get("selection", {})
-        lines += ["", f"### {mask.count} {what[mask.granularity]}"
-                      f"{f' of {total} ({100 * mask.count / total:.3g}%)' if total else ''}", "",
-                  f"- scores: `{scores.get('method', '?')}` "
-                  f"({', '.join(f'{k}={v}' for k, v in _flat_options(scores.get('settings', {})).items())})",
-                  f"- selection: {', '.join(f'{k}={v}' for k, v in selection.items() if v is not None)}",
-                  f"- base model fingerprint: `{mask.fingerprint.short()}` (config and weights; the mask refuses "
-                  "any other model)", "",
-                  "| layer | pruned | of | share |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"### {mask.count} {what[mask.granularity]}"
+            f"{f' of {total} ({100 * mask.count / total:.3g}%)' if total else ''}",
+            "",
+            f"- scores: `{scores.get('method', '?')}` "
+            f"({', '.join(f'{k}={v}' for k, v in _flat_options(scores.get('settings', {})).items())})",
+            f"- selection: {', '.join(f'{k}={v}' for k, v in selection.items() if v is not None)}",
+            f"- base model fingerprint: `{mask.fingerprint.short()}` (config and weights; the mask refuses "
+            "any other model)",
+            "",
+            "| layer | pruned | of | share |",
+            "|---|---|---|---|",
+        ]
         for layer, (count, of) in enumerate(zip(mask.per_layer(), totals)):
             lines.append(f"| {layer} | {count} | {of or '-'} | {f'{100 * count / of:.2f}%' if of else '-'} |")
     if "mask_per_layer.png" in plots:
         lines += ["", "![Pruned units per layer](surgery/mask_per_layer.png)"]
-    lines += ["", f"The full mask (indices per module, manifest with method, options and fingerprint) is in "
-                  f"`{SURGERY_DIR}/`, with `check.json` (probe logits that recognise this model after loading)."]
+    lines += [
+        "",
+        f"The full mask (indices per module, manifest with method, options and fingerprint) is in "
+        f"`{SURGERY_DIR}/`, with `check.json` (probe logits that recognise this model after loading).",
+    ]
     return lines + [""]
 
 
@@ -219,20 +256,41 @@ def _usage_section(repo: str, carrier: str, base_model: str | None) -> list[str]
     base = base_model or "<base model id>"
     lines = ["## How to use", ""]
     if carrier == "bake":
-        lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-                  f'model = AutoModelForCausalLM.from_pretrained("{repo}")',
-                  f'tokenizer = AutoTokenizer.from_pretrained("{repo}")  # if the tokenizer was saved here, else '
-                  "from the base model", "```"]
+        lines += [
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f'model = AutoModelForCausalLM.from_pretrained("{repo}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo}")  # if the tokenizer was saved here, else '
+            "from the base model",
+            "```",
+        ]
     else:
-        lines += ["```python", "from transformers import AutoModelForCausalLM", "from peft import PeftModel", "",
-                  "# with peft installed, transformers loads the base model and the adapter in one call:",
-                  f'model = AutoModelForCausalLM.from_pretrained("{repo}")', "", "# or explicitly:",
-                  f'base = AutoModelForCausalLM.from_pretrained("{base}")',
-                  f'model = PeftModel.from_pretrained(base, "{repo}")',
-                  "with model.disable_adapter():  # the original model, exactly", "    ...", "```"]
-    lines += ["", "Load and prove the mask is carried (exact zeros where the manifest says, and the probe logits of "
-                  "the corrected model; a silently dropped adapter is an error, not a no-op):", "", "```python",
-              "from hf_lrp_surgery.hub import load_from_hub", "", f'model = load_from_hub("{repo}")']
+        lines += [
+            "```python",
+            "from transformers import AutoModelForCausalLM",
+            "from peft import PeftModel",
+            "",
+            "# with peft installed, transformers loads the base model and the adapter in one call:",
+            f'model = AutoModelForCausalLM.from_pretrained("{repo}")',
+            "",
+            "# or explicitly:",
+            f'base = AutoModelForCausalLM.from_pretrained("{base}")',
+            f'model = PeftModel.from_pretrained(base, "{repo}")',
+            "with model.disable_adapter():  # the original model, exactly",
+            "    ...",
+            "```",
+        ]
+    lines += [
+        "",
+        "Load and prove the mask is carried (exact zeros where the manifest says, and the probe logits of "
+        "the corrected model; a silently dropped adapter is an error, not a no-op):",
+        "",
+        "```python",
+        "from hf_lrp_surgery.hub import load_from_hub",
+        "",
+        f'model = load_from_hub("{repo}")',
+    ]
     if carrier == "adapter":
         lines.append(f'original = load_from_hub("{repo}", adapter_enabled=False)  # the adapter switched off')
     return lines + ["```", ""]
@@ -243,10 +301,13 @@ def _reproduce_section(command: str | None, versions: Mapping[str, str]) -> list
     if command:
         lines += ["```bash", command, "```", ""]
     lines += ["| package | version |", "|---|---|"] + [f"| {k} | {v} |" for k, v in versions.items()]
-    lines += ["", "Method: attribution-guided pruning (Hatefi et al., *Attribution-Guided Pruning for Insight and "
-                  "Control*, arXiv 2506.13727) with AttnLRP relevance (Achtibat et al., ICML 2024), as implemented by "
-                  "`hf_lrp_surgery`: relevance of the model's own undesired and desired continuations of the same "
-                  "prompts is contrasted and the units least relevant to the desired behaviour are pruned."]
+    lines += [
+        "",
+        "Method: attribution-guided pruning (Hatefi et al., *Attribution-Guided Pruning for Insight and "
+        "Control*, arXiv 2506.13727) with AttnLRP relevance (Achtibat et al., ICML 2024), as implemented by "
+        "`hf_lrp_surgery`: relevance of the model's own undesired and desired continuations of the same "
+        "prompts is contrasted and the units least relevant to the desired behaviour are pruned.",
+    ]
     return lines + [""]
 
 
@@ -257,9 +318,15 @@ def _options(directory: Path, **given: Any) -> dict[str, Any]:
     return {key: value if value is not None else stored.get(key) for key, value in given.items()}
 
 
-def build_card(directory: str | os.PathLike[str], *, repo_id: str | None = None, base_model: str | None = None,
-               command: str | None = None, license: str | None = None,
-               tags: Sequence[str] | None = None) -> ModelCard:
+def build_card(
+    directory: str | os.PathLike[str],
+    *,
+    repo_id: str | None = None,
+    base_model: str | None = None,
+    command: str | None = None,
+    license: str | None = None,
+    tags: Sequence[str] | None = None,
+) -> ModelCard:
     """Build the model card of a saved corrected model, without writing anything.
 
     Args:
@@ -285,8 +352,14 @@ def build_card(directory: str | os.PathLike[str], *, repo_id: str | None = None,
         masks, carrier, _, saved_base = read_surgery(root)
     except FileNotFoundError as err:
         raise CardError(f"cannot write a card for {root}: {err}") from err
-    options = _options(root, repo_id=repo_id, base_model=base_model, command=command, license=license,
-                       tags=list(tags) if tags is not None else None)
+    options = _options(
+        root,
+        repo_id=repo_id,
+        base_model=base_model,
+        command=command,
+        license=license,
+        tags=list(tags) if tags is not None else None,
+    )
     base = options["base_model"] or (saved_base if is_hub_id(saved_base) else None)
     report = _read_json(root / SURGERY_DIR / _REPORT)
     behaviour = report.get("behaviour")
@@ -295,26 +368,38 @@ def build_card(directory: str | os.PathLike[str], *, repo_id: str | None = None,
     extra = [BEHAVIOUR_TAGS[behaviour]] if behaviour in BEHAVIOUR_TAGS else []
     extra += ["ia3", "peft"] if carrier == "adapter" else []
     data = ModelCardData(
-        base_model=base, license=options["license"], library_name="peft" if carrier == "adapter" else "transformers",
-        pipeline_tag="text-generation", tags=_BASE_TAGS + extra + list(options["tags"] or []),
+        base_model=base,
+        license=options["license"],
+        library_name="peft" if carrier == "adapter" else "transformers",
+        pipeline_tag="text-generation",
+        tags=_BASE_TAGS + extra + list(options["tags"] or []),
         model_name=repo.split("/")[-1] if options["repo_id"] else root.resolve().name,
         eval_results=_eval_results(report) or None,
         base_model_relation=("adapter" if carrier == "adapter" else "finetune") if base else None,
     )
     what = " and ".join(f"{m.count} {m.granularity}" for m in masks)
     goal = {"toxicity": "reduce toxic continuations", "repetition": "reduce repetition loops"}.get(
-        behaviour or "", f"change its {behaviour} behaviour" if behaviour else "remove an unwanted behaviour")
+        behaviour or "", f"change its {behaviour} behaviour" if behaviour else "remove an unwanted behaviour"
+    )
     form = "an IA3 adapter (switchable off)" if carrier == "adapter" else "baked into the weights"
     base_text = f"[`{base}`](https://huggingface.co/{base})" if base else f"`{saved_base or 'the base model'}`"
-    body = [CARD_MARKER, f"# {repo.split('/')[-1]}", "",
-            f"{base_text} with {what} pruned to {goal}, by attribution-guided pruning with Layer-wise Relevance "
-            f"Propagation, {form}. Made with `hf_lrp_surgery`.", ""]
+    body = [
+        CARD_MARKER,
+        f"# {repo.split('/')[-1]}",
+        "",
+        f"{base_text} with {what} pruned to {goal}, by attribution-guided pruning with Layer-wise Relevance "
+        f"Propagation, {form}. Made with `hf_lrp_surgery`.",
+        "",
+    ]
     recipe_model = report.get("settings", {}).get("model")
     if recipe_model in EMBEDDED_MODELS:
         dtype = report["settings"].get("dtype", "float32")
-        body += [f"The recipe ran on `hf_lrp_surgery`'s embedded `{recipe_model}` "
-                 f"({EMBEDDED_MODELS[recipe_model].description}), de-quantised to {dtype}: its weights are close to, "
-                 "not equal to, the base model's, and every number below is for that model.", ""]
+        body += [
+            f"The recipe ran on `hf_lrp_surgery`'s embedded `{recipe_model}` "
+            f"({EMBEDDED_MODELS[recipe_model].description}), de-quantised to {dtype}: its weights are close to, "
+            "not equal to, the base model's, and every number below is for that model.",
+            "",
+        ]
     if report:
         body += _results_section(report, plots)
     body += _pruned_section(masks, carrier, plots)
@@ -336,11 +421,17 @@ def _kept_text(previous: ModelCard) -> str:
     return "" if _is_peft_template(text) else text.strip()
 
 
-def write_card(directory: str | os.PathLike[str], *, repo_id: str | None = None, base_model: str | None = None,
-               report: str | os.PathLike[str] | Mapping[str, Any] | None = None,
-               plots: Sequence[str | os.PathLike[str]] = (), command: str | None = None,
-               license: str | None = None,
-               tags: Sequence[str] | None = None) -> Path:
+def write_card(
+    directory: str | os.PathLike[str],
+    *,
+    repo_id: str | None = None,
+    base_model: str | None = None,
+    report: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    plots: Sequence[str | os.PathLike[str]] = (),
+    command: str | None = None,
+    license: str | None = None,
+    tags: Sequence[str] | None = None,
+) -> Path:
     """Write ``README.md`` (the model card) into a saved corrected model directory.
 
     Run it after everything else that writes into the directory (PEFT's ``save_pretrained`` writes a
@@ -373,8 +464,10 @@ def write_card(directory: str | os.PathLike[str], *, repo_id: str | None = None,
     root = Path(directory)
     surgery = root / SURGERY_DIR
     if not (surgery / CHECK_FILE).is_file():
-        raise CardError(f"{root} is not a saved corrected model (no {SURGERY_DIR}/check.json); save it with "
-                        "CorrectedModel.save / save_corrected first")
+        raise CardError(
+            f"{root} is not a saved corrected model (no {SURGERY_DIR}/check.json); save it with "
+            "CorrectedModel.save / save_corrected first"
+        )
     for plot in map(Path, plots):
         if plot.name not in _PLOTS:
             raise CardError(f"unknown plot {plot.name!r}; the card shows {_PLOTS}")
@@ -382,8 +475,14 @@ def write_card(directory: str | os.PathLike[str], *, repo_id: str | None = None,
     if report is not None:
         data = dict(report) if isinstance(report, Mapping) else json.loads(Path(report).read_text())
         write_json_atomic(surgery / _REPORT, data)
-    options = _options(root, repo_id=repo_id, base_model=base_model, command=command, license=license,
-                       tags=list(tags) if tags is not None else None)
+    options = _options(
+        root,
+        repo_id=repo_id,
+        base_model=base_model,
+        command=command,
+        license=license,
+        tags=list(tags) if tags is not None else None,
+    )
     write_json_atomic(surgery / _CARD_OPTIONS, options)
     card = build_card(root, **options)
 
@@ -415,12 +514,30 @@ def _recipe_command(report: Mapping[str, Any], base_model: str | None) -> str | 
         return None
     limits = settings.get("limits", {})
     # The model the recipe ran on (an embedded name such as smollm2-135m-instruct, a path or a Hub id).
-    parts = ["hf-lrp-surgery", name, "--model", settings.get("model") or base_model or "<base model id>",
-             "--budgets", *map(str, settings.get("budgets", [])), "--granularity", settings.get("granularity"),
-             "--method", settings.get("method"), "--normalize", settings.get("normalize"),
-             "--protect-top", str(settings.get("protect_top")), "--seed", settings.get("seed"),
-             "--scope", settings.get("scope"), "--max-kl", str(limits.get("max_kl")),
-             "--max-perplexity-increase", str(limits.get("max_perplexity_increase"))]
+    parts = [
+        "hf-lrp-surgery",
+        name,
+        "--model",
+        settings.get("model") or base_model or "<base model id>",
+        "--budgets",
+        *map(str, settings.get("budgets", [])),
+        "--granularity",
+        settings.get("granularity"),
+        "--method",
+        settings.get("method"),
+        "--normalize",
+        settings.get("normalize"),
+        "--protect-top",
+        str(settings.get("protect_top")),
+        "--seed",
+        settings.get("seed"),
+        "--scope",
+        settings.get("scope"),
+        "--max-kl",
+        str(limits.get("max_kl")),
+        "--max-perplexity-increase",
+        str(limits.get("max_perplexity_increase")),
+    ]
     if settings.get("modules"):
         parts += ["--modules", *settings["modules"]]
     if settings.get("dtype") not in (None, "float32"):
@@ -438,9 +555,14 @@ def _recipe_command(report: Mapping[str, Any], base_model: str | None) -> str | 
     return " ".join(shlex.quote(str(p)) for p in parts + ["--output", f"runs/{name}"])
 
 
-def card_from_recipe(output_dir: str | os.PathLike[str], *, base_model: str | None = None,
-                     repo_ids: Mapping[str, str] | None = None, command: str | None = None,
-                     license: str | None = None) -> dict[str, Path]:
+def card_from_recipe(
+    output_dir: str | os.PathLike[str],
+    *,
+    base_model: str | None = None,
+    repo_ids: Mapping[str, str] | None = None,
+    command: str | None = None,
+    license: str | None = None,
+) -> dict[str, Path]:
     """Write model cards into the ``baked/`` and ``adapter/`` models of a correction recipe's output.
 
     Args:
@@ -470,10 +592,21 @@ def card_from_recipe(output_dir: str | os.PathLike[str], *, base_model: str | No
     report = json.loads(report_path.read_text())
     forms = [form for form in ("baked", "adapter") if (root / form / SURGERY_DIR / CHECK_FILE).is_file()]
     if not forms:
-        raise CardError(f"{root} holds no corrected model (chosen budget {report.get('chosen_budget')}): the recipe "
-                        "found no budget within its general-behaviour limits, so there is nothing to publish")
+        raise CardError(
+            f"{root} holds no corrected model (chosen budget {report.get('chosen_budget')}): the recipe "
+            "found no budget within its general-behaviour limits, so there is nothing to publish"
+        )
     plots = [root / p for p in _PLOTS if (root / p).is_file()]
     command = command or _recipe_command(report, base_model)
-    return {form: write_card(root / form, repo_id=(repo_ids or {}).get(form), base_model=base_model,
-                             report=report_path, plots=plots, command=command, license=license)
-            for form in forms}
+    return {
+        form: write_card(
+            root / form,
+            repo_id=(repo_ids or {}).get(form),
+            base_model=base_model,
+            report=report_path,
+            plots=plots,
+            command=command,
+            license=license,
+        )
+        for form in forms
+    }

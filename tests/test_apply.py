@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
+from tiny_models import EXTRA_FAMILIES, FAMILIES, tiny_model
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from hf_lrp_surgery.apply import (
@@ -30,7 +31,6 @@ from hf_lrp_surgery.apply import (
 from hf_lrp_surgery.exceptions import FingerprintMismatchError, MaskVerificationError
 from hf_lrp_surgery.masks import Mask, select
 from hf_lrp_surgery.scoring import score
-from tiny_models import EXTRA_FAMILIES, FAMILIES, tiny_model
 
 SAMPLES = [[1, 5, 6, 7, 8, 9], [1, 10, 11, 12], [1, 20, 21, 22, 23]]
 PROBE = torch.tensor([[1, 4, 5, 6, 7, 8, 9, 30, 31, 32]])
@@ -198,8 +198,11 @@ def test_masks_of_another_model_are_refused(tmp_path: Path) -> None:
     model = _base("llama", tmp_path / "base")
     other = _base("llama", tmp_path / "other", seed=1)
     masks = _masks(model)
-    for apply in (lambda: bake(other, masks), lambda: to_adapter(other, masks),
-                  lambda: apply_masks(other, masks, "adapter")):
+    for apply in (
+        lambda: bake(other, masks),
+        lambda: to_adapter(other, masks),
+        lambda: apply_masks(other, masks, "adapter"),
+    ):
         with pytest.raises(FingerprintMismatchError, match="different weights"):
             apply()
     apply_masks(model, masks, "adapter").save(tmp_path / "adapter")

@@ -28,8 +28,16 @@ PADDING_FOR = {"eager": "right", "sdpa": "left"}
 #: Every family, and Gemma 3's multimodal wrapper (explained on text; its vision tower has no rules).
 ALL_FAMILIES = FAMILIES + EXTRA_FAMILIES
 #: Bias parameters per family (gemma3's are all in the vision tower, which text never reaches).
-EXPECTED_BIASES = {"llama": 0, "qwen2": 6, "qwen3": 0, "gemma3_text": 0, "opt": 17, "opt_postln": 16, "gpt2": 13,
-                   "gemma3": 15}
+EXPECTED_BIASES = {
+    "llama": 0,
+    "qwen2": 6,
+    "qwen3": 0,
+    "gemma3_text": 0,
+    "opt": 17,
+    "opt_postln": 16,
+    "gpt2": 13,
+    "gemma3": 15,
+}
 
 
 def _explained(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -102,7 +110,7 @@ def test_cp_conservation_is_exact(family: str, attn: str, padded) -> None:
         assert len(leaves) == (2 if arch.position_embedding is not None else 1)
         grads = torch.autograd.grad(explained, [*leaves, *biases, *qk_weights], allow_unused=True)
     input_rel = [(x.detach() * g).sum(-1) for x, g in zip(leaves, grads)]  # [batch, seq] each
-    bias_rel = [_relevance(b, g) for b, g in zip(biases, grads[len(leaves):])]
+    bias_rel = [_relevance(b, g) for b, g in zip(biases, grads[len(leaves) :])]
     total = sum(r.sum() for r in input_rel) + sum(bias_rel, torch.zeros((), dtype=torch.float64))
     torch.testing.assert_close(total, explained.detach(), **EXACT)
     assert abs(sum(r.sum() for r in input_rel).item()) > 1e-3 * abs(explained.item()), "relevance must reach inputs"
@@ -393,8 +401,8 @@ def test_gemma_softcapping_is_refused(key: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "family,key", [("llama", "attention_dropout"), ("qwen2", "attention_dropout"), ("opt", "dropout"),
-                   ("gpt2", "resid_pdrop")]
+    "family,key",
+    [("llama", "attention_dropout"), ("qwen2", "attention_dropout"), ("opt", "dropout"), ("gpt2", "resid_pdrop")],
 )
 def test_training_mode_with_dropout_is_refused(family: str, key: str) -> None:
     config = tiny_config(family)
@@ -434,8 +442,9 @@ def test_peft_model(ids, padded) -> None:
 
     base = tiny_model("llama")
     # init_lora_weights=False: A and B random, so the LoRA paths change the function.
-    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["q_proj", "down_proj"],
-                                                                init_lora_weights=False)).eval()
+    peft_model = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=2, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    ).eval()
     reference = peft_model(ids).logits
     assert not torch.allclose(reference, base(ids).logits)
     arch = resolve(peft_model)

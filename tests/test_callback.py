@@ -23,10 +23,11 @@ from typing import Any
 
 import pytest
 import torch
+from _ddp_worker import GENERAL, UNDESIRED, TokenDataset, run
+from tiny_models import FAMILIES, model_from_config, tiny_config, tiny_model
 from transformers import GPTNeoXConfig, Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import DefaultFlowCallback
 
-from _ddp_worker import GENERAL, UNDESIRED, TokenDataset, run
 from hf_lrp_surgery import Surgeon
 from hf_lrp_surgery.apply import apply_masks, load_corrected
 from hf_lrp_surgery.exceptions import FingerprintMismatchError, ReferenceSetError, UnsupportedArchitectureError
@@ -42,23 +43,38 @@ from hf_lrp_surgery.training import (
     TrainingSetupError,
     TrainingStateError,
 )
-from tiny_models import FAMILIES, model_from_config, tiny_config, tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _args(out: Path, steps: int, **extra: Any) -> TrainingArguments:
-    options = dict(output_dir=str(out), use_cpu=True, report_to=[], max_steps=steps, per_device_train_batch_size=4,
-                   learning_rate=5e-3, logging_steps=100, save_strategy="no", disable_tqdm=True, seed=0)
+    options = dict(
+        output_dir=str(out),
+        use_cpu=True,
+        report_to=[],
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        logging_steps=100,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
     options.update(extra)
     return TrainingArguments(**options)
 
 
-def _trainer(model: torch.nn.Module, args: TrainingArguments, callback: LRPSurgeryCallback | None,
-             *others: TrainerCallback, eval_dataset: Any = None) -> Trainer:
-    trainer = Trainer(model=model.train(), args=args, train_dataset=TokenDataset(), eval_dataset=eval_dataset,
-                      callbacks=list(others))
+def _trainer(
+    model: torch.nn.Module,
+    args: TrainingArguments,
+    callback: LRPSurgeryCallback | None,
+    *others: TrainerCallback,
+    eval_dataset: Any = None,
+) -> Trainer:
+    trainer = Trainer(
+        model=model.train(), args=args, train_dataset=TokenDataset(), eval_dataset=eval_dataset, callbacks=list(others)
+    )
     if callback is not None:
         callback.attach(trainer)
     return trainer
@@ -79,8 +95,9 @@ class _Recorder(TrainerCallback):
     def on_log(self, args: Any, state: TrainerState, control: TrainerControl, logs: Any = None, **kw: Any) -> None:
         self.logs.append(dict(logs or {}))
 
-    def on_step_end(self, args: Any, state: TrainerState, control: TrainerControl, model: Any = None,
-                    **kw: Any) -> None:
+    def on_step_end(
+        self, args: Any, state: TrainerState, control: TrainerControl, model: Any = None, **kw: Any
+    ) -> None:
         self.snapshots[state.global_step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.all_training.append(all(m.training for m in model.modules()))
 
@@ -110,8 +127,9 @@ def test_relevance_passes_leave_training_untouched_and_sum_up_the_passes(tmp_pat
     plain = _dropout_llama()
     _trainer(plain, _args(tmp_path / "b", 3, activation_checkpointing=True), None).train()
     trained = recorder.snapshots[3]
-    assert all(torch.equal(trained[k], v) for k, v in plain.state_dict().items()), \
+    assert all(torch.equal(trained[k], v) for k, v in plain.state_dict().items()), (
         "relevance passes changed the training trajectory (RNG, gradients or modes leaked)"
+    )
     assert all(recorder.all_training), "the train/eval flags were not restored after a pass"
     assert callback.accumulator.steps == [1, 2, 3]
 
@@ -120,8 +138,9 @@ def test_relevance_passes_leave_training_untouched_and_sum_up_the_passes(tmp_pat
     for step in (1, 2, 3):
         reference.load_state_dict(recorder.snapshots[step])
         for name, samples in (("general", GENERAL), ("undesired", UNDESIRED)):
-            expected[name] = expected[name] + collect_relevance(reference, samples, components=("neurons",),
-                                                                progress=False).neurons
+            expected[name] = (
+                expected[name] + collect_relevance(reference, samples, components=("neurons",), progress=False).neurons
+            )
     for name, samples in (("general", GENERAL), ("undesired", UNDESIRED)):
         assert callback.accumulator.counts[name] == 3 * len(samples)
         torch.testing.assert_close(callback.accumulator.sums[name]["neurons"], expected[name], rtol=1e-10, atol=1e-12)
@@ -235,8 +254,9 @@ def test_masks_stay_exactly_in_place_while_adam_trains(tmp_path: Path) -> None:
             still = params[name].detach()[mask] == initial[name][mask]
             zero = params[name].detach()[mask] == 0
             assert bool((still | zero).all()), f"{name}: a masked entry moved"
-    moved = torch.cat([(params[n].detach() != initial[n])[~m]
-                       for n, m in frozen.items() if n.startswith("model.layers")])
+    moved = torch.cat(
+        [(params[n].detach() != initial[n])[~m] for n, m in frozen.items() if n.startswith("model.layers")]
+    )
     assert moved.float().mean() > 0.95, "training must move the unmasked weights for the test to mean anything"
     down = model.get_submodule(neuron_module)
     assert not down._forward_pre_hooks, "the enforcement hooks must come off when training ends"
@@ -245,8 +265,9 @@ def test_masks_stay_exactly_in_place_while_adam_trains(tmp_path: Path) -> None:
     _trainer(control, _args(tmp_path / "control", 5, learning_rate=5e-2, weight_decay=0.0), None).train()
     control_params = dict(control.named_parameters())
     name = f"{neuron_module}.weight"
-    assert not torch.equal(control_params[name][frozen[name]], initial[name][frozen[name]]), \
+    assert not torch.equal(control_params[name][frozen[name]], initial[name][frozen[name]]), (
         "without the callback the masked entries must move"
+    )
 
 
 # -- surgery ----------------------------------------------------------------------------------
@@ -254,9 +275,15 @@ def test_masks_stay_exactly_in_place_while_adam_trains(tmp_path: Path) -> None:
 def test_surgery_at_the_end_matches_surgeon_and_saves_a_verified_model(tmp_path: Path, carrier: str) -> None:
     """One pass at the end: the mask is Surgeon's on the final model; saved, loaded, verified, pushed once."""
     pushed: list[tuple[Path, str]] = []
-    callback = _callback(granularity="neurons", budget=5, surgery="end", carrier=carrier, push_to_hub="user/fixed",
-                         push_fn=lambda directory, repo, **kw: pushed.append((directory, repo)),
-                         push_kwargs={"base_model": "user/fine-tuned"} if carrier == "adapter" else None)
+    callback = _callback(
+        granularity="neurons",
+        budget=5,
+        surgery="end",
+        carrier=carrier,
+        push_to_hub="user/fixed",
+        push_fn=lambda directory, repo, **kw: pushed.append((directory, repo)),
+        push_kwargs={"base_model": "user/fine-tuned"} if carrier == "adapter" else None,
+    )
     model = tiny_model("llama", dtype=torch.float64)
     _trainer(model, _args(tmp_path, 3), callback).train()
     mask = callback.masks["neurons"]
@@ -276,6 +303,7 @@ def test_surgery_at_the_end_matches_surgeon_and_saves_a_verified_model(tmp_path:
 
 def test_a_failed_push_warns_and_keeps_the_saved_model(tmp_path: Path) -> None:
     """A push that raises is a warning naming the directory to retry from; training ends normally."""
+
     def offline(directory: Path, repo: str, **options: Any) -> None:
         raise ConnectionError(f"no route to the Hub ({options})")
 
@@ -288,6 +316,7 @@ def test_a_failed_push_warns_and_keeps_the_saved_model(tmp_path: Path) -> None:
 
 def test_resumed_run_ends_with_the_same_relevance_and_masks(tmp_path: Path) -> None:
     """Surgery (IA3 adapter) at every save; interrupted after checkpoint 3 and resumed: same sums, masks, weights."""
+
     def make(out: Path) -> tuple[LRPSurgeryCallback, torch.nn.Module, TrainingArguments]:
         callback = _callback(granularity="neurons", budget=3, every_n_steps=2, surgery="save", carrier="adapter")
         return callback, tiny_model("llama", dtype=torch.float64), _args(out, 6, save_strategy="steps", save_steps=3)
@@ -309,8 +338,12 @@ def test_resumed_run_ends_with_the_same_relevance_and_masks(tmp_path: Path) -> N
     assert resumed.accumulator.steps == straight.accumulator.steps == [2, 4, 6]
     assert resumed.surgery_steps == [3, 6] and straight.surgery_steps == [3, 6]
     for name in ("general", "undesired"):
-        torch.testing.assert_close(resumed.accumulator.sums[name]["neurons"],
-                                   straight.accumulator.sums[name]["neurons"], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(
+            resumed.accumulator.sums[name]["neurons"],
+            straight.accumulator.sums[name]["neurons"],
+            rtol=1e-12,
+            atol=1e-14,
+        )
     final, expected = resumed.masks["neurons"], straight.masks["neurons"]
     assert final.count == 6
     assert final.indices.keys() == expected.indices.keys()
@@ -328,11 +361,28 @@ def test_resumed_run_ends_with_the_same_relevance_and_masks(tmp_path: Path) -> N
 # -- several processes ------------------------------------------------------------------------
 def test_two_ddp_processes_give_the_single_process_result(tmp_path: Path) -> None:
     """torchrun, 2 CPU processes (gloo): reduced sums = one process on the same samples; same masks; one writer."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(REPO / "tests" / "_ddp_worker.py"), str(tmp_path / "ddp")],
-                          env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(REPO / "tests" / "_ddp_worker.py"),
+            str(tmp_path / "ddp"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     single = run(tmp_path / "single", per_device_batch=4)
     ranks = [json.loads((tmp_path / "ddp" / f"rank{r}" / "record.json").read_text()) for r in (0, 1)]
@@ -362,8 +412,14 @@ def test_bad_input_is_refused_with_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="base_model"):
         _callback(carrier="adapter", push_to_hub="user/fixed", push_fn=print)
 
-    neox = GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                         intermediate_size=48, max_position_embeddings=64)
+    neox = GPTNeoXConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+    )
     with pytest.raises(UnsupportedArchitectureError):
         _trainer(model_from_config(neox, dtype=torch.float32), _args(tmp_path, 1), _callback()).train()
     other = tiny_model("llama", dtype=torch.float32, seed=1)

@@ -59,8 +59,9 @@ def _ioi_tokenizer(names: list[str] = KNOWN_NAMES) -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<bos>",
-                                   eos_token="<eos>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +80,10 @@ def _own_prediction_task(model, tokenizer, size: int = 12, seed: int = 0) -> Nex
     """A task the model does: correct = its top next token, wrong = its bottom one, on IOI prompts."""
     prompts = ioi_task(tokenizer, size, seed=seed)
     logits = last_token_logits(model, tokenizer, prompts)
-    return next_token_task([(e.prompt, int(row.argmax()), int(row.argmin()))
-                            for e, row in zip(prompts.examples, logits)], name="own-predictions")
+    return next_token_task(
+        [(e.prompt, int(row.argmax()), int(row.argmin())) for e, row in zip(prompts.examples, logits)],
+        name="own-predictions",
+    )
 
 
 # -- IOI generator ----------------------------------------------------------------------------
@@ -135,9 +138,13 @@ def test_ioi_keeps_only_single_token_names(tokenizer) -> None:
 
 # -- metrics and tasks ------------------------------------------------------------------------
 def test_metrics_from_known_logits() -> None:
-    logits = torch.tensor([[3.0, 1.0, 0.0, -2.0],  # correct 0 first, diff 3 - (-2) = 5
-                           [0.0, 2.0, 1.0, 0.5],  # correct 2 second, diff 1 - 2 = -1
-                           [1.0, 1.0, 0.0, 0.0]])  # correct 1 tied first, diff 1 - 0 = 1
+    logits = torch.tensor(
+        [
+            [3.0, 1.0, 0.0, -2.0],  # correct 0 first, diff 3 - (-2) = 5
+            [0.0, 2.0, 1.0, 0.5],  # correct 2 second, diff 1 - 2 = -1
+            [1.0, 1.0, 0.0, 0.0],
+        ]
+    )  # correct 1 tied first, diff 1 - 0 = 1
     metrics = metrics_from_logits(logits, torch.tensor([0, 2, 1]), torch.tensor([3, 1, 2]))
     assert metrics.accuracy == pytest.approx(2 / 3)
     assert metrics.logit_diff == pytest.approx(5 / 3)
@@ -175,8 +182,12 @@ def test_user_tasks_from_pairs_and_files(tmp_path: Path, tokenizer) -> None:
     assert len(task) == 2 and not task.has_wrong
     assert task.token_ids(tokenizer)[1] is None
     path = tmp_path / "task.jsonl"
-    path.write_text("\n".join(json.dumps({"prompt": p, "correct": c, "wrong": w})
-                              for p, c, w in [("the cat", " sat", " mat"), ("a dog", " sat", " the")]))
+    path.write_text(
+        "\n".join(
+            json.dumps({"prompt": p, "correct": c, "wrong": w})
+            for p, c, w in [("the cat", " sat", " mat"), ("a dog", " sat", " the")]
+        )
+    )
     loaded = load_task(path)
     assert loaded.has_wrong and loaded.settings["source"] == str(path)
     with pytest.raises(ReferenceSetError, match="exactly one"):
@@ -191,8 +202,9 @@ def test_ablation_equals_baking_and_is_undone(model, tokenizer, granularity: str
     task = ioi_task(tokenizer, 4, seed=0)
     before = last_token_logits(model, tokenizer, task)
     weights_before = {k: v.clone() for k, v in model.state_dict().items()}
-    mask = select(score(model, method="random", components=(granularity,), random_seed=1, progress=False),
-                  granularity, 0.3)
+    mask = select(
+        score(model, method="random", components=(granularity,), random_seed=1, progress=False), granularity, 0.3
+    )
     with ablated(model, mask):
         during = last_token_logits(model, tokenizer, task)
     baked = last_token_logits(bake(copy.deepcopy(model), mask), tokenizer, task)
@@ -201,8 +213,9 @@ def test_ablation_equals_baking_and_is_undone(model, tokenizer, granularity: str
     torch.testing.assert_close(last_token_logits(model, tokenizer, task), before, rtol=0, atol=0)
     for key, value in model.state_dict().items():
         assert torch.equal(value, weights_before[key]), key
-    assert all(not layer.mlp_out._forward_pre_hooks and not layer.o_proj._forward_pre_hooks
-               for layer in resolve(model).layers)
+    assert all(
+        not layer.mlp_out._forward_pre_hooks and not layer.o_proj._forward_pre_hooks for layer in resolve(model).layers
+    )
 
 
 def test_complement_splits_the_units(model) -> None:
@@ -216,16 +229,18 @@ def test_complement_splits_the_units(model) -> None:
 # -- task scores ------------------------------------------------------------------------------
 def test_logit_difference_scores_match_a_hand_gradient(model, tokenizer) -> None:
     task = ioi_task(tokenizer, 4, seed=3)
-    scores = task_scores(model, tokenizer, task, method="gradient", seed="logit_diff", aggregation="signed",
-                         progress=False)
+    scores = task_scores(
+        model, tokenizer, task, method="gradient", seed="logit_diff", aggregation="signed", progress=False
+    )
     correct, wrong = task.token_ids(tokenizer)
     arch = resolve(model)
     expected = torch.zeros(2, 48, dtype=torch.float64)
     for i, example in enumerate(task.examples):
         ids = tokenizer(example.prompt, return_tensors="pt")["input_ids"]
         inputs: list[torch.Tensor] = []
-        handles = [layer.mlp_out.register_forward_pre_hook(lambda m, a: inputs.append(a[0]) or None)
-                   for layer in arch.layers]
+        handles = [
+            layer.mlp_out.register_forward_pre_hook(lambda m, a: inputs.append(a[0]) or None) for layer in arch.layers
+        ]
         try:
             logits = model(input_ids=ids).logits[0, -1]
         finally:
@@ -240,18 +255,31 @@ def test_logit_difference_scores_match_a_hand_gradient(model, tokenizer) -> None
 
 def test_lrp_logit_difference_is_the_difference_of_two_seeds(model, tokenizer) -> None:
     task = ioi_task(tokenizer, 4, seed=3)
-    diff = task_scores(model, tokenizer, task, method="lrp", granularity="heads", seed="logit_diff",
-                       aggregation="signed", progress=False)
+    diff = task_scores(
+        model,
+        tokenizer,
+        task,
+        method="lrp",
+        granularity="heads",
+        seed="logit_diff",
+        aggregation="signed",
+        progress=False,
+    )
     correct = score(model, task.samples("correct"), tokenizer, components=("heads",), progress=False)
     wrong = score(model, task.samples("wrong"), tokenizer, components=("heads",), progress=False)
     torch.testing.assert_close(diff.heads, correct.heads - wrong.heads)
     assert not torch.allclose(diff.heads, correct.heads)
     # |R(correct) - R(wrong)| per sample, averaged: the per-sample differences of single-sample passes.
-    absolute = task_scores(model, tokenizer, task, method="lrp", granularity="heads", seed="logit_diff",
-                           aggregation="abs", progress=False)
-    expected = sum((score(model, [c], tokenizer, components=("heads",), progress=False).heads
-                    - score(model, [w], tokenizer, components=("heads",), progress=False).heads).abs()
-                   for c, w in zip(task.samples("correct"), task.samples("wrong"))) / len(task)
+    absolute = task_scores(
+        model, tokenizer, task, method="lrp", granularity="heads", seed="logit_diff", aggregation="abs", progress=False
+    )
+    expected = sum(
+        (
+            score(model, [c], tokenizer, components=("heads",), progress=False).heads
+            - score(model, [w], tokenizer, components=("heads",), progress=False).heads
+        ).abs()
+        for c, w in zip(task.samples("correct"), task.samples("wrong"))
+    ) / len(task)
     torch.testing.assert_close(absolute.heads, expected)
     assert bool((absolute.heads >= diff.heads.abs() - 1e-6).all()) and absolute.num_samples == 4
 
@@ -265,8 +293,7 @@ def test_sparsity_grid_is_log_spaced() -> None:
 
 def test_discovered_circuit_keeps_the_threshold_and_is_the_smallest_measured(model, tokenizer, tmp_path) -> None:
     task = _own_prediction_task(model, tokenizer)
-    circuit = discover_circuit(model, tokenizer, task, threshold=0.8, grid_points=8, refine_steps=12,
-                               progress=False)
+    circuit = discover_circuit(model, tokenizer, task, threshold=0.8, grid_points=8, refine_steps=12, progress=False)
     base = circuit.baseline.logit_diff
     assert base > 0 and circuit.metrics.logit_diff >= 0.8 * base
     assert circuit.size + circuit.mask.count == circuit.total == 96
@@ -292,8 +319,9 @@ def test_discovered_circuit_keeps_the_threshold_and_is_the_smallest_measured(mod
 
 def test_reattribution_and_heads(model, tokenizer) -> None:
     task = _own_prediction_task(model, tokenizer, seed=1)
-    circuit = discover_circuit(model, tokenizer, task, granularity="heads", threshold=0.7, reattribute=True,
-                               grid_points=6, progress=False)
+    circuit = discover_circuit(
+        model, tokenizer, task, granularity="heads", threshold=0.7, reattribute=True, grid_points=6, progress=False
+    )
     assert circuit.total == 8 and circuit.metrics.logit_diff >= 0.7 * circuit.baseline.logit_diff
     with ablated(model, circuit.mask):
         again = evaluate_task(model, tokenizer, task)
@@ -305,18 +333,37 @@ def test_no_circuit_when_nothing_can_be_pruned(model, tokenizer) -> None:
     relevant_first = task_scores(model, tokenizer, task, granularity="heads", progress=False)
     relevant_first.heads = -relevant_first.heads  # prune the most relevant head first
     with pytest.raises(NoCircuitError, match="already drops"):
-        discover_circuit(model, tokenizer, task, scores=relevant_first, threshold=1.0, granularity="heads",
-                         grid_points=3, progress=False)
+        discover_circuit(
+            model,
+            tokenizer,
+            task,
+            scores=relevant_first,
+            threshold=1.0,
+            granularity="heads",
+            grid_points=3,
+            progress=False,
+        )
 
 
 def test_pruning_curve_and_comparison_report(model, tokenizer, tmp_path) -> None:
-    sets = [(_own_prediction_task(model, tokenizer, 8, seed=i), _own_prediction_task(model, tokenizer, 8, seed=i))
-            for i in range(2)]
+    sets = [
+        (_own_prediction_task(model, tokenizer, 8, seed=i), _own_prediction_task(model, tokenizer, 8, seed=i))
+        for i in range(2)
+    ]
     scores = task_scores(model, tokenizer, sets[0][0], method="wanda", progress=False)
     curve = pruning_curve(model, tokenizer, sets[0][1], scores, counts=[0, 10, 50], progress=False)
     assert [p.pruned for p in curve.points] == [0, 10, 50] and curve.relative("logit_diff")[0] == 1.0
-    comparison = compare_methods(model, tokenizer, sets, methods=("lrp", "random"), threshold=0.8, grid_points=6,
-                                 refine_steps=4, random_draws=2, progress=False)
+    comparison = compare_methods(
+        model,
+        tokenizer,
+        sets,
+        methods=("lrp", "random"),
+        threshold=0.8,
+        grid_points=6,
+        refine_steps=4,
+        random_draws=2,
+        progress=False,
+    )
     report = comparison.to_dict()
     lrp = report["methods"]["lrp"]
     assert len(lrp["circuit_size"]["per_set"]) == 2
@@ -343,13 +390,34 @@ def test_circuit_command_on_a_saved_model(model, tokenizer, tmp_path, capsys) ->
     tokenizer.save_pretrained(checkpoint)
     task = _own_prediction_task(model, tokenizer, 8, seed=4)
     path = tmp_path / "task.jsonl"
-    path.write_text("\n".join(json.dumps({"prompt": e.prompt, "correct": e.correct, "wrong": e.wrong})
-                              for e in task.examples))
+    path.write_text(
+        "\n".join(json.dumps({"prompt": e.prompt, "correct": e.correct, "wrong": e.wrong}) for e in task.examples)
+    )
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["circuit", "--model", str(checkpoint), "--task", str(path), "--methods", "lrp", "random",
-                              "--threshold", "0.8", "--grid-points", "6", "--refine-steps", "3", "--random-draws", "1",
-                              "--output", str(tmp_path / "out"), "--no-progress"])
+    args = parser.parse_args(
+        [
+            "circuit",
+            "--model",
+            str(checkpoint),
+            "--task",
+            str(path),
+            "--methods",
+            "lrp",
+            "random",
+            "--threshold",
+            "0.8",
+            "--grid-points",
+            "6",
+            "--refine-steps",
+            "3",
+            "--random-draws",
+            "1",
+            "--output",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ]
+    )
     assert args.handler(args) == 0
     printed = capsys.readouterr().out
     assert "lrp" in printed and "specificity" in printed

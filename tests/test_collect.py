@@ -27,7 +27,7 @@ SAMPLES = [
 ]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(family: str, dtype: torch.dtype = torch.float64, attn: str = "eager") -> torch.nn.Module:
     # Cached across tests: tests that modify a model work on a deepcopy.
     return tiny_model(family, dtype=dtype, attn_implementation=attn)
@@ -58,8 +58,7 @@ def test_batch_equals_per_sample_sum(family: str, padding_side: str) -> None:
     # sdpa: transformers' eager attention itself turns fully masked pad rows into NaN in float64
     # (left padding; with Gemma's sliding window, right padding too).
     model = _model(family, attn="sdpa")
-    batched = _collect(model, SAMPLES, batch_size=len(SAMPLES), padding_side=padding_side,
-                       per_sample_abs_weights=True)
+    batched = _collect(model, SAMPLES, batch_size=len(SAMPLES), padding_side=padding_side, per_sample_abs_weights=True)
     singles = [_collect(model, [s], per_sample_abs_weights=True) for s in SAMPLES]
     merged = functools.reduce(RelevanceResult.merge, singles)
     _assert_results_close(batched, merged, rtol=1e-9, atol=1e-12 * _scale(batched))
@@ -77,9 +76,11 @@ def _capture_linear_relevance(model: torch.nn.Module, sample: list[int]) -> dict
     handles = []
     with LRPRules(model) as rules:
         for p in arch.prunable:
+
             def hook(module, args, output, name=p.name):
                 record = seen.setdefault(name, [args[0], output, None])
                 output.register_hook(lambda g: record.__setitem__(2, g))
+
             handles.append(p.module.register_forward_hook(hook))
         try:
             logits = model(torch.tensor([sample])).logits
@@ -134,7 +135,7 @@ def test_seeds(family: str) -> None:
     logprob = _collect(model, [ReferenceSample([2, 3, 4], target=7)], seed="logprob")
     torch.testing.assert_close(logprob.explained[0], logits[2, 7] - (logits[2].softmax(-1) * logits[2]).sum())
     # Teacher forcing is the sum of single-token targets over the continuation (the seed is linear).
-    parts = [_collect(model, [ReferenceSample([2, 3, 4, 7, 8][:3 + j], target=t)]) for j, t in enumerate([7, 8, 9])]
+    parts = [_collect(model, [ReferenceSample([2, 3, 4, 7, 8][: 3 + j], target=t)]) for j, t in enumerate([7, 8, 9])]
     summed = functools.reduce(RelevanceResult.merge, parts)
     for key in ("neurons", "heads"):
         torch.testing.assert_close(getattr(continuation, key), getattr(summed, key), rtol=1e-9, atol=1e-13)
@@ -303,6 +304,14 @@ def test_no_tensor_outlives_the_pass() -> None:
 
 def test_results_are_detached_cpu_tensors() -> None:
     result = _collect(_model("gpt2"), SAMPLES[:2], per_sample_abs_weights=True)
-    tensors = [result.neurons, result.neurons_abs, result.heads, result.heads_abs, result.explained,
-               *result.weights.values(), *result.weights_abs.values(), *result.input_relevance]
+    tensors = [
+        result.neurons,
+        result.neurons_abs,
+        result.heads,
+        result.heads_abs,
+        result.explained,
+        *result.weights.values(),
+        *result.weights_abs.values(),
+        *result.input_relevance,
+    ]
     assert all(not t.requires_grad and t.device.type == "cpu" for t in tensors)

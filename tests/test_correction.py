@@ -88,8 +88,9 @@ def test_budget_search_reports_every_budget_and_respects_the_limits(model: torch
     tokenizer = tiny_tokenizer()
     behaviour = repetition_behaviour(max_new_tokens=6, use_chat_template=False)
     scores = Surgeon(model, tokenizer, progress=False).attribute(PROMPTS)
-    common = dict(validation_prompts=PROMPTS, general_prompts=PROMPTS, general_texts=PROMPTS, budgets=[4, 1, 8],
-                  progress=False)
+    common = dict(
+        validation_prompts=PROMPTS, general_prompts=PROMPTS, general_texts=PROMPTS, budgets=[4, 1, 8], progress=False
+    )
     points, chosen = budget_search(model, tokenizer, scores, behaviour, **common)
     assert [p.budget for p in points] == [0, 1, 4, 8] and points[0].kl == 0.0 and points[0].within_limits
     assert all(p.kl > 0 for p in points[1:])
@@ -102,8 +103,15 @@ def test_budget_search_reports_every_budget_and_respects_the_limits(model: torch
 
 def test_detox_recipe_end_to_end_on_a_tiny_model(model: torch.nn.Module, tmp_path: Path) -> None:
     behaviour = detox_behaviour(BAD, max_new_tokens=4)
-    result = run_recipe(model, tiny_tokenizer(), behaviour, tmp_path / "detox", budgets=[2, 6],
-                        limits=GeneralLimits(1e9, 1e9), progress=False)
+    result = run_recipe(
+        model,
+        tiny_tokenizer(),
+        behaviour,
+        tmp_path / "detox",
+        budgets=[2, 6],
+        limits=GeneralLimits(1e9, 1e9),
+        progress=False,
+    )
     report = json.loads((tmp_path / "detox" / "report.json").read_text())
     assert report["behaviour"] == "toxicity" and [p["budget"] for p in report["frontier"]] == [0, 2, 6]
     assert report["chosen_budget"] == result.chosen_budget
@@ -120,8 +128,16 @@ def test_recipe_runs_on_given_prompts(model: torch.nn.Module, tmp_path: Path) ->
 
     behaviour = detox_behaviour(BAD, max_new_tokens=4)
     given = {"train": PROMPTS * 2, "heldout": PROMPTS[:3]}
-    run_recipe(model, tiny_tokenizer(), behaviour, tmp_path / "given", budgets=[2],
-               limits=GeneralLimits(1e9, 1e9), prompts=given, progress=False)
+    run_recipe(
+        model,
+        tiny_tokenizer(),
+        behaviour,
+        tmp_path / "given",
+        budgets=[2],
+        limits=GeneralLimits(1e9, 1e9),
+        prompts=given,
+        progress=False,
+    )
     report = json.loads((tmp_path / "given" / "report.json").read_text())
     assert report["settings"]["prompts"] == "given" and report["settings"]["granularity"] == "neurons"
     assert _recipe_command(report, None) is None  # the CLI could not repeat a run on other prompts

@@ -107,8 +107,9 @@ def test_engine_matches_explicit(attn: str, variant: str, biases: bool) -> None:
     rtol = EAGER_SOFTMAX if (attn == "eager" and variant == "attnlrp") else EXACT
     for ids in SEQUENCES:
         expected = explicit.relevance(ids, variant=variant)
-        result = collect_relevance(model, [ids.tolist()], components=("neurons", "heads", "inputs"),
-                                   variant=variant, progress=False)
+        result = collect_relevance(
+            model, [ids.tolist()], components=("neurons", "heads", "inputs"), variant=variant, progress=False
+        )
         where = f"{attn}/{variant}/{'biases' if biases else 'nobias'}/T={len(ids)}"
         assert result.explained.item() == pytest.approx(expected.logit, rel=1e-14)
         assert torch.equal(result.input_ids[0], ids)

@@ -58,12 +58,19 @@ def _single_greedy(model, tokenizer, prompt: str, max_new_tokens: int, stop_ids:
     """``model.generate`` on one unpadded prompt, cut before the first stop id."""
     ids = torch.tensor([tokenizer(prompt)["input_ids"]])
     with torch.no_grad():
-        new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=0, eos_token_id=stop_ids)[0, ids.shape[1]:].tolist()
+        new = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=stop_ids,
+        )[0, ids.shape[1] :].tolist()
     return next((new[:i] for i, t in enumerate(new) if t in stop_ids), new)
 
 
 # --- repetition --------------------------------------------------------------------------------------------------
+
 
 def test_response_uniqueness_ratio() -> None:
     assert response_uniqueness_ratio([1, 1, 2, 3]) == 0.75
@@ -89,9 +96,11 @@ def test_distinct_n() -> None:
 
 # --- toxicity ----------------------------------------------------------------------------------------------------
 
+
 def test_toxicity_rate_and_mean_with_a_callable_scorer() -> None:
-    scorer = CallableScorer(lambda texts: [0.9 if "bad" in t else (0.5 if "meh" in t else 0.1) for t in texts],
-                            name="keyword")
+    scorer = CallableScorer(
+        lambda texts: [0.9 if "bad" in t else (0.5 if "meh" in t else 0.1) for t in texts], name="keyword"
+    )
     result = toxicity(["bad", "good", "bad bad", "meh"], scorer, threshold=0.5)
     assert result.scorer == "keyword" and result.threshold == 0.5
     assert result.scores == [0.9, 0.1, 0.9, 0.5]
@@ -131,8 +140,14 @@ def test_profanity_check_scorer_separates_clean_from_profane() -> None:
 
 def test_pipeline_scorer_returns_the_toxic_label_probability(tmp_path, tokenizer, single_thread) -> None:
     config = tiny_config("llama")
-    config.update(dict(vocab_size=len(WORDS), num_labels=2, id2label={0: "neutral", 1: "toxic"},
-                       label2id={"neutral": 0, "toxic": 1}))
+    config.update(
+        dict(
+            vocab_size=len(WORDS),
+            num_labels=2,
+            id2label={0: "neutral", 1: "toxic"},
+            label2id={"neutral": 0, "toxic": 1},
+        )
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         classifier = LlamaForSequenceClassification(config).eval()
@@ -156,6 +171,7 @@ def test_pipeline_scorer_returns_the_toxic_label_probability(tmp_path, tokenizer
 
 
 # --- perplexity and KL -------------------------------------------------------------------------------------------
+
 
 def _nll(model, ids: list[int], labels: list[int] | None = None) -> tuple[float, int]:
     """Summed NLL and count of predicted tokens, from the model's own loss on one unpadded row."""
@@ -194,7 +210,8 @@ def test_perplexity_splits_long_texts_into_windows(model, tokenizer) -> None:
     text = tokenizer.decode(ids, skip_special_tokens=True)
     assert perplexity(model, tokenizer, [text], progress=False) == pytest.approx(expected, rel=1e-5)
     assert perplexity(model, tokenizer, [text], max_length=CONTEXT, stride=step, progress=False) == pytest.approx(
-        expected, rel=1e-5)
+        expected, rel=1e-5
+    )
 
     # A smaller stride: windows of 16 tokens, 5 new tokens each, the rest of the window as context (-100 labels).
     parts, first = [], 1
@@ -202,11 +219,12 @@ def test_perplexity_splits_long_texts_into_windows(model, tokenizer) -> None:
         end = min(first + 5, len(ids))
         start = max(0, end - 16)
         window = ids[start:end]
-        parts.append(_nll(model, window, [-100] * (first - start) + window[first - start:]))
+        parts.append(_nll(model, window, [-100] * (first - start) + window[first - start :]))
         first = end
     assert sum(c for _, c in parts) == len(ids) - 1
     assert perplexity(model, tokenizer, [text], max_length=16, stride=5, batch_size=7, progress=False) == pytest.approx(
-        _ppl(parts), rel=1e-5)
+        _ppl(parts), rel=1e-5
+    )
     with pytest.raises(ValueError, match="stride"):
         perplexity(model, tokenizer, [text], max_length=16, stride=16, progress=False)
 
@@ -228,8 +246,9 @@ def test_next_token_kl(model, tokenizer) -> None:
     measured = next_token_kl(model, perturbed, tokenizer, TEXTS, batch_size=3, progress=False)
     assert measured > 1e-4
     assert measured == pytest.approx(sum(every) / len(every), rel=1e-5)
-    assert next_token_kl(model, perturbed, tokenizer, TEXTS, batch_size=3, positions="last",
-                         progress=False) == pytest.approx(sum(last) / len(last), rel=1e-5)
+    assert next_token_kl(
+        model, perturbed, tokenizer, TEXTS, batch_size=3, positions="last", progress=False
+    ) == pytest.approx(sum(last) / len(last), rel=1e-5)
     with pytest.raises(ValueError, match="positions"):
         next_token_kl(model, perturbed, tokenizer, TEXTS, positions="first", progress=False)
     with pytest.raises(SequenceTooLongError):
@@ -249,11 +268,19 @@ def test_models_are_left_in_their_mode(model, tokenizer) -> None:
 
 # --- generation --------------------------------------------------------------------------------------------------
 
+
 def test_decoding_settings_are_validated() -> None:
     settings = DecodingSettings(max_new_tokens=50, do_sample=True, top_p=0.95, num_return_sequences=4, seed=3)
     assert DecodingSettings(**settings.to_dict()) == settings
-    for bad in (dict(max_new_tokens=0), dict(batch_size=0), dict(temperature=0.0), dict(top_p=0.0),
-                dict(top_p=1.5), dict(num_return_sequences=0), dict(num_return_sequences=2)):
+    for bad in (
+        dict(max_new_tokens=0),
+        dict(batch_size=0),
+        dict(temperature=0.0),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(num_return_sequences=0),
+        dict(num_return_sequences=2),
+    ):
         with pytest.raises(ValueError):
             DecodingSettings(**bad)
     with pytest.raises(ValueError, match="do_sample"):
@@ -302,8 +329,9 @@ def test_sampling_is_seeded_and_prompt_major(model, tokenizer) -> None:
     assert generate(model, tokenizer, TEXTS[:3], settings, progress=False) == first
     assert [g.prompt_index for g in first] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert [g.prompt for g in first] == [p for p in TEXTS[:3] for _ in range(3)]
-    other_seed = generate(model, tokenizer, TEXTS[:3], DecodingSettings(**{**settings.to_dict(), "seed": 8}),
-                          progress=False)
+    other_seed = generate(
+        model, tokenizer, TEXTS[:3], DecodingSettings(**{**settings.to_dict(), "seed": 8}), progress=False
+    )
     assert [g.token_ids for g in other_seed] != [g.token_ids for g in first]
     # With a vanishing nucleus every sample is the greedy continuation of its own prompt.
     nucleus = DecodingSettings(max_new_tokens=8, do_sample=True, top_p=1e-9, num_return_sequences=2, batch_size=2)
@@ -315,10 +343,12 @@ def test_sampling_is_seeded_and_prompt_major(model, tokenizer) -> None:
 def test_chat_template(model, tokenizer) -> None:
     with pytest.raises(MissingChatTemplateError, match="no chat template"):
         generate(model, tokenizer, TEXTS[:1], DecodingSettings(use_chat_template=True), progress=False)
-    tokenizer.chat_template = ("{% for m in messages %}<bos> {{ m['content'] }}{% endfor %}"
-                               "{% if add_generation_prompt %} hello{% endif %}")
-    templated = generate(model, tokenizer, ["the cat"], DecodingSettings(max_new_tokens=6, use_chat_template=True),
-                         progress=False)
+    tokenizer.chat_template = (
+        "{% for m in messages %}<bos> {{ m['content'] }}{% endfor %}{% if add_generation_prompt %} hello{% endif %}"
+    )
+    templated = generate(
+        model, tokenizer, ["the cat"], DecodingSettings(max_new_tokens=6, use_chat_template=True), progress=False
+    )
     plain = generate(model, tokenizer, ["the cat hello"], DecodingSettings(max_new_tokens=6), progress=False)
     assert templated[0].prompt == "the cat" and templated[0].token_ids == plain[0].token_ids
 
@@ -333,6 +363,7 @@ def test_generation_input_errors(model, tokenizer) -> None:
 
 
 # --- evaluate modules --------------------------------------------------------------------------------------------
+
 
 def test_evaluate_modules_load_offline_from_their_directories(monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -359,23 +390,31 @@ def test_evaluate_modules_load_offline_from_their_directories(monkeypatch) -> No
     offline = tox.compute(predictions=[CLEAN, PROFANE])
     assert offline["scorer"] == "alt-profanity-check" and offline["toxicity_rate"] == 0.5
     assert offline["toxicity"][0] < 0.5 < offline["toxicity"][1]
-    plugged = tox.compute(predictions=["bad", "good"], scorer=lambda texts: [0.9 if "bad" in t else 0.2 for t in texts],
-                          threshold=0.9)
+    plugged = tox.compute(
+        predictions=["bad", "good"], scorer=lambda texts: [0.9 if "bad" in t else 0.2 for t in texts], threshold=0.9
+    )
     assert plugged["toxicity"] == [0.9, 0.2] and plugged["toxicity_rate"] == 0.5
     assert plugged["toxicity_mean"] == pytest.approx(0.55)
 
 
 # --- the embedded model ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.e2e
 def test_smollm2_generation_and_perplexity(single_thread) -> None:
     from hf_lrp_surgery.models import load_model
 
     model, tokenizer = load_model()
-    generations = generate(model, tokenizer, ["The capital of France is", "Water boils at"],
-                           DecodingSettings(max_new_tokens=8), progress=False)
+    generations = generate(
+        model,
+        tokenizer,
+        ["The capital of France is", "Water boils at"],
+        DecodingSettings(max_new_tokens=8),
+        progress=False,
+    )
     assert [g.prompt_index for g in generations] == [0, 1]
     assert all(0 < len(g.token_ids) <= 8 and g.text.strip() for g in generations)
-    value = perplexity(model, tokenizer, ["The capital of France is Paris.", "Water boils at 100 degrees Celsius."],
-                       progress=False)
+    value = perplexity(
+        model, tokenizer, ["The capital of France is Paris.", "Water boils at 100 degrees Celsius."], progress=False
+    )
     assert math.isfinite(value) and 1 < value < 1000

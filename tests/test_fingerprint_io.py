@@ -15,8 +15,15 @@ from hf_lrp_surgery.io import atomic_directory, write_json_atomic
 
 def _llama(**overrides) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64)
+    config = dict(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(LlamaConfig(**{**config, **overrides})).eval()
 
 

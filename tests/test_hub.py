@@ -48,8 +48,11 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
 
 def _digest(directory: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
     """sha256 of every file under ``directory`` except ``skip`` (paths relative to it)."""
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file() and str(p.relative_to(directory)) not in skip}
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and str(p.relative_to(directory)) not in skip
+    }
 
 
 # -- the corrected tiny model, laid out like a recipe's output ---------------------------------
@@ -85,16 +88,38 @@ def recipe(tmp_path_factory: pytest.TempPathFactory, single_thread: None) -> dic
     ppl_before = perplexity(model, tokenizer, PROMPTS, progress=False)
     ppl_after = perplexity(baked.model, tokenizer, PROMPTS, progress=False)
     kl = next_token_kl(model, baked.model, tokenizer, PROMPTS, progress=False)
-    frontier = [FrontierPoint(0, before, 0.0, ppl_before, 0.0, True),
-                FrontierPoint(12, after, kl, ppl_after, ppl_after / ppl_before - 1, True)]
-    result = RecipeResult("repetition", {"budgets": [12], "granularity": "neurons", "method": "lrp",
-                                         "normalize": "total", "protect_top": 0.05, "seed": "logit",
-                                         "limits": {"max_kl": 10.0, "max_perplexity_increase": 10.0},
-                                         "scope": "global", "modules": None, "decoding": behaviour.decoding.to_dict()},
-                          {"undesired": 3, "desired": 3}, frontier, 12,
-                          {"before": {**before, "perplexity": ppl_before},
-                           "after": {**after, "perplexity": ppl_after, "kl": kl,
-                                     "perplexity_increase": ppl_after / ppl_before - 1, "within_limits": True}})
+    frontier = [
+        FrontierPoint(0, before, 0.0, ppl_before, 0.0, True),
+        FrontierPoint(12, after, kl, ppl_after, ppl_after / ppl_before - 1, True),
+    ]
+    result = RecipeResult(
+        "repetition",
+        {
+            "budgets": [12],
+            "granularity": "neurons",
+            "method": "lrp",
+            "normalize": "total",
+            "protect_top": 0.05,
+            "seed": "logit",
+            "limits": {"max_kl": 10.0, "max_perplexity_increase": 10.0},
+            "scope": "global",
+            "modules": None,
+            "decoding": behaviour.decoding.to_dict(),
+        },
+        {"undesired": 3, "desired": 3},
+        frontier,
+        12,
+        {
+            "before": {**before, "perplexity": ppl_before},
+            "after": {
+                **after,
+                "perplexity": ppl_after,
+                "kl": kl,
+                "perplexity_increase": ppl_after / ppl_before - 1,
+                "within_limits": True,
+            },
+        },
+    )
     out = work / "recipe"
     out.mkdir()
     (out / "report.json").write_text(json.dumps(result.to_json(), indent=2))
@@ -157,10 +182,13 @@ def test_recipe_cards_carry_metadata_results_and_mask(recipe: dict[str, Any], tm
     assert written["baked"].read_text() == first and first.count("Notes a person wrote") == 1
 
 
-@pytest.mark.parametrize("behaviour,options", [
-    ("toxicity", {"focus": False, "scorer": "unitary/toxic-bert", "threshold": 0.7}),
-    ("repetition", {"focus": True, "decoding": {"use_chat_template": False}}),
-])
+@pytest.mark.parametrize(
+    "behaviour,options",
+    [
+        ("toxicity", {"focus": False, "scorer": "unitary/toxic-bert", "threshold": 0.7}),
+        ("repetition", {"focus": True, "decoding": {"use_chat_template": False}}),
+    ],
+)
 def test_recipe_command_in_the_card_repeats_the_run(behaviour: str, options: dict[str, Any]) -> None:
     """The card's reproduce command parses with the CLI and gives back the run's settings."""
     import shlex
@@ -168,12 +196,26 @@ def test_recipe_command_in_the_card_repeats_the_run(behaviour: str, options: dic
     from hf_lrp_surgery.cli import build_parser
     from hf_lrp_surgery.modelcard import _recipe_command
 
-    settings = {"model": "smollm2-135m-instruct", "budgets": [10, 50], "granularity": "neurons", "method": "wanda",
-                "normalize": "layer", "protect_top": 0.1, "seed": "logprob", "scope": "per_layer",
-                "limits": {"max_kl": 0.01, "max_perplexity_increase": 0.02}, **options}
+    settings = {
+        "model": "smollm2-135m-instruct",
+        "budgets": [10, 50],
+        "granularity": "neurons",
+        "method": "wanda",
+        "normalize": "layer",
+        "protect_top": 0.1,
+        "seed": "logprob",
+        "scope": "per_layer",
+        "limits": {"max_kl": 0.01, "max_perplexity_increase": 0.02},
+        **options,
+    }
     command = _recipe_command({"behaviour": behaviour, "settings": settings}, "org/base")
     args = build_parser().parse_args(shlex.split(command)[1:])
-    assert (args.model, args.budgets, args.method, args.normalize) == ("smollm2-135m-instruct", [10, 50], "wanda", "layer")
+    assert (args.model, args.budgets, args.method, args.normalize) == (
+        "smollm2-135m-instruct",
+        [10, 50],
+        "wanda",
+        "layer",
+    )
     assert (args.protect_top, args.seed, args.scope, args.max_kl) == (0.1, "logprob", "per_layer", 0.01)
     assert args.no_focus is not settings["focus"] and args.base_model_id == "org/base"
     if behaviour == "toxicity":
@@ -182,8 +224,9 @@ def test_recipe_command_in_the_card_repeats_the_run(behaviour: str, options: dic
         assert args.no_chat_template
 
 
-def test_card_command_writes_a_card_into_each_form(recipe: dict[str, Any], tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_card_command_writes_a_card_into_each_form(
+    recipe: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import argparse
 
     from huggingface_hub import ModelCard
@@ -205,9 +248,8 @@ def test_card_command_writes_a_card_into_each_form(recipe: dict[str, Any], tmp_p
 
 
 def test_cards_refuse_what_cannot_be_published(recipe: dict[str, Any], tmp_path: Path) -> None:
-    from hf_lrp_surgery.exceptions import PublishError
+    from hf_lrp_surgery.exceptions import CardError, PublishError
     from hf_lrp_surgery.hub import push_to_hub
-    from hf_lrp_surgery.exceptions import CardError
     from hf_lrp_surgery.modelcard import card_from_recipe, write_card
 
     with pytest.raises(CardError, match="not a saved corrected model"):
@@ -265,17 +307,37 @@ def published(recipe: dict[str, Any], hub: Any) -> dict[str, Any]:
 
     card_from_recipe(recipe["dir"], base_model=BASE, repo_ids={"baked": BAKED, "adapter": ADAPTER})
     work = recipe["work"]
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE",
-                        "HF_TOKEN_PATH", "HF_HUB_ETAG_TIMEOUT")}
-    env.update(HF_ENDPOINT=hub.url, HF_HOME=str(work / "hf_home"), HF_HUB_DISABLE_XET="1", HF_TOKEN=hub.token,
-               HF_HUB_DISABLE_TELEMETRY="1", PYTHONPATH=os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "HF_HUB_OFFLINE",
+            "TRANSFORMERS_OFFLINE",
+            "HF_HUB_CACHE",
+            "HUGGINGFACE_HUB_CACHE",
+            "HF_TOKEN_PATH",
+            "HF_HUB_ETAG_TIMEOUT",
+        )
+    }
+    env.update(
+        HF_ENDPOINT=hub.url,
+        HF_HOME=str(work / "hf_home"),
+        HF_HUB_DISABLE_XET="1",
+        HF_TOKEN=hub.token,
+        HF_HUB_DISABLE_TELEMETRY="1",
+        PYTHONPATH=os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]),
+    )
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(work)], env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), str(work)], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return {"results": json.loads((work / "results.json").read_text()),
-            "logits": load_file(work / "logits.safetensors"), "seconds": time.perf_counter() - start}
+    return {
+        "results": json.loads((work / "results.json").read_text()),
+        "logits": load_file(work / "logits.safetensors"),
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def test_both_forms_load_from_the_hub_with_stock_loaders(recipe: dict[str, Any], published: dict[str, Any]) -> None:
@@ -315,28 +377,38 @@ def test_pushed_cards_parse_back_with_metadata(recipe: dict[str, Any], published
         assert metrics[("rur_mean", "before")] == pytest.approx(report["heldout"]["before"]["rur_mean"])
         assert metrics[("kl", None)] == pytest.approx(report["heldout"]["after"]["kl"])
         datasets = {(r["dataset"]["type"], r["dataset"]["split"]) for r in index["results"]}
-        assert datasets == {(f"hf_lrp_surgery/{name}", "heldout")
-                            for name in ("repetition_prompts", "general_text", "neutral_prompts")}
+        assert datasets == {
+            (f"hf_lrp_surgery/{name}", "heldout") for name in ("repetition_prompts", "general_text", "neutral_prompts")
+        }
     # A pushed CorrectedModel without a report still gets a card with the base model and its relation.
     memory = published["results"]["cards"][FROM_MEMORY]
     assert memory["base_model"] == BASE and memory["base_model_relation"] == "adapter" and "model-index" not in memory
 
 
-def test_the_hub_holds_the_manifest_and_exactly_one_form(recipe: dict[str, Any], published: dict[str, Any],
-                                                         hub: Any) -> None:
+def test_the_hub_holds_the_manifest_and_exactly_one_form(
+    recipe: dict[str, Any], published: dict[str, Any], hub: Any
+) -> None:
     baked, adapter = hub.repos[BAKED], hub.repos[ADAPTER]
     assert baked.private and not adapter.private
     local = _digest(recipe["dir"] / "baked")
     remote = {p: hashlib.sha256(c).hexdigest() for p, c in baked.files("main").items() if p != ".gitattributes"}
     assert remote == local, "the baked repo must hold exactly the local directory, surgery/ included"
     files = adapter.files("main")
-    assert {"surgery/neurons/mask.json", "surgery/heads/mask.safetensors", "surgery/check.json",
-            "surgery/report.json", "surgery/effect_vs_budget.png", "adapter_config.json",
-            "adapter_model.safetensors"} <= set(files)
+    assert {
+        "surgery/neurons/mask.json",
+        "surgery/heads/mask.safetensors",
+        "surgery/check.json",
+        "surgery/report.json",
+        "surgery/effect_vs_budget.png",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    } <= set(files)
     # The adapter repo first got the baked model by mistake; the adapter push removed the baked files.
     assert not {"model.safetensors", "config.json", "generation_config.json"} & set(files)
-    assert any(m == "hf_lrp_surgery: corrected model (baked checkpoint) with its mask manifest"
-               for m in adapter.messages.values())
+    assert any(
+        m == "hf_lrp_surgery: corrected model (baked checkpoint) with its mask manifest"
+        for m in adapter.messages.values()
+    )
     assert adapter.messages[adapter.head] == "adapter via the CLI"
     assert published["results"]["cli_rc"] == 0 and ADAPTER in published["results"]["cli_stdout"]
 
@@ -363,12 +435,16 @@ def test_fake_hub_rejects_what_the_hub_rejects(hub: Any) -> None:
     import urllib.error
     import urllib.request
 
-    def call(method: str, path: str, body: Any = None, token: str | None = hub.token,
-             content_type: str = "application/json") -> int:
+    def call(
+        method: str, path: str, body: Any = None, token: str | None = hub.token, content_type: str = "application/json"
+    ) -> int:
         data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-        request = urllib.request.Request(hub.url + path, data=data, method=method,
-                                         headers={"Content-Type": content_type,
-                                                  **({"Authorization": f"Bearer {token}"} if token else {})})
+        request = urllib.request.Request(
+            hub.url + path,
+            data=data,
+            method=method,
+            headers={"Content-Type": content_type, **({"Authorization": f"Bearer {token}"} if token else {})},
+        )
         try:
             with urllib.request.urlopen(request) as response:
                 return response.status
@@ -385,9 +461,12 @@ def test_fake_hub_rejects_what_the_hub_rejects(hub: Any) -> None:
     head = hub.repos["tester/honesty"].head
 
     def commit(*lines: dict[str, Any]) -> int:
-        return call("POST", "/api/models/tester/honesty/commit/main", b"".join(json.dumps(x).encode() + b"\n"
-                                                                              for x in lines),
-                    content_type="application/x-ndjson")
+        return call(
+            "POST",
+            "/api/models/tester/honesty/commit/main",
+            b"".join(json.dumps(x).encode() + b"\n" for x in lines),
+            content_type="application/x-ndjson",
+        )
 
     header = {"key": "header", "value": {"summary": "s", "parentCommit": head}}
     assert commit({"key": "header", "value": {"summary": "s", "parentCommit": "0" * 40}}) == 412
@@ -405,8 +484,12 @@ def _file_line(path: str, text: str) -> dict[str, Any]:
 
 # -- the client side (run as a subprocess) ----------------------------------------------------
 def _error(err: Exception) -> dict[str, Any]:
-    return {"type": type(err).__name__, "message": str(err), "reason": getattr(err, "reason", None),
-            "retry_command": getattr(err, "retry_command", None)}
+    return {
+        "type": type(err).__name__,
+        "message": str(err),
+        "reason": getattr(err, "reason", None),
+        "retry_command": getattr(err, "retry_command", None),
+    }
 
 
 def _free_port() -> int:
@@ -441,8 +524,10 @@ def _client(work: Path) -> None:
     api.upload_folder(repo_id=BASE, folder_path=work / "base", commit_message="the base model")
 
     # Failures first: nothing may change locally (the card is rewritten identically) and nothing remotely.
-    for name, kwargs in (("unreachable", {"endpoint": f"http://127.0.0.1:{_free_port()}"}),
-                         ("auth", {"token": "hf_wrong_token"})):
+    for name, kwargs in (
+        ("unreachable", {"endpoint": f"http://127.0.0.1:{_free_port()}"}),
+        ("auth", {"token": "hf_wrong_token"}),
+    ):
         before = _digest(recipe / "baked")
         start = time.perf_counter()
         try:
@@ -452,7 +537,8 @@ def _client(work: Path) -> None:
             results[name] = _error(err)
         results[name]["seconds"] = time.perf_counter() - start
         results[name]["unchanged"] = _digest(recipe / "baked", skip=("README.md", "surgery/card.json")) == {
-            k: v for k, v in before.items() if k not in ("README.md", "surgery/card.json")}
+            k: v for k, v in before.items() if k not in ("README.md", "surgery/card.json")
+        }
 
     # The callback's variant logs the failure (with the retry command) instead of raising.
     records: list[str] = []
@@ -472,8 +558,9 @@ def _client(work: Path) -> None:
         results["cli_rc"] = args.handler(args)
     results["cli_stdout"] = stdout.getvalue()
     model = AutoModelForCausalLM.from_pretrained(work / "base").eval()
-    corrected = apply_masks(model, [Mask.load(recipe / "baked" / "surgery" / g) for g in ("neurons", "heads")],
-                            "adapter")
+    corrected = apply_masks(
+        model, [Mask.load(recipe / "baked" / "surgery" / g) for g in ("neurons", "heads")], "adapter"
+    )
     push_to_hub(corrected, FROM_MEMORY, base_model=BASE)
 
     # Stock loaders on repo ids.
@@ -494,8 +581,10 @@ def _client(work: Path) -> None:
     logits["verified_adapter"] = _logits(load_from_hub(ADAPTER))
     logits["verified_adapter_transformers"] = _logits(load_from_hub(FROM_MEMORY, via="transformers"))
     logits["verified_adapter_off"] = _logits(load_from_hub(ADAPTER, adapter_enabled=False))
-    for name, call in (("not_published", lambda: load_from_hub(BASE)),
-                       ("private_without_token", lambda: load_from_hub(BAKED, token=False, cache_dir=work / "empty"))):
+    for name, call in (
+        ("not_published", lambda: load_from_hub(BASE)),
+        ("private_without_token", lambda: load_from_hub(BAKED, token=False, cache_dir=work / "empty")),
+    ):
         try:
             call()
             results[name] = {"type": None}

@@ -29,7 +29,9 @@ INF = float("inf")
 
 #: Two blocks of four neurons and two heads; one "weight matrix" per block.
 LAYOUT = Layout(
-    num_layers=2, num_neurons=4, num_heads=2,
+    num_layers=2,
+    num_neurons=4,
+    num_heads=2,
     neuron_modules=("blocks.0.mlp.out", "blocks.1.mlp.out"),
     head_modules=("blocks.0.attn.o", "blocks.1.attn.o"),
     weight_modules={"blocks.0.mlp.out": (0, "mlp.out"), "blocks.1.mlp.out": (1, "mlp.out")},
@@ -38,19 +40,27 @@ N0, N1 = LAYOUT.neuron_modules
 H0, H1 = LAYOUT.head_modules
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(family: str = "llama", seed: int = 0) -> nn.Module:
     """A cached tiny fp32 model (tests that change it work on a copy)."""
     return tiny_model(family, dtype=torch.float32, seed=seed)
 
 
-def _scores(neurons: list[list[float]] | None = None, heads: list[list[float]] | None = None,
-            weights: dict[str, torch.Tensor] | None = None, *, layout: Layout = LAYOUT,
-            model: nn.Module | None = None) -> Scores:
+def _scores(
+    neurons: list[list[float]] | None = None,
+    heads: list[list[float]] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+    *,
+    layout: Layout = LAYOUT,
+    model: nn.Module | None = None,
+) -> Scores:
     """Scores with the given values, on ``layout``, fingerprinted as the tiny llama (or ``model``)."""
     return Scores(
-        method="lrp", settings={"method": "lrp", "aggregation": "signed"}, fingerprint=fingerprint(model or _model()),
-        layout=layout, num_samples=4,
+        method="lrp",
+        settings={"method": "lrp", "aggregation": "signed"},
+        fingerprint=fingerprint(model or _model()),
+        layout=layout,
+        num_samples=4,
         neurons=None if neurons is None else torch.tensor(neurons),
         heads=None if heads is None else torch.tensor(heads),
         weights=dict(weights or {}),
@@ -106,8 +116,9 @@ def test_per_layer_weights_are_spread_over_matrices_by_size() -> None:
     model = _model()
     layout = Layout.of(resolve(model))
     generator = torch.Generator().manual_seed(0)
-    values = {name: torch.rand(model.get_submodule(name).weight.shape, generator=generator)
-              for name in layout.weight_modules}
+    values = {
+        name: torch.rand(model.get_submodule(name).weight.shape, generator=generator) for name in layout.weight_modules
+    }
     scores = _scores(weights=values, layout=layout)
     total = sum(v.numel() for v in values.values())
     mask = select(scores, "weights", 0.25, scope="per_layer")
@@ -159,16 +170,30 @@ def _weight_scores(family: str) -> tuple[Scores, dict[str, int]]:
     return _scores(weights=values, layout=layout, model=model), {k: v.numel() for k, v in values.items()}
 
 
-@pytest.mark.parametrize(("family", "modules", "expected"), [
-    ("llama", "mlp.*", ["model.layers.{i}.mlp.gate_proj", "model.layers.{i}.mlp.up_proj",
-                        "model.layers.{i}.mlp.down_proj"]),
-    ("llama", "down_proj", ["model.layers.{i}.mlp.down_proj"]),
-    ("llama", ["q_proj", "mlp.up_proj"], ["model.layers.{i}.self_attn.q_proj", "model.layers.{i}.mlp.up_proj"]),
-    ("llama", "self_attn.*", ["model.layers.{i}.self_attn.q_proj", "model.layers.{i}.self_attn.k_proj",
-                              "model.layers.{i}.self_attn.v_proj", "model.layers.{i}.self_attn.o_proj"]),
-    ("opt", "fc1", ["model.decoder.layers.{i}.fc1"]),
-    ("opt", "fc*", ["model.decoder.layers.{i}.fc1", "model.decoder.layers.{i}.fc2"]),
-])
+@pytest.mark.parametrize(
+    ("family", "modules", "expected"),
+    [
+        (
+            "llama",
+            "mlp.*",
+            ["model.layers.{i}.mlp.gate_proj", "model.layers.{i}.mlp.up_proj", "model.layers.{i}.mlp.down_proj"],
+        ),
+        ("llama", "down_proj", ["model.layers.{i}.mlp.down_proj"]),
+        ("llama", ["q_proj", "mlp.up_proj"], ["model.layers.{i}.self_attn.q_proj", "model.layers.{i}.mlp.up_proj"]),
+        (
+            "llama",
+            "self_attn.*",
+            [
+                "model.layers.{i}.self_attn.q_proj",
+                "model.layers.{i}.self_attn.k_proj",
+                "model.layers.{i}.self_attn.v_proj",
+                "model.layers.{i}.self_attn.o_proj",
+            ],
+        ),
+        ("opt", "fc1", ["model.decoder.layers.{i}.fc1"]),
+        ("opt", "fc*", ["model.decoder.layers.{i}.fc1", "model.decoder.layers.{i}.fc2"]),
+    ],
+)
 def test_weight_module_groups(family: str, modules: Any, expected: list[str]) -> None:
     """modules= by role glob, last name or list: with budget 1.0 exactly the matching matrices are pruned whole."""
     scores, sizes = _weight_scores(family)
@@ -268,11 +293,19 @@ def test_mask_manifest_fields() -> None:
     assert manifest["units_per_module"] == 4
     assert manifest["fingerprint"] == fingerprint(_model()).to_dict()
     assert manifest["layout"] == LAYOUT.to_dict()
-    assert manifest["provenance"]["scores"] == {"method": "lrp", "settings": {"method": "lrp",
-                                                                              "aggregation": "signed"},
-                                                "num_samples": 4}
-    assert manifest["provenance"]["selection"] == {"granularity": "neurons", "budget": 3, "count": 3,
-                                                   "scope": "per_layer", "modules": None, "layers": None}
+    assert manifest["provenance"]["scores"] == {
+        "method": "lrp",
+        "settings": {"method": "lrp", "aggregation": "signed"},
+        "num_samples": 4,
+    }
+    assert manifest["provenance"]["selection"] == {
+        "granularity": "neurons",
+        "budget": 3,
+        "count": 3,
+        "scope": "per_layer",
+        "modules": None,
+        "layers": None,
+    }
     json.dumps(manifest)  # serialisable
 
 
@@ -290,15 +323,18 @@ def test_mask_rejects_bad_indices() -> None:
 def test_mask_save_load_round_trip(tmp_path: Path) -> None:
     """save/load keeps indices, granularity, fingerprint, layout, provenance and creation time."""
     scores, _ = _weight_scores("opt")
-    for name, value in scores.weights.items():
+    for value in scores.weights.values():
         value.copy_(torch.arange(value.numel(), dtype=value.dtype).reshape(value.shape).flip(0))
     for mask in (_neuron_mask(), select(scores, "weights", 0.1, modules="fc*", scope="per_layer")):
         directory = mask.save(tmp_path / mask.granularity)
         loaded = Mask.load(directory)
         assert loaded.indices.keys() == mask.indices.keys()
         assert all(torch.equal(loaded.indices[k], mask.indices[k]) for k in mask.indices)
-        assert (loaded.granularity, loaded.fingerprint, loaded.layout) == (mask.granularity, mask.fingerprint,
-                                                                           mask.layout)
+        assert (loaded.granularity, loaded.fingerprint, loaded.layout) == (
+            mask.granularity,
+            mask.fingerprint,
+            mask.layout,
+        )
         assert loaded.provenance == mask.provenance and loaded.created == mask.created
         assert loaded.count == mask.count and loaded.per_layer() == mask.per_layer()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["neurons", "weights"]

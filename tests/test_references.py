@@ -28,11 +28,13 @@ def _write(path: Path, text: str) -> Path:
 
 def test_in_memory_forms() -> None:
     """Strings, (prompt, continuation) tuples, mappings and samples become the same ReferenceSamples."""
-    mixed = ["the cat sat", ("hello", " world"),
-             {"prompt": "the capital of france is", "target": " paris"}]
+    mixed = ["the cat sat", ("hello", " world"), {"prompt": "the capital of france is", "target": " paris"}]
     assert load_reference_set(mixed) == EXPECTED
-    mappings = [{"text": "the cat sat"}, {"prompt": "hello", "continuation": " world"},
-                {"prompt": "the capital of france is", "target": " paris", "source": "quiz"}]
+    mappings = [
+        {"text": "the cat sat"},
+        {"prompt": "hello", "continuation": " world"},
+        {"prompt": "the capital of france is", "target": " paris", "source": "quiz"},
+    ]
     assert load_reference_set(mappings) == EXPECTED
     assert load_reference_set(EXPECTED) == EXPECTED
     assert load_reference_set([[1, 5, 7], (2, 3)]) == [ReferenceSample([1, 5, 7]), ReferenceSample([2, 3])]
@@ -54,8 +56,12 @@ def test_txt_file(tmp_path: Path) -> None:
 
 def test_jsonl_file(tmp_path: Path) -> None:
     """A .jsonl file: one mapping (or a [prompt, continuation] pair, or a string) per line."""
-    lines = [json.dumps({"prompt": "the cat sat"}), "", json.dumps(["hello", " world"]),
-             json.dumps({"text": "the capital of france is", "target": " paris"})]
+    lines = [
+        json.dumps({"prompt": "the cat sat"}),
+        "",
+        json.dumps(["hello", " world"]),
+        json.dumps({"text": "the capital of france is", "target": " paris"}),
+    ]
     path = _write(tmp_path / "set.jsonl", "\n".join(lines) + "\n")
     assert load_reference_set(path) == EXPECTED
     strings = _write(tmp_path / "strings.jsonl", '"a"\n"b"\n')
@@ -78,8 +84,9 @@ def test_json_files(tmp_path: Path) -> None:
 
 def test_datasets_dataset() -> None:
     """A datasets.Dataset with prompt + continuation columns, or with a text column."""
-    pairs = datasets.Dataset.from_dict({"prompt": ["hello", "the cat"], "continuation": [" world", " sat"],
-                                        "label": [0, 1]})
+    pairs = datasets.Dataset.from_dict(
+        {"prompt": ["hello", "the cat"], "continuation": [" world", " sat"], "label": [0, 1]}
+    )
     assert load_reference_set(pairs) == [ReferenceSample("hello", " world"), ReferenceSample("the cat", " sat")]
     texts = datasets.Dataset.from_dict({"text": ["a red car", "the sun"]})
     assert load_reference_set(texts) == [ReferenceSample("a red car"), ReferenceSample("the sun")]
@@ -165,7 +172,7 @@ def test_hub_sets_stream_a_fixed_split(monkeypatch: pytest.MonkeyPatch) -> None:
     heldout = hub_set("real_toxicity_prompts", "heldout", 50)
     assert calls[0] == ("allenai/real-toxicity-prompts", None, "train", True)
     assert len(train) == len(heldout) == 50 and not set(train) & set(heldout) and "short" not in train
-    assert hub_set("real_toxicity_prompts", "train", 10) == train[:10]     # the split does not depend on size
+    assert hub_set("real_toxicity_prompts", "train", 10) == train[:10]  # the split does not depend on size
     rows.reverse()
     assert set(hub_set("real_toxicity_prompts", "train", 200)) >= set(train)  # nor on the order rows arrive in
 

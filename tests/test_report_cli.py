@@ -29,8 +29,22 @@ def test_report_command_on_a_local_checkpoint(tiny_checkpoint, tmp_path, capsys)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("the cat sat on the\n\nthe capital of france is\n")
     out = tmp_path / "report"
-    status = main(["report", "--model", str(tiny_checkpoint), "--prompts", str(prompts), "--max-new-tokens", "3",
-                   "--top-k", "4", "--output", str(out), "--no-progress"])
+    status = main(
+        [
+            "report",
+            "--model",
+            str(tiny_checkpoint),
+            "--prompts",
+            str(prompts),
+            "--max-new-tokens",
+            "3",
+            "--top-k",
+            "4",
+            "--output",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert status == 0
     printed = capsys.readouterr().out
     assert "Top MLP neurons" in printed and "Top attention heads" in printed
@@ -84,5 +98,9 @@ def test_smollm2_report_and_conservation(tmp_path, capsys) -> None:
     totals = torch.stack([r.double().sum() for r in cp.input_relevance])
     torch.testing.assert_close(totals, cp.explained, rtol=1e-4, atol=1e-3)
     attn = collect_relevance(model, samples[:1], tokenizer, components=("neurons", "weights"), progress=False)
-    torch.testing.assert_close(attn.weights["model.layers.29.mlp.down_proj"].sum(0), attn.neurons[29],
-                               rtol=1e-4, atol=1e-4 * float(attn.neurons[29].abs().max()))
+    torch.testing.assert_close(
+        attn.weights["model.layers.29.mlp.down_proj"].sum(0),
+        attn.neurons[29],
+        rtol=1e-4,
+        atol=1e-4 * float(attn.neurons[29].abs().max()),
+    )

@@ -33,18 +33,40 @@ HEADS = 4
 #: Per family: (decoder block prefix, MLP output projection, attention output projection, prunable roles,
 #: Conv1D orientation).
 FAMILY_INFO: dict[str, tuple[str, str, str, tuple[str, ...], bool]] = {
-    "llama": ("model.layers", "mlp.down_proj", "self_attn.o_proj",
-              ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), False),
-    "opt": ("model.decoder.layers", "fc2", "self_attn.out_proj",
-            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"), False),
-    "gpt2": ("transformer.h", "mlp.c_proj", "attn.c_proj", ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
-             True),
+    "llama": (
+        "model.layers",
+        "mlp.down_proj",
+        "self_attn.o_proj",
+        (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ),
+        False,
+    ),
+    "opt": (
+        "model.decoder.layers",
+        "fc2",
+        "self_attn.out_proj",
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"),
+        False,
+    ),
+    "gpt2": (
+        "transformer.h",
+        "mlp.c_proj",
+        "attn.c_proj",
+        ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+        True,
+    ),
 }
 FAMILIES3 = list(FAMILY_INFO)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(family: str, seed: int = 0) -> nn.Module:
     """A cached tiny fp64 model (tests never modify it)."""
     return tiny_model(family, dtype=torch.float64, seed=seed)
@@ -75,17 +97,24 @@ def _head_norms(model: nn.Module, family: str) -> torch.Tensor:
     for name in _names(family, FAMILY_INFO[family][2]):
         weight = model.get_submodule(name).weight.detach()
         width = (weight.shape[0] if conv1d else weight.shape[1]) // HEADS
-        rows.append(torch.stack([
-            (weight[h * width:(h + 1) * width, :] if conv1d else weight[:, h * width:(h + 1) * width]).norm()
-            for h in range(HEADS)
-        ]))
+        rows.append(
+            torch.stack(
+                [
+                    (
+                        weight[h * width : (h + 1) * width, :] if conv1d else weight[:, h * width : (h + 1) * width]
+                    ).norm()
+                    for h in range(HEADS)
+                ]
+            )
+        )
     return torch.stack(rows)
 
 
 def _prunable(family: str) -> list[str]:
     """Every prunable module's full name, in block order."""
-    return [name for i in range(2) for name in
-            (f"{FAMILY_INFO[family][0]}.{i}.{role}" for role in FAMILY_INFO[family][3])]
+    return [
+        name for i in range(2) for name in (f"{FAMILY_INFO[family][0]}.{i}.{role}" for role in FAMILY_INFO[family][3])
+    ]
 
 
 def _module_inputs(model: nn.Module, names: list[str], samples: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -95,8 +124,9 @@ def _module_inputs(model: nn.Module, names: list[str], samples: list[list[int]])
     def hook(module: nn.Module, args: tuple, name: str) -> None:
         seen[name].append(args[0].detach().reshape(-1, args[0].shape[-1]))
 
-    handles = [model.get_submodule(name).register_forward_pre_hook(functools.partial(hook, name=name))
-               for name in names]
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(functools.partial(hook, name=name)) for name in names
+    ]
     try:
         with torch.no_grad():
             for sample in samples:
@@ -146,7 +176,8 @@ def test_random_scores_are_seeded_uniform() -> None:
     assert not torch.equal(a.neurons, c.neurons) and not torch.equal(a.heads, c.heads)
     assert all(not torch.equal(a.weights[k], c.weights[k]) for k in a.weights)
     assert {k: v.shape for k, v in a.weights.items()} == {
-        k: model.get_submodule(k).weight.shape for k in _prunable("llama")}
+        k: model.get_submodule(k).weight.shape for k in _prunable("llama")
+    }
 
 
 # -- activation statistics --------------------------------------------------------------------------
@@ -201,8 +232,9 @@ def test_wanda_scores_match_hooks(family: str) -> None:
 GRAD_SAMPLES: list[Any] = [[1, 5, 7, 9, 11, 3], ReferenceSample([3, 4, 8], target=5), [9, 20]]
 
 
-def _hand_gradient(model: nn.Module, family: str) -> tuple[list[torch.Tensor], list[torch.Tensor],
-                                                           list[dict[str, torch.Tensor]]]:
+def _hand_gradient(
+    model: nn.Module, family: str
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[dict[str, torch.Tensor]]]:
     """Per sample: neuron and head ``a * dL/da`` summed over tokens, and ``W * dL/dW``, by plain autograd."""
     neuron_names, head_names = _names(family, FAMILY_INFO[family][1]), _names(family, FAMILY_INFO[family][2])
     weight_names = _prunable(family)
@@ -214,8 +246,10 @@ def _hand_gradient(model: nn.Module, family: str) -> tuple[list[torch.Tensor], l
         def hook(module: nn.Module, args: tuple, name: str) -> None:
             captured[name] = args[0]
 
-        handles = [model.get_submodule(n).register_forward_pre_hook(functools.partial(hook, name=n))
-                   for n in neuron_names + head_names]
+        handles = [
+            model.get_submodule(n).register_forward_pre_hook(functools.partial(hook, name=n))
+            for n in neuron_names + head_names
+        ]
         try:
             last = model(torch.tensor([ids])).logits[0, -1]
         finally:
@@ -225,10 +259,10 @@ def _hand_gradient(model: nn.Module, family: str) -> tuple[list[torch.Tensor], l
         params = [model.get_submodule(n).weight for n in weight_names]
         acts = [captured[n] for n in neuron_names + head_names]
         grads = torch.autograd.grad(last[target], acts + params)
-        products = [(a * g).detach().reshape(-1, a.shape[-1]).sum(0) for a, g in zip(acts, grads[:len(acts)])]
+        products = [(a * g).detach().reshape(-1, a.shape[-1]).sum(0) for a, g in zip(acts, grads[: len(acts)])]
         neurons.append(torch.stack(products[:2]))
         heads.append(torch.stack([p.unflatten(0, (HEADS, -1)).sum(-1) for p in products[2:]]))
-        weights.append({n: (w.detach() * g) for n, w, g in zip(weight_names, params, grads[len(acts):])})
+        weights.append({n: (w.detach() * g) for n, w, g in zip(weight_names, params, grads[len(acts) :])})
     return neurons, heads, weights
 
 
@@ -238,8 +272,9 @@ def test_gradient_scores_match_autograd(family: str) -> None:
     model = _model(family)
     neurons, heads, weights = _hand_gradient(model, family)
     n = len(GRAD_SAMPLES)
-    signed = score(model, GRAD_SAMPLES, method="gradient", components=ALL, aggregation="signed", batch_size=3,
-                   progress=False)
+    signed = score(
+        model, GRAD_SAMPLES, method="gradient", components=ALL, aggregation="signed", batch_size=3, progress=False
+    )
     assert signed.method == "gradient" and signed.settings["variant"] == "gradient"
     assert signed.num_samples == n and signed.settings["aggregation"] == "signed"
     tol = dict(rtol=1e-9, atol=1e-12)
@@ -249,8 +284,9 @@ def test_gradient_scores_match_autograd(family: str) -> None:
     for name in signed.weights:
         torch.testing.assert_close(signed.weights[name], sum(w[name] for w in weights) / n, **tol)
     # abs: mean of per-sample |R|, which differs from |mean R|
-    absolute = score(model, GRAD_SAMPLES, method="gradient", components=ALL, aggregation="abs", batch_size=2,
-                     progress=False)
+    absolute = score(
+        model, GRAD_SAMPLES, method="gradient", components=ALL, aggregation="abs", batch_size=2, progress=False
+    )
     torch.testing.assert_close(absolute.neurons, sum(t.abs() for t in neurons) / n, **tol)
     torch.testing.assert_close(absolute.heads, sum(t.abs() for t in heads) / n, **tol)
     for name in absolute.weights:
@@ -264,8 +300,9 @@ def test_lrp_scores_are_mean_relevance(aggregation: str) -> None:
     """score(method='lrp') == Scores.from_relevance(collect_relevance(...)), signed and abs."""
     model = _model("opt")
     result = score(model, GRAD_SAMPLES, method="lrp", components=ALL, aggregation=aggregation, progress=False)
-    relevance = collect_relevance(model, GRAD_SAMPLES, components=ALL, per_sample_abs_weights=aggregation == "abs",
-                                  progress=False)
+    relevance = collect_relevance(
+        model, GRAD_SAMPLES, components=ALL, per_sample_abs_weights=aggregation == "abs", progress=False
+    )
     expected = Scores.from_relevance(relevance, Layout.of(resolve(model)), aggregation=aggregation)
     assert result.method == expected.method == "lrp"
     assert result.settings["aggregation"] == aggregation and result.num_samples == len(GRAD_SAMPLES)
@@ -329,7 +366,9 @@ def test_get_unscored_component() -> None:
 
 # -- contrast on constructed scores -----------------------------------------------------------------
 LAYOUT = Layout(
-    num_layers=2, num_neurons=4, num_heads=2,
+    num_layers=2,
+    num_neurons=4,
+    num_heads=2,
     neuron_modules=("blocks.0.mlp.out", "blocks.1.mlp.out"),
     head_modules=("blocks.0.attn.o", "blocks.1.attn.o"),
     weight_modules={"blocks.0.mlp.out": (0, "mlp.out"), "blocks.1.mlp.out": (1, "mlp.out")},
@@ -337,12 +376,22 @@ LAYOUT = Layout(
 FP = ModelFingerprint("llama", "c" * 64, "w" * 64, 123)
 
 
-def _scores(neurons: list[list[float]] | None = None, heads: list[list[float]] | None = None,
-            weights: dict[str, list[list[float]]] | None = None, *, method: str = "lrp",
-            fp: ModelFingerprint = FP, num_samples: int = 3) -> Scores:
+def _scores(
+    neurons: list[list[float]] | None = None,
+    heads: list[list[float]] | None = None,
+    weights: dict[str, list[list[float]]] | None = None,
+    *,
+    method: str = "lrp",
+    fp: ModelFingerprint = FP,
+    num_samples: int = 3,
+) -> Scores:
     """A Scores value on :data:`LAYOUT` with the given values."""
     return Scores(
-        method=method, settings={"method": method}, fingerprint=fp, layout=LAYOUT, num_samples=num_samples,
+        method=method,
+        settings={"method": method},
+        fingerprint=fp,
+        layout=LAYOUT,
+        num_samples=num_samples,
         neurons=None if neurons is None else torch.tensor(neurons),
         heads=None if heads is None else torch.tensor(heads),
         weights={k: torch.tensor(v) for k, v in (weights or {}).items()},
@@ -359,8 +408,10 @@ U_WEIGHTS = {"blocks.0.mlp.out": [[0.0, 1.0], [2.0, -1.0]], "blocks.1.mlp.out": 
 
 def _pair() -> tuple[Scores, Scores]:
     """General and undesired scores of every kind with distinct general |score|."""
-    return (_scores(G_NEURONS, G_HEADS, G_WEIGHTS, num_samples=3),
-            _scores(U_NEURONS, U_HEADS, U_WEIGHTS, num_samples=5))
+    return (
+        _scores(G_NEURONS, G_HEADS, G_WEIGHTS, num_samples=3),
+        _scores(U_NEURONS, U_HEADS, U_WEIGHTS, num_samples=5),
+    )
 
 
 def _t(values: list[list[float]]) -> torch.Tensor:
@@ -484,6 +535,7 @@ def test_scores_save_load_round_trip(tmp_path: Path) -> None:
 
 def test_failing_save_leaves_no_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A save that fails half way leaves neither the directory nor a temporary one behind."""
+
     def broken(*args: Any, **kwargs: Any) -> None:
         raise OSError("disk full")
 

@@ -16,10 +16,17 @@ from hf_lrp_surgery import Mask, Scores, Surgeon, load_corrected
 from hf_lrp_surgery.apply import read_surgery, set_adapter_enabled
 from hf_lrp_surgery.cli import main
 
-UNDESIRED = [("the cat sat on the", " mat mat mat mat"), ("hello world", " bad bad bad bad"),
-             ("the dog was", " very very very very")]
-GENERAL = [("the capital of france is", " paris"), ("one two", " three"), ("the sun and the", " moon"),
-           ("a big red", " house")]
+UNDESIRED = [
+    ("the cat sat on the", " mat mat mat mat"),
+    ("hello world", " bad bad bad bad"),
+    ("the dog was", " very very very very"),
+]
+GENERAL = [
+    ("the capital of france is", " paris"),
+    ("one two", " three"),
+    ("the sun and the", " moon"),
+    ("a big red", " house"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +54,7 @@ def test_surgeon_steps_return_values_that_save_and_load(checkpoint: Path, tmp_pa
     surgeon = Surgeon(model, tiny_tokenizer(), progress=False)
     general = surgeon.attribute(GENERAL, components=("neurons", "heads"))
     assert general.method == "lrp" and general.num_samples == 4 and general.neurons.shape == (2, 48)
-    scores = surgeon.contrast(undesired=UNDESIRED, general=general, components=("neurons", "heads"),
-                              protect_top=0.1)
+    scores = surgeon.contrast(undesired=UNDESIRED, general=general, components=("neurons", "heads"), protect_top=0.1)
     assert scores.method == "contrast" and int(torch.isinf(scores.neurons).sum()) == int(0.1 * 96)
     scores.save(tmp_path / "scores")
     assert torch.equal(Scores.load(tmp_path / "scores").neurons, scores.neurons)
@@ -103,13 +109,44 @@ def test_cli_attribute_correct_apply_inspect(checkpoint: Path, tmp_path: Path, c
     general = _write_jsonl(tmp_path / "general.jsonl", GENERAL)
     common = ["--model", str(checkpoint), "--no-progress"]
 
-    assert main(["attribute", *common, "--samples", str(general), "--components", "neurons", "heads",
-                 "--output", str(tmp_path / "scores")]) == 0
+    assert (
+        main(
+            [
+                "attribute",
+                *common,
+                "--samples",
+                str(general),
+                "--components",
+                "neurons",
+                "heads",
+                "--output",
+                str(tmp_path / "scores"),
+            ]
+        )
+        == 0
+    )
     assert Scores.load(tmp_path / "scores").heads.shape == (2, 4)
 
     out = tmp_path / "correct"
-    assert main(["correct", *common, "--undesired", str(undesired), "--general", str(general), "--budget", "0.06",
-                 "--protect-top", "0.1", "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "correct",
+                *common,
+                "--undesired",
+                str(undesired),
+                "--general",
+                str(general),
+                "--budget",
+                "0.06",
+                "--protect-top",
+                "0.1",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "5 neurons pruned" in printed and "verified" in printed
     mask = Mask.load(out / "mask")
@@ -124,8 +161,12 @@ def test_cli_attribute_correct_apply_inspect(checkpoint: Path, tmp_path: Path, c
     assert torch.equal(_logits(stock), _logits(AutoModelForCausalLM.from_pretrained(checkpoint)))
     assert (out / "mask_per_layer.png").stat().st_size > 5_000
 
-    assert main(["apply", *common, "--mask", str(out / "mask"), "--carrier", "bake",
-                 "--output", str(tmp_path / "applied")]) == 0
+    assert (
+        main(
+            ["apply", *common, "--mask", str(out / "mask"), "--carrier", "bake", "--output", str(tmp_path / "applied")]
+        )
+        == 0
+    )
     assert torch.equal(_logits(load_corrected(tmp_path / "applied" / "baked")), _logits(baked))
     assert not (tmp_path / "applied" / "adapter").exists()
 
@@ -141,31 +182,67 @@ def test_cli_weights_are_baked_by_default(checkpoint: Path, tmp_path: Path) -> N
     undesired = _write_jsonl(tmp_path / "undesired.jsonl", UNDESIRED)
     general = _write_jsonl(tmp_path / "general.jsonl", GENERAL)
     out = tmp_path / "weights"
-    assert main(["correct", "--model", str(checkpoint), "--no-progress", "--undesired", str(undesired),
-                 "--general", str(general), "--granularity", "weights", "--modules", "mlp.*", "--budget", "30",
-                 "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "correct",
+                "--model",
+                str(checkpoint),
+                "--no-progress",
+                "--undesired",
+                str(undesired),
+                "--general",
+                str(general),
+                "--granularity",
+                "weights",
+                "--modules",
+                "mlp.*",
+                "--budget",
+                "30",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert Mask.load(out / "mask").count == 30
     assert (out / "baked").is_dir() and not (out / "adapter").exists()
     load_corrected(out / "baked")
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--granularity", "weights", "--carrier", "adapter"], "weight masks are baked"),
-    (["--budget", "100000"], "exceeds"),
-    (["--granularity", "weights", "--modules", "nonsense"], "matches no prunable module"),
-])
-def test_cli_errors_are_one_line(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
-                                 extra: list[str], message: str) -> None:
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--granularity", "weights", "--carrier", "adapter"], "weight masks are baked"),
+        (["--budget", "100000"], "exceeds"),
+        (["--granularity", "weights", "--modules", "nonsense"], "matches no prunable module"),
+    ],
+)
+def test_cli_errors_are_one_line(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture, extra: list[str], message: str
+) -> None:
     undesired = _write_jsonl(tmp_path / "undesired.jsonl", UNDESIRED)
-    status = main(["correct", "--model", str(checkpoint), "--no-progress", "--undesired", str(undesired),
-                   "--general", str(undesired), "--output", str(tmp_path / "out"), *extra])
+    status = main(
+        [
+            "correct",
+            "--model",
+            str(checkpoint),
+            "--no-progress",
+            "--undesired",
+            str(undesired),
+            "--general",
+            str(undesired),
+            "--output",
+            str(tmp_path / "out"),
+            *extra,
+        ]
+    )
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert status == 2 and len(errors) == 1 and message in errors[0]
     assert not (tmp_path / "out" / "adapter").exists()
 
 
-def test_cli_apply_refuses_another_models_mask(checkpoint: Path, tmp_path: Path,
-                                               capsys: pytest.CaptureFixture) -> None:
+def test_cli_apply_refuses_another_models_mask(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     other = tmp_path / "other"
     model = tiny_model("llama", dtype=torch.float32, seed=3)
     model.resize_token_embeddings(len(WORDS))
@@ -173,16 +250,28 @@ def test_cli_apply_refuses_another_models_mask(checkpoint: Path, tmp_path: Path,
     tiny_tokenizer().save_pretrained(other)
     surgeon = Surgeon(AutoModelForCausalLM.from_pretrained(checkpoint), tiny_tokenizer(), progress=False)
     surgeon.select(surgeon.attribute(GENERAL), "neurons", 3).save(tmp_path / "mask")
-    assert main(["apply", "--model", str(other), "--mask", str(tmp_path / "mask"), "--output",
-                 str(tmp_path / "out")]) == 2
+    assert (
+        main(["apply", "--model", str(other), "--mask", str(tmp_path / "mask"), "--output", str(tmp_path / "out")]) == 2
+    )
     assert "different weights" in capsys.readouterr().err
 
 
 def test_cli_help_is_complete(capsys: pytest.CaptureFixture) -> None:
-    for command, options in {"attribute": ["--samples", "--components", "--method"],
-                             "correct": ["--undesired", "--general", "--budget", "--scope", "--normalize",
-                                         "--protect-top", "--carrier", "--base-model-id"],
-                             "apply": ["--mask", "--carrier"], "inspect": ["--plot"]}.items():
+    for command, options in {
+        "attribute": ["--samples", "--components", "--method"],
+        "correct": [
+            "--undesired",
+            "--general",
+            "--budget",
+            "--scope",
+            "--normalize",
+            "--protect-top",
+            "--carrier",
+            "--base-model-id",
+        ],
+        "apply": ["--mask", "--carrier"],
+        "inspect": ["--plot"],
+    }.items():
         with pytest.raises(SystemExit) as exit_info:
             main([command, "--help"])
         assert exit_info.value.code == 0
@@ -195,13 +284,30 @@ def test_smollm2_correct_end_to_end_offline(tmp_path: Path, capsys: pytest.Captu
     """attribute -> contrast -> mask -> adapter + baked -> save -> both loading paths, on the embedded model."""
     examples = Path(__file__).resolve().parents[1] / "recipes" / "examples"
     out = tmp_path / "correct"
-    assert main(["correct", "--undesired", str(examples / "repetition.jsonl"), "--general",
-                 str(examples / "general.jsonl"), "--budget", "20", "--no-progress", "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "correct",
+                "--undesired",
+                str(examples / "repetition.jsonl"),
+                "--general",
+                str(examples / "general.jsonl"),
+                "--budget",
+                "20",
+                "--no-progress",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "20 neurons pruned" in capsys.readouterr().out
     baked = load_corrected(out / "baked")
     probe = torch.tensor([[1, 504, 3458, 314, 4649, 2057, 30, 216]])
     with torch.no_grad():
         expected = baked(input_ids=probe).logits
-        for model in (load_corrected(out / "adapter", via="peft"),
-                      AutoModelForCausalLM.from_pretrained(out / "adapter").eval()):
+        for model in (
+            load_corrected(out / "adapter", via="peft"),
+            AutoModelForCausalLM.from_pretrained(out / "adapter").eval(),
+        ):
             assert (model(input_ids=probe).logits - expected).abs().max() <= 1e-4

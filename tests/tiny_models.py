@@ -106,11 +106,22 @@ def tiny_config(family: str) -> PretrainedConfig:
             tie_word_embeddings=True,
         )
     if family == "gemma3":
-        vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                    image_size=16, patch_size=8)
-        return Gemma3Config(text_config=tiny_config("gemma3_text").to_dict(), vision_config=vision.to_dict(),
-                            mm_tokens_per_image=4, boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2,
-                            image_token_index=VOCAB - 1)
+        vision = SiglipVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=8,
+        )
+        return Gemma3Config(
+            text_config=tiny_config("gemma3_text").to_dict(),
+            vision_config=vision.to_dict(),
+            mm_tokens_per_image=4,
+            boi_token_index=VOCAB - 3,
+            eoi_token_index=VOCAB - 2,
+            image_token_index=VOCAB - 1,
+        )
     if family == "opt":
         return _opt(pre_ln=True)
     if family == "opt_postln":

@@ -34,39 +34,67 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     from hf_lrp_surgery.scoring import METHODS
 
     parser = subparsers.add_parser(
-        "circuit", help="find the smallest circuit that keeps a task (IOI or your prompts), LRP vs baselines",
+        "circuit",
+        help="find the smallest circuit that keeps a task (IOI or your prompts), LRP vs baselines",
         description="Score components on a next-token task (IOI generated from the shipped templates, or a "
-                    ".json/.jsonl file of {prompt, correct, wrong}), prune the least relevant ones on a log-spaced "
-                    "sparsity grid, keep the largest pruning whose metric stays above the threshold, for every "
-                    "method on every set; print the circuit sizes and write OUTPUT/report.json, report.txt, "
-                    "curves.png, circuit_sizes.png, composition.png and circuits/.")
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"embedded model ({', '.join(list_embedded_models())}), local checkpoint directory or "
-                             f"Hub id (default: {DEFAULT_MODEL})")
+        ".json/.jsonl file of {prompt, correct, wrong}), prune the least relevant ones on a log-spaced "
+        "sparsity grid, keep the largest pruning whose metric stays above the threshold, for every "
+        "method on every set; print the circuit sizes and write OUTPUT/report.json, report.txt, "
+        "curves.png, circuit_sizes.png, composition.png and circuits/.",
+    )
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"embedded model ({', '.join(list_embedded_models())}), local checkpoint directory or "
+        f"Hub id (default: {DEFAULT_MODEL})",
+    )
     parser.add_argument("--dtype", choices=_DTYPES, default="float32", help="model dtype (float32)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (cpu)")
-    parser.add_argument("--task", default="ioi",
-                        help="'ioi' (generated) or a .json/.jsonl file of {prompt, correct[, wrong]} records (ioi)")
+    parser.add_argument(
+        "--task",
+        default="ioi",
+        help="'ioi' (generated) or a .json/.jsonl file of {prompt, correct[, wrong]} records (ioi)",
+    )
     parser.add_argument("--evaluation", help="with a task file: a second file to measure on (default: the task)")
     parser.add_argument("--sets", type=int, default=3, help="ioi: independent sets (3)")
     parser.add_argument("--size", type=int, default=64, help="ioi: prompts per reference and per evaluation set (64)")
-    parser.add_argument("--task-seed", type=int, default=0,
-                        help="ioi: set i uses seed S+i for reference and S+100+i for evaluation prompts (0)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(_DEFAULT_METHODS),
-                        help=f"scoring methods ({' '.join(_DEFAULT_METHODS)})")
-    parser.add_argument("--granularity", choices=("neurons", "heads"), default="neurons",
-                        help="what to prune (neurons)")
+    parser.add_argument(
+        "--task-seed",
+        type=int,
+        default=0,
+        help="ioi: set i uses seed S+i for reference and S+100+i for evaluation prompts (0)",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        default=list(_DEFAULT_METHODS),
+        help=f"scoring methods ({' '.join(_DEFAULT_METHODS)})",
+    )
+    parser.add_argument(
+        "--granularity", choices=("neurons", "heads"), default="neurons", help="what to prune (neurons)"
+    )
     parser.add_argument("--scope", choices=("global", "per_layer"), default="global", help="selection scope (global)")
-    parser.add_argument("--threshold", type=float, default=0.9,
-                        help="fraction of the unpruned metric the circuit must keep (0.9)")
-    parser.add_argument("--metric", choices=("logit_diff", "accuracy"), default="logit_diff",
-                        help="task metric (logit_diff)")
-    parser.add_argument("--relevance-seed", choices=("logit", "logit_diff", "logprob"), default="logit",
-                        help="lrp/gradient: explain the correct token's logit, logit(correct) - logit(wrong) (with "
-                             "abs: one sample per pass), or the correct token's log-probability (logit)")
-    parser.add_argument("--aggregation", choices=("abs", "signed"), default="abs",
-                        help="lrp/gradient: mean per-sample |R| or mean relevance (abs; signed ranks components that "
-                             "push against the answer first and breaks the model at the first grid point)")
+    parser.add_argument(
+        "--threshold", type=float, default=0.9, help="fraction of the unpruned metric the circuit must keep (0.9)"
+    )
+    parser.add_argument(
+        "--metric", choices=("logit_diff", "accuracy"), default="logit_diff", help="task metric (logit_diff)"
+    )
+    parser.add_argument(
+        "--relevance-seed",
+        choices=("logit", "logit_diff", "logprob"),
+        default="logit",
+        help="lrp/gradient: explain the correct token's logit, logit(correct) - logit(wrong) (with "
+        "abs: one sample per pass), or the correct token's log-probability (logit)",
+    )
+    parser.add_argument(
+        "--aggregation",
+        choices=("abs", "signed"),
+        default="abs",
+        help="lrp/gradient: mean per-sample |R| or mean relevance (abs; signed ranks components that "
+        "push against the answer first and breaks the model at the first grid point)",
+    )
     parser.add_argument("--grid-points", type=int, default=16, help="log-spaced sparsity grid points (16)")
     parser.add_argument("--min-kept", type=float, default=1e-3, help="smallest kept fraction on the grid (0.001)")
     parser.add_argument("--refine-steps", type=int, default=8, help="bisection steps after the grid (8)")
@@ -94,30 +122,51 @@ def run_circuit(args: argparse.Namespace) -> int:
     started = time.time()
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     if args.task == "ioi":
-        sets = [(ioi_task(tokenizer, args.size, seed=args.task_seed + i),
-                 ioi_task(tokenizer, args.size, seed=args.task_seed + 100 + i)) for i in range(args.sets)]
+        sets = [
+            (
+                ioi_task(tokenizer, args.size, seed=args.task_seed + i),
+                ioi_task(tokenizer, args.size, seed=args.task_seed + 100 + i),
+            )
+            for i in range(args.sets)
+        ]
     else:
         task = load_task(args.task)
         sets = [(task, load_task(args.evaluation) if args.evaluation else task)]
     comparison = compare_methods(
-        model, tokenizer, sets, methods=args.methods, granularity=args.granularity, scope=args.scope,
-        threshold=args.threshold, metric=args.metric, seed=args.relevance_seed, aggregation=args.aggregation,
-        grid_points=args.grid_points, min_kept=args.min_kept, refine_steps=args.refine_steps,
-        random_draws=args.random_draws, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+        model,
+        tokenizer,
+        sets,
+        methods=args.methods,
+        granularity=args.granularity,
+        scope=args.scope,
+        threshold=args.threshold,
+        metric=args.metric,
+        seed=args.relevance_seed,
+        aggregation=args.aggregation,
+        grid_points=args.grid_points,
+        min_kept=args.min_kept,
+        refine_steps=args.refine_steps,
+        random_draws=args.random_draws,
+        batch_size=args.batch_size,
+        eval_batch_size=args.eval_batch_size,
         progress=not args.no_progress,
     )
-    comparison.settings.update(model=str(args.model), dtype=args.dtype,
-                               command=shlex.join(sys.argv),
-                               seconds=round(time.time() - started, 1))
-    print(f"{comparison.settings['task']} on {args.model}: smallest {args.granularity} circuit keeping "
-          f"{args.threshold:.0%} of {args.metric} ({args.scope} scope, {len(sets)} set(s))")
+    comparison.settings.update(
+        model=str(args.model), dtype=args.dtype, command=shlex.join(sys.argv), seconds=round(time.time() - started, 1)
+    )
+    print(
+        f"{comparison.settings['task']} on {args.model}: smallest {args.granularity} circuit keeping "
+        f"{args.threshold:.0%} of {args.metric} ({args.scope} scope, {len(sets)} set(s))"
+    )
     print(comparison.table())
     for method, result in comparison.results.items():
         if result.specificity:
             drops = [s["relative_drop_circuit"] for s in result.specificity]
             randoms = [s["relative_drop_random"] for s in result.specificity]
-            print(f"specificity {method:<11} ablating the circuit: -{100 * sum(drops) / len(drops):.1f}% "
-                  f"{args.metric}; as many random {args.granularity}: -{100 * sum(randoms) / len(randoms):.1f}%")
+            print(
+                f"specificity {method:<11} ablating the circuit: -{100 * sum(drops) / len(drops):.1f}% "
+                f"{args.metric}; as many random {args.granularity}: -{100 * sum(randoms) / len(randoms):.1f}%"
+            )
     comparison.save(args.output)
     print(f"saved {args.output}/report.json, report.txt, curves.png, circuit_sizes.png, composition.png, circuits/")
     return 0

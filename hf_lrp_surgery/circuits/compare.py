@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import os
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from torch import nn
 from tqdm.auto import tqdm
@@ -91,15 +92,20 @@ def specificity(
         knocked = evaluate_task(model, tokenizer, task, batch_size=batch_size).get(metric)  # type: ignore[arg-type]
     randoms = []
     for draw in range(random_draws):
-        scores = score(model, method="random", components=(circuit.granularity,), random_seed=seed + draw,
-                       progress=False)
+        scores = score(
+            model, method="random", components=(circuit.granularity,), random_seed=seed + draw, progress=False
+        )
         with ablated(model, select(scores, circuit.granularity, circuit.size)):  # type: ignore[arg-type]
             ablated_metrics = evaluate_task(model, tokenizer, task, batch_size=batch_size)
         randoms.append(ablated_metrics.get(metric))  # type: ignore[arg-type]
-    return {"metric": metric, "full": full, "circuit_ablated": knocked,
-            "random_ablated": {**_mean_std(randoms), "values": randoms},
-            "relative_drop_circuit": (full - knocked) / full,
-            "relative_drop_random": (full - statistics.fmean(randoms)) / full}
+    return {
+        "metric": metric,
+        "full": full,
+        "circuit_ablated": knocked,
+        "random_ablated": {**_mean_std(randoms), "values": randoms},
+        "relative_drop_circuit": (full - knocked) / full,
+        "relative_drop_random": (full - statistics.fmean(randoms)) / full,
+    }
 
 
 @dataclass
@@ -157,15 +163,18 @@ class CircuitComparison:
     def table(self) -> str:
         """Circuit size per method (mean ± std over the sets), with the share of all units."""
         metric = self.settings["metric"]
-        lines = [f"{'method':<11} {'circuit size (mean ± std)':>27} {'share':>8} {'per set':>24} "
-                 f"{metric + ' kept':>16}"]
+        lines = [
+            f"{'method':<11} {'circuit size (mean ± std)':>27} {'share':>8} {'per set':>24} {metric + ' kept':>16}"
+        ]
         for method, result in self.results.items():
             sizes = result.sizes()
             stats = _mean_std([float(s) for s in sizes])
             kept = [c.metrics.get(metric) / c.baseline.get(metric) for c in result.circuits if c is not None]
-            lines.append(f"{method:<11} {stats['mean']:>17.1f} ± {stats['std']:<7.1f} "
-                         f"{100 * stats['mean'] / self.total:>7.2f}% {str(sizes):>24} "
-                         f"{100 * statistics.fmean(kept) if kept else float('nan'):>15.1f}%")
+            lines.append(
+                f"{method:<11} {stats['mean']:>17.1f} ± {stats['std']:<7.1f} "
+                f"{100 * stats['mean'] / self.total:>7.2f}% {str(sizes):>24} "
+                f"{100 * statistics.fmean(kept) if kept else float('nan'):>15.1f}%"
+            )
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -178,14 +187,21 @@ class CircuitComparison:
             columns = list(zip(*curves))
             per_layer = [c.per_layer() for c in result.circuits if c is not None]
             methods[method] = {
-                "circuit_size": {**_mean_std(sizes), "per_set": result.sizes(),
-                                 "share_mean": statistics.fmean(sizes) / self.total},
+                "circuit_size": {
+                    **_mean_std(sizes),
+                    "per_set": result.sizes(),
+                    "share_mean": statistics.fmean(sizes) / self.total,
+                },
                 "circuit_metrics": [c.metrics.to_dict() if c is not None else None for c in result.circuits],
                 "baseline_metrics": [c.baseline.to_dict() if c is not None else None for c in result.circuits],
                 "per_layer_mean": [statistics.fmean(col) for col in zip(*per_layer)] if per_layer else [],
                 "per_layer": per_layer,
-                "curve": {"pruned": self.grid, "relative_mean": [_nanmean(col) for col in columns],
-                          "relative_std": [_nanstd(col) for col in columns], "per_set": curves},
+                "curve": {
+                    "pruned": self.grid,
+                    "relative_mean": [_nanmean(col) for col in columns],
+                    "relative_std": [_nanstd(col) for col in columns],
+                    "per_set": curves,
+                },
                 "specificity": result.specificity,
             }
         return {"settings": self.settings, "total": self.total, "grid": self.grid, "methods": methods}
@@ -278,8 +294,9 @@ def compare_methods(
     if not sets:
         raise CircuitDiscoveryError("give at least one (reference, evaluation) task set")
     if granularity == "weights":
-        raise CircuitDiscoveryError("compare methods on neurons or heads; weight circuits are searched with "
-                                    "discover_circuit directly")
+        raise CircuitDiscoveryError(
+            "compare methods on neurons or heads; weight circuits are searched with discover_circuit directly"
+        )
     arch = resolve(model)
     layout = Layout.of(arch)
     total = unit_count(layout, granularity, arch)
@@ -288,27 +305,67 @@ def compare_methods(
     steps = [(i, m) for i in range(len(sets)) for m in methods]
     for i, method in tqdm(steps, desc="circuits", disable=not progress):
         reference, evaluation = sets[i]
-        scores = task_scores(model, tokenizer, reference, method=method,  # type: ignore[arg-type]
-                             granularity=granularity, seed=seed, aggregation=aggregation, batch_size=batch_size,
-                             random_seed=i, progress=False)
+        scores = task_scores(
+            model,
+            tokenizer,
+            reference,
+            method=method,  # type: ignore[arg-type]
+            granularity=granularity,
+            seed=seed,
+            aggregation=aggregation,
+            batch_size=batch_size,
+            random_seed=i,
+            progress=False,
+        )
         try:
-            circuit = discover_circuit(model, tokenizer, reference, evaluation=evaluation, scores=scores,
-                                       granularity=granularity, scope=scope, threshold=threshold, metric=metric,
-                                       grid_points=grid_points, min_kept=min_kept, refine_steps=refine_steps,
-                                       eval_batch_size=eval_batch_size, progress=False)
+            circuit = discover_circuit(
+                model,
+                tokenizer,
+                reference,
+                evaluation=evaluation,
+                scores=scores,
+                granularity=granularity,
+                scope=scope,
+                threshold=threshold,
+                metric=metric,
+                grid_points=grid_points,
+                min_kept=min_kept,
+                refine_steps=refine_steps,
+                eval_batch_size=eval_batch_size,
+                progress=False,
+            )
         except NoCircuitError:
             circuit = None  # even the first grid point breaks the threshold
         results[method].circuits.append(circuit)
         if circuit is not None:
-            results[method].specificity.append(specificity(model, tokenizer, circuit, evaluation,
-                                                           random_draws=random_draws, seed=1000 * (i + 1),
-                                                           batch_size=eval_batch_size))
+            results[method].specificity.append(
+                specificity(
+                    model,
+                    tokenizer,
+                    circuit,
+                    evaluation,
+                    random_draws=random_draws,
+                    seed=1000 * (i + 1),
+                    batch_size=eval_batch_size,
+                )
+            )
     settings = {
-        "task": sets[0][0].name, "num_sets": len(sets), "reference_sizes": [len(r) for r, _ in sets],
-        "evaluation_sizes": [len(e) for _, e in sets], "task_settings": [dict(r.settings) for r, _ in sets],
-        "methods": list(methods), "granularity": granularity, "scope": scope, "threshold": threshold,
-        "metric": metric, "seed": seed, "aggregation": aggregation, "grid_points": grid_points,
-        "min_kept": min_kept, "refine_steps": refine_steps, "random_draws": random_draws,
+        "task": sets[0][0].name,
+        "num_sets": len(sets),
+        "reference_sizes": [len(r) for r, _ in sets],
+        "evaluation_sizes": [len(e) for _, e in sets],
+        "task_settings": [dict(r.settings) for r, _ in sets],
+        "methods": list(methods),
+        "granularity": granularity,
+        "scope": scope,
+        "threshold": threshold,
+        "metric": metric,
+        "seed": seed,
+        "aggregation": aggregation,
+        "grid_points": grid_points,
+        "min_kept": min_kept,
+        "refine_steps": refine_steps,
+        "random_draws": random_draws,
         "model_type": getattr(getattr(arch.model, "config", None), "model_type", None),
     }
     return CircuitComparison(results, grid, total, layout, settings)
@@ -332,15 +389,18 @@ def _plot_curves(report: dict[str, Any], settings: dict[str, Any], path: Path) -
         kept = [total - c for c in data["curve"]["pruned"]]
         mean, std = data["curve"]["relative_mean"], data["curve"]["relative_std"]
         ax.plot(kept, mean, "o-", color=f"C{i}", label=method, markersize=3)
-        ax.fill_between(kept, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                        color=f"C{i}", alpha=0.15)
+        ax.fill_between(
+            kept, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=f"C{i}", alpha=0.15
+        )
     ax.axhline(settings["threshold"], color="grey", linestyle="--", label=f"threshold {settings['threshold']:.0%}")
     ax.set_xscale("log")
     ax.invert_xaxis()
     ax.set_xlabel(f"{settings['granularity']} kept (of {total})")
     ax.set_ylabel(f"{settings['metric']} / unpruned")
-    ax.set_title(f"{settings['task']}: performance vs sparsity ({settings['scope']} scope, "
-                 f"mean ± std over {settings['num_sets']} sets)")
+    ax.set_title(
+        f"{settings['task']}: performance vs sparsity ({settings['scope']} scope, "
+        f"mean ± std over {settings['num_sets']} sets)"
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

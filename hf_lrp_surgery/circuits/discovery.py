@@ -25,17 +25,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hf_lrp_surgery.apply import input_units
 from hf_lrp_surgery.circuits.tasks import Metric, NextTokenTask, TaskMetrics, evaluate_task
 from hf_lrp_surgery.exceptions import CircuitDiscoveryError, NoCircuitError
-from hf_lrp_surgery.apply import input_units
 from hf_lrp_surgery.io import atomic_directory, write_json_atomic
 from hf_lrp_surgery.lrp.architectures import ResolvedArchitecture, resolve
 from hf_lrp_surgery.masks import Granularity, Mask, Scope, select
@@ -109,8 +110,9 @@ def ablated(model: nn.Module, masks: Mask | Sequence[Mask]) -> Iterator[nn.Modul
     mask_list = [masks] if isinstance(masks, Mask) else list(masks)
     for mask in mask_list:
         if mask.layout != layout:
-            raise CircuitDiscoveryError("the mask was selected on a model with another layout; select it on this "
-                                        "model's scores")
+            raise CircuitDiscoveryError(
+                "the mask was selected on a model with another layout; select it on this model's scores"
+            )
     handles: list[Any] = []
     saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     try:
@@ -154,15 +156,22 @@ def complement(mask: Mask, *, provenance: dict[str, Any] | None = None, total: d
     """
     if mask.granularity == "weights" and total is None:
         raise ValueError("the complement of a weight mask needs total= (module name -> number of elements)")
-    sizes = total or {name: (mask.layout.num_neurons if mask.granularity == "neurons" else mask.layout.num_heads)
-                      for name in mask.carriers()}
+    sizes = total or {
+        name: (mask.layout.num_neurons if mask.granularity == "neurons" else mask.layout.num_heads)
+        for name in mask.carriers()
+    }
     indices = {}
     for name in mask.carriers():
         kept = (~mask.dense(name, sizes[name])).nonzero().flatten()
         if kept.numel():
             indices[name] = kept
-    return Mask(granularity=mask.granularity, fingerprint=mask.fingerprint, layout=mask.layout, indices=indices,
-                provenance=provenance if provenance is not None else {"complement_of": mask.provenance})
+    return Mask(
+        granularity=mask.granularity,
+        fingerprint=mask.fingerprint,
+        layout=mask.layout,
+        indices=indices,
+        provenance=provenance if provenance is not None else {"complement_of": mask.provenance},
+    )
 
 
 # -- scores -----------------------------------------------------------------------------------
@@ -209,8 +218,9 @@ def task_scores(
     """
     if seed not in ("logit", "logit_diff", "logprob"):
         raise ValueError(f"seed must be 'logit', 'logit_diff' or 'logprob', got {seed!r}")
-    common = dict(method=method, components=(granularity,), batch_size=batch_size, random_seed=random_seed,
-                  progress=progress)
+    common = dict(
+        method=method, components=(granularity,), batch_size=batch_size, random_seed=random_seed, progress=progress
+    )
     task_info = {"name": task.name, "size": len(task), **dict(task.settings)}
     if method not in ("lrp", "gradient"):
         scores = score(model, None if method in SAMPLE_FREE_METHODS else task.samples(), tokenizer, **common)
@@ -221,26 +231,48 @@ def task_scores(
         scores.settings.update(task_seed=seed, task=task_info)
         return scores
     if not task.has_wrong:
-        raise CircuitDiscoveryError(f"task {task.name!r} has examples without a wrong token; the logit-difference "
-                                    "seed needs one per example (or use seed='logit')")
+        raise CircuitDiscoveryError(
+            f"task {task.name!r} has examples without a wrong token; the logit-difference "
+            "seed needs one per example (or use seed='logit')"
+        )
     if aggregation == "signed":
-        correct = score(model, task.samples("correct"), tokenizer, aggregation="signed", seed="logit",
-                        description=f"{method} (correct)", **common)
-        wrong = score(model, task.samples("wrong"), tokenizer, aggregation="signed", seed="logit",
-                      description=f"{method} (wrong)", **common)
+        correct = score(
+            model,
+            task.samples("correct"),
+            tokenizer,
+            aggregation="signed",
+            seed="logit",
+            description=f"{method} (correct)",
+            **common,
+        )
+        wrong = score(
+            model,
+            task.samples("wrong"),
+            tokenizer,
+            aggregation="signed",
+            seed="logit",
+            description=f"{method} (wrong)",
+            **common,
+        )
         difference = _difference(correct, wrong, granularity)
     else:
         difference = _mean_abs_difference(model, tokenizer, task, granularity, common)
-    difference.settings.update(method=method, seed="logit_diff", task_seed="logit_diff", aggregation=aggregation,
-                               task=task_info)
+    difference.settings.update(
+        method=method, seed="logit_diff", task_seed="logit_diff", aggregation=aggregation, task=task_info
+    )
     difference.check_finite()
     return difference
 
 
 def _difference(correct: Scores, wrong: Scores, granularity: Granularity) -> Scores:
     """Scores of the logit difference from those of its two logits (relevance is linear in the seed)."""
-    out = Scores(method=correct.method, settings=dict(correct.settings), fingerprint=correct.fingerprint,
-                 layout=correct.layout, num_samples=correct.num_samples)
+    out = Scores(
+        method=correct.method,
+        settings=dict(correct.settings),
+        fingerprint=correct.fingerprint,
+        layout=correct.layout,
+        num_samples=correct.num_samples,
+    )
     if granularity == "weights":
         out.weights = {k: v - wrong.weights[k] for k, v in correct.weights.items()}
     else:
@@ -248,16 +280,21 @@ def _difference(correct: Scores, wrong: Scores, granularity: Granularity) -> Sco
     return out
 
 
-def _mean_abs_difference(model: nn.Module, tokenizer: Any, task: NextTokenTask, granularity: Granularity,
-                         common: dict[str, Any]) -> Scores:
+def _mean_abs_difference(
+    model: nn.Module, tokenizer: Any, task: NextTokenTask, granularity: Granularity, common: dict[str, Any]
+) -> Scores:
     """Mean over samples of ``|R(correct) - R(wrong)|``: the engine aggregates over a batch, so one sample per pass."""
     options = {**common, "progress": False}
     total: Scores | None = None
     pairs = list(zip(task.samples("correct"), task.samples("wrong")))
-    for correct_sample, wrong_sample in tqdm(pairs, desc=f"{common['method']} |logit diff|",
-                                             disable=not common["progress"], leave=False):
-        one = _difference(score(model, [correct_sample], tokenizer, seed="logit", **options),
-                          score(model, [wrong_sample], tokenizer, seed="logit", **options), granularity)
+    for correct_sample, wrong_sample in tqdm(
+        pairs, desc=f"{common['method']} |logit diff|", disable=not common["progress"], leave=False
+    ):
+        one = _difference(
+            score(model, [correct_sample], tokenizer, seed="logit", **options),
+            score(model, [wrong_sample], tokenizer, seed="logit", **options),
+            granularity,
+        )
         if granularity == "weights":
             one.weights = {k: v.abs() for k, v in one.weights.items()}
             if total is not None:
@@ -357,15 +394,22 @@ class PruningCurve:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready form."""
-        return {"method": self.method, "granularity": self.granularity, "scope": self.scope, "total": self.total,
-                "baseline": self.baseline.to_dict(), "points": [p.to_dict() for p in self.points]}
+        return {
+            "method": self.method,
+            "granularity": self.granularity,
+            "scope": self.scope,
+            "total": self.total,
+            "baseline": self.baseline.to_dict(),
+            "points": [p.to_dict() for p in self.points],
+        }
 
 
 class _Pruner:
     """Masks of growing size from one set of scores (optionally re-scored as it grows)."""
 
-    def __init__(self, scores: Scores, granularity: Granularity, scope: Scope,
-                 rescore: Callable[[Mask], Scores] | None) -> None:
+    def __init__(
+        self, scores: Scores, granularity: Granularity, scope: Scope, rescore: Callable[[Mask], Scores] | None
+    ) -> None:
         self.scores, self.granularity, self.scope, self.rescore = scores, granularity, scope, rescore
         self.base: Mask | None = None  # with re-scoring: the pruning the current scores were computed under
 
@@ -388,8 +432,14 @@ def _extend(base: Mask, scores: Scores, extra: int, scope: Scope) -> Mask:
     """``base`` plus the ``extra`` lowest-scoring units it does not prune yet."""
     value = scores.get(base.granularity)  # type: ignore[arg-type]
     if isinstance(value, dict):
-        blocked = Scores(scores.method, scores.settings, scores.fingerprint, scores.layout, scores.num_samples,
-                         weights={k: v.clone() for k, v in value.items()})
+        blocked = Scores(
+            scores.method,
+            scores.settings,
+            scores.fingerprint,
+            scores.layout,
+            scores.num_samples,
+            weights={k: v.clone() for k, v in value.items()},
+        )
         for name, index in base.indices.items():
             blocked.weights[name].view(-1)[index] = torch.inf
     else:
@@ -399,13 +449,24 @@ def _extend(base: Mask, scores: Scores, extra: int, scope: Scope) -> Mask:
         blocked = Scores(scores.method, scores.settings, scores.fingerprint, scores.layout, scores.num_samples)
         setattr(blocked, base.granularity, tensor)
     more = select(blocked, base.granularity, extra, scope=scope)
-    indices = {name: torch.cat([base.indices.get(name, torch.empty(0, dtype=torch.long)),
-                                more.indices.get(name, torch.empty(0, dtype=torch.long))]).sort().values
-               for name in set(base.indices) | set(more.indices)}
-    selection = {**more.provenance["selection"], "budget": base.count + extra, "count": base.count + extra,
-                 "reattributed_after": base.count}
-    return Mask(base.granularity, base.fingerprint, base.layout, indices,
-                {**more.provenance, "selection": selection})
+    indices = {
+        name: torch.cat(
+            [
+                base.indices.get(name, torch.empty(0, dtype=torch.long)),
+                more.indices.get(name, torch.empty(0, dtype=torch.long)),
+            ]
+        )
+        .sort()
+        .values
+        for name in set(base.indices) | set(more.indices)
+    }
+    selection = {
+        **more.provenance["selection"],
+        "budget": base.count + extra,
+        "count": base.count + extra,
+        "reattributed_after": base.count,
+    }
+    return Mask(base.granularity, base.fingerprint, base.layout, indices, {**more.provenance, "selection": selection})
 
 
 def _evaluate(model: nn.Module, tokenizer: Any, task: NextTokenTask, mask: Mask | None, batch_size: int) -> TaskMetrics:
@@ -453,8 +514,11 @@ def pruning_curve(
     baseline = evaluate_task(model, tokenizer, task, batch_size=batch_size)
     curve = PruningCurve(scores.method, granularity, scope, total, baseline)
     for count in tqdm(grid, desc=f"{scores.method} curve", disable=not progress, leave=False):
-        metrics = baseline if count == 0 else _evaluate(model, tokenizer, task,
-                                                        select(scores, granularity, count, scope=scope), batch_size)
+        metrics = (
+            baseline
+            if count == 0
+            else _evaluate(model, tokenizer, task, select(scores, granularity, count, scope=scope), batch_size)
+        )
         curve.points.append(CurvePoint(count, total - count, metrics))
     return curve
 
@@ -496,8 +560,9 @@ class Circuit:
         total = None
         if self.mask.granularity == "weights":
             total = dict(self.mask.provenance.get("module_sizes", {}))
-        return complement(self.mask, provenance={"circuit_components_of": self.mask.provenance.get("circuit", {})},
-                          total=total)
+        return complement(
+            self.mask, provenance={"circuit_components_of": self.mask.provenance.get("circuit", {})}, total=total
+        )
 
     def per_layer(self) -> list[int]:
         """Circuit units per decoder block."""
@@ -506,16 +571,26 @@ class Circuit:
     def summary(self) -> str:
         """One line: size, sparsity and the metric kept."""
         base, value = self.baseline.get(self.metric), self.metrics.get(self.metric)  # type: ignore[arg-type]
-        return (f"{self.size} of {self.total} {self.granularity} ({100 * self.size / self.total:.2f}%) keep "
-                f"{self.metric} {value:.3f} of {base:.3f} ({100 * value / base:.1f}%, threshold "
-                f"{100 * self.threshold:.0f}%), accuracy {self.metrics.accuracy:.3f} (unpruned "
-                f"{self.baseline.accuracy:.3f}); scores: {self.curve.method}")
+        return (
+            f"{self.size} of {self.total} {self.granularity} ({100 * self.size / self.total:.2f}%) keep "
+            f"{self.metric} {value:.3f} of {base:.3f} ({100 * value / base:.1f}%, threshold "
+            f"{100 * self.threshold:.0f}%), accuracy {self.metrics.accuracy:.3f} (unpruned "
+            f"{self.baseline.accuracy:.3f}); scores: {self.curve.method}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready form (without the mask's indices)."""
-        return {"size": self.size, "total": self.total, "granularity": self.granularity, "metric": self.metric,
-                "threshold": self.threshold, "baseline": self.baseline.to_dict(), "metrics": self.metrics.to_dict(),
-                "per_layer": self.per_layer(), "curve": self.curve.to_dict()}
+        return {
+            "size": self.size,
+            "total": self.total,
+            "granularity": self.granularity,
+            "metric": self.metric,
+            "threshold": self.threshold,
+            "baseline": self.baseline.to_dict(),
+            "metrics": self.metrics.to_dict(),
+            "per_layer": self.per_layer(),
+            "curve": self.curve.to_dict(),
+        }
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Save ``mask/`` (the pruning mask with its manifest), ``components/`` and ``circuit.json``, atomically.
@@ -606,11 +681,20 @@ def discover_circuit(
     baseline = evaluate_task(model, tokenizer, evaluation, batch_size=eval_batch_size)
     base_value = baseline.get(metric)
     if not base_value > 0:
-        raise CircuitDiscoveryError(f"the unpruned model's {metric} is {base_value:.4f} on the evaluation prompts; a "
-                                    "circuit keeps a fraction of a positive score, so the model must do the task first "
-                                    "(check the prompts and the correct/wrong tokens)")
-    score_options = dict(method=method, granularity=granularity, seed=seed, aggregation=aggregation,
-                         batch_size=batch_size, random_seed=random_seed, progress=progress)
+        raise CircuitDiscoveryError(
+            f"the unpruned model's {metric} is {base_value:.4f} on the evaluation prompts; a "
+            "circuit keeps a fraction of a positive score, so the model must do the task first "
+            "(check the prompts and the correct/wrong tokens)"
+        )
+    score_options = dict(
+        method=method,
+        granularity=granularity,
+        seed=seed,
+        aggregation=aggregation,
+        batch_size=batch_size,
+        random_seed=random_seed,
+        progress=progress,
+    )
     if scores is None:
         scores = task_scores(model, tokenizer, task, **score_options)  # type: ignore[arg-type]
     arch = resolve(model)
@@ -657,16 +741,25 @@ def discover_circuit(
     if best is None:
         raise NoCircuitError(
             f"pruning {high} of {total} {granularity} already drops {metric} below {threshold:.0%} of the unpruned "
-            f"{base_value:.4f}; lower the threshold, or give more refine_steps to search below {high}")
+            f"{base_value:.4f}; lower the threshold, or give more refine_steps to search below {high}"
+        )
     curve.points.sort(key=lambda p: p.pruned)
     mask, metrics = best
     circuit_info = {
         "task": {"name": task.name, "size": len(task), **dict(task.settings)},
         "evaluation": {"name": evaluation.name, "size": len(evaluation), **dict(evaluation.settings)},
-        "metric": metric, "threshold": threshold, "baseline": baseline.to_dict(), "circuit": metrics.to_dict(),
-        "size": total - mask.count, "total": total, "reattribute": reattribute, "grid_points": grid_points,
-        "min_kept": min_kept, "refine_steps": refine_steps,
+        "metric": metric,
+        "threshold": threshold,
+        "baseline": baseline.to_dict(),
+        "circuit": metrics.to_dict(),
+        "size": total - mask.count,
+        "total": total,
+        "reattribute": reattribute,
+        "grid_points": grid_points,
+        "min_kept": min_kept,
+        "refine_steps": refine_steps,
     }
-    final = Mask(mask.granularity, mask.fingerprint, mask.layout, mask.indices,
-                 {**mask.provenance, "circuit": circuit_info})
+    final = Mask(
+        mask.granularity, mask.fingerprint, mask.layout, mask.indices, {**mask.provenance, "circuit": circuit_info}
+    )
     return Circuit(final, total - mask.count, total, baseline, metrics, curve, threshold, metric)

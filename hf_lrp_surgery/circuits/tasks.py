@@ -22,9 +22,10 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -107,10 +108,11 @@ class NextTokenTask:
             ReferenceSetError: ``target="wrong"`` and an example has no wrong token.
         """
         if target == "wrong" and not self.has_wrong:
-            raise ReferenceSetError(f"task {self.name!r} has examples without a wrong token; the logit-difference "
-                                    "seed needs one per example")
-        return [ReferenceSample(e.prompt, target=e.correct if target == "correct" else e.wrong)
-                for e in self.examples]
+            raise ReferenceSetError(
+                f"task {self.name!r} has examples without a wrong token; the logit-difference "
+                "seed needs one per example"
+            )
+        return [ReferenceSample(e.prompt, target=e.correct if target == "correct" else e.wrong) for e in self.examples]
 
     def token_ids(self, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The correct and (if every example has one) wrong token ids, ``[N]`` each.
@@ -121,8 +123,12 @@ class NextTokenTask:
         correct = torch.tensor([_single_token(e.correct, tokenizer, i) for i, e in enumerate(self.examples)])
         if not self.has_wrong:
             return correct, None
-        wrong = torch.tensor([_single_token(e.wrong, tokenizer, i)  # type: ignore[arg-type]
-                              for i, e in enumerate(self.examples)])
+        wrong = torch.tensor(
+            [
+                _single_token(e.wrong, tokenizer, i)  # type: ignore[arg-type]
+                for i, e in enumerate(self.examples)
+            ]
+        )
         return correct, wrong
 
 
@@ -133,9 +139,11 @@ def _single_token(token: str | int, tokenizer: Any, index: int) -> int:
         raise ReferenceSetError(f"example {index}: the token {token!r} is text but no tokenizer was given")
     ids = tokenizer(token, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
-        raise ReferenceSetError(f"example {index}: {token!r} is {len(ids)} tokens for this tokenizer; a task token "
-                                "must be exactly one (give a token id, or a word with its leading space such as "
-                                "' Mary')")
+        raise ReferenceSetError(
+            f"example {index}: {token!r} is {len(ids)} tokens for this tokenizer; a task token "
+            "must be exactly one (give a token id, or a word with its leading space such as "
+            "' Mary')"
+        )
     return int(ids[0])
 
 
@@ -165,14 +173,20 @@ def next_token_task(items: Iterable[Any], *, name: str = "next-token") -> NextTo
         elif isinstance(item, Mapping):
             if "prompt" not in item or "correct" not in item:
                 raise ReferenceSetError(f"item {i} needs 'prompt' and 'correct' keys, it has {sorted(item)}")
-            examples.append(NextTokenExample(item["prompt"], item["correct"], item.get("wrong"),
-                                             dict(item.get("info", {}))))
-        elif isinstance(item, (tuple, list)) and len(item) in (2, 3) and (
-                isinstance(item[0], str) or (isinstance(item[0], list) and all(isinstance(x, int) for x in item[0]))):
+            examples.append(
+                NextTokenExample(item["prompt"], item["correct"], item.get("wrong"), dict(item.get("info", {})))
+            )
+        elif (
+            isinstance(item, (tuple, list))
+            and len(item) in (2, 3)
+            and (isinstance(item[0], str) or (isinstance(item[0], list) and all(isinstance(x, int) for x in item[0])))
+        ):
             examples.append(NextTokenExample(item[0], item[1], item[2] if len(item) == 3 else None))
         else:
-            raise ReferenceSetError(f"item {i} ({type(item).__name__}) is not a (prompt, correct[, wrong]) tuple, a "
-                                    "mapping with 'prompt' and 'correct' keys, or a NextTokenExample")
+            raise ReferenceSetError(
+                f"item {i} ({type(item).__name__}) is not a (prompt, correct[, wrong]) tuple, a "
+                "mapping with 'prompt' and 'correct' keys, or a NextTokenExample"
+            )
     if not examples:
         raise ReferenceSetError(f"task {name!r} is empty; give at least one (prompt, correct[, wrong]) item")
     return NextTokenTask(name, tuple(examples), {"source": "user"})
@@ -215,8 +229,12 @@ def load_ioi_data(directory: str | os.PathLike[str] | None = None) -> dict[str, 
     directory = Path(directory) if directory is not None else IOI_DATA
     templates = json.loads((directory / "templates.json").read_text(encoding="utf-8"))
     names = json.loads((directory / "names.json").read_text(encoding="utf-8"))
-    return {"templates": list(templates["templates"]), "places": list(templates["places"]),
-            "objects": list(templates["objects"]), "names": list(names["names"])}
+    return {
+        "templates": list(templates["templates"]),
+        "places": list(templates["places"]),
+        "objects": list(templates["objects"]),
+        "names": list(names["names"]),
+    }
 
 
 def single_token_names(tokenizer: Any, names: Sequence[str]) -> list[str]:
@@ -236,8 +254,13 @@ def single_token_names(tokenizer: Any, names: Sequence[str]) -> list[str]:
 
 
 def _fill(template: str, first: str, second: str, subject: str, place: str, obj: str) -> str:
-    return (template.replace("[A]", first).replace("[B]", second).replace("[S]", subject)
-            .replace("[PLACE]", place).replace("[OBJECT]", obj))
+    return (
+        template.replace("[A]", first)
+        .replace("[B]", second)
+        .replace("[S]", subject)
+        .replace("[PLACE]", place)
+        .replace("[OBJECT]", obj)
+    )
 
 
 def ioi_task(
@@ -292,8 +315,10 @@ def ioi_task(
             raise ReferenceSetError(f"template {i} ({template!r}) lacks {missing}; IOI templates need [A], [B] and [S]")
     usable = single_token_names(tokenizer, candidates)
     if len(usable) < 2:
-        raise ReferenceSetError(f"only {len(usable)} of {len(candidates)} names are one token with a leading space "
-                                "for this tokenizer; give names= with at least two that are")
+        raise ReferenceSetError(
+            f"only {len(usable)} of {len(candidates)} names are one token with a leading space "
+            "for this tokenizer; give names= with at least two that are"
+        )
     rng = random.Random(seed)
     order: list[int] = []
     examples: list[NextTokenExample] = []
@@ -305,10 +330,19 @@ def ioi_task(
         place, obj = rng.choice(places), rng.choice(objects)
         for kind, (first, second) in (("ABBA", (io, s)), ("BABA", (s, io))):
             prompt = _fill(templates[t], first, second, s, place, obj)
-            examples.append(NextTokenExample(prompt, " " + io, " " + s,
-                                             {"template": t, "order": kind, "io": io, "s": s, "pair": pair}))
-    settings = {"source": "ioi", "size": size, "seed": seed, "num_templates": len(templates),
-                "num_names": len(usable), "num_candidate_names": len(candidates)}
+            examples.append(
+                NextTokenExample(
+                    prompt, " " + io, " " + s, {"template": t, "order": kind, "io": io, "s": s, "pair": pair}
+                )
+            )
+    settings = {
+        "source": "ioi",
+        "size": size,
+        "seed": seed,
+        "num_templates": len(templates),
+        "num_names": len(usable),
+        "num_candidate_names": len(candidates),
+    }
     return NextTokenTask("ioi", tuple(examples), settings)
 
 
@@ -349,8 +383,10 @@ class TaskMetrics:
         if metric != "logit_diff":
             raise ValueError(f"metric must be 'logit_diff' or 'accuracy', got {metric!r}")
         if self.logit_diff is None:
-            raise ReferenceSetError("the logit difference needs a wrong token per example; use metric='accuracy' or "
-                                    "give (prompt, correct, wrong) items")
+            raise ReferenceSetError(
+                "the logit difference needs a wrong token per example; use metric='accuracy' or "
+                "give (prompt, correct, wrong) items"
+            )
         return self.logit_diff
 
     def to_dict(self) -> dict[str, Any]:
@@ -399,10 +435,15 @@ def last_token_logits(model: nn.Module, tokenizer: Any, task: NextTokenTask, *, 
     pad = pad_token_id(tokenizer, arch.model)
     out = []
     for start in range(0, len(encoded), batch_size):
-        batch = make_batch(encoded[start:start + batch_size], pad, "right", device)
+        batch = make_batch(encoded[start : start + batch_size], pad, "right", device)
         positions = torch.unique(batch.seed_positions)  # sorted
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       position_ids=batch.position_ids, use_cache=False, logits_to_keep=positions).logits
+        logits = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+            logits_to_keep=positions,
+        ).logits
         columns = torch.searchsorted(positions, batch.seed_positions)
         out.append(logits[batch.seed_rows, columns].float().cpu())
     return torch.cat(out)

@@ -56,14 +56,15 @@ def encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
 
 
-def pad(rows: Sequence[Sequence[int]], pad_id: int, side: Literal["left", "right"],
-        device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def pad(
+    rows: Sequence[Sequence[int]], pad_id: int, side: Literal["left", "right"], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad token-id rows to one ``[B, T]`` batch; returns ``(input_ids, attention_mask)``."""
     width = max(len(row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for b, row in enumerate(rows):
         start = width - len(row) if side == "left" else 0
-        input_ids[b, start:start + len(row)] = torch.tensor(row, dtype=torch.long)
-        attention_mask[b, start:start + len(row)] = 1
+        input_ids[b, start : start + len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[b, start : start + len(row)] = 1
     return input_ids.to(device), attention_mask.to(device)

@@ -120,8 +120,9 @@ def prompt_ids(tokenizer: Any, prompt: str, use_chat_template: bool) -> list[int
     if not use_chat_template:
         return encode(tokenizer, prompt)
     # The templated text already holds the special tokens the model expects (e.g. BOS).
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
     return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
@@ -150,8 +151,14 @@ def _generation_config(settings: DecodingSettings, pad_id: int, stop_ids: list[i
     )
     if settings.do_sample:
         # Sampling filters act only when sampling (greedy decoding warns about them); no top-k filter.
-        explicit.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0, typical_p=1.0,
-                        epsilon_cutoff=0.0, eta_cutoff=0.0)
+        explicit.update(
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            top_k=0,
+            typical_p=1.0,
+            epsilon_cutoff=0.0,
+            eta_cutoff=0.0,
+        )
     return GenerationConfig(**explicit)
 
 
@@ -237,12 +244,13 @@ def generate(
     per_prompt: list[list[Generation]] = [[] for _ in prompts]
     seeded = _seeded(settings.seed, device) if settings.do_sample else contextlib.nullcontext()
     with torch.no_grad(), eval_mode(model), seeded:
-        for start in tqdm(range(0, len(order), settings.batch_size), desc="generate", unit="batch",
-                          disable=not progress, leave=False):
-            indices = order[start:start + settings.batch_size]
+        for start in tqdm(
+            range(0, len(order), settings.batch_size), desc="generate", unit="batch", disable=not progress, leave=False
+        ):
+            indices = order[start : start + settings.batch_size]
             input_ids, attention_mask = pad([encoded[i] for i in indices], pad_id, "left", device)
             output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-            for row, tokens in enumerate(output[:, input_ids.shape[1]:].tolist()):
+            for row, tokens in enumerate(output[:, input_ids.shape[1] :].tolist()):
                 index = indices[row // settings.num_return_sequences]
                 ids = _until_stop(tokens, stops)
                 text = tokenizer.decode(ids, skip_special_tokens=True)

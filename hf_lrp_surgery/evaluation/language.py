@@ -107,18 +107,22 @@ def perplexity(
     device, pad_id = input_device(model), filler_id(tokenizer)
     nll, count = 0.0, 0
     with torch.no_grad(), eval_mode(model):
-        for start in tqdm(range(0, len(rows), batch_size), desc="perplexity", unit="batch", disable=not progress,
-                          leave=False):
-            chunk = rows[start:start + batch_size]
+        for start in tqdm(
+            range(0, len(rows), batch_size), desc="perplexity", unit="batch", disable=not progress, leave=False
+        ):
+            chunk = rows[start : start + batch_size]
             input_ids, attention_mask = pad([ids for ids, _ in chunk], pad_id, "right", device)
             labels = torch.full_like(input_ids, _IGNORE)
             for b, (ids, first) in enumerate(chunk):
-                labels[b, first:len(ids)] = input_ids[b, first:len(ids)]
+                labels[b, first : len(ids)] = input_ids[b, first : len(ids)]
             logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
             logits = logits if logits.dtype == torch.float64 else logits.float()
             targets = labels[:, 1:].to(logits.device)
-            nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                         ignore_index=_IGNORE, reduction="sum"))
+            nll += float(
+                F.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=_IGNORE, reduction="sum"
+                )
+            )
             count += int((targets != _IGNORE).sum())
     return math.exp(nll / count)
 
@@ -177,15 +181,19 @@ def next_token_kl(
     devices, pad_id = (input_device(original), input_device(corrected)), filler_id(tokenizer)
     total, count = 0.0, 0
     with torch.no_grad(), eval_mode(original, corrected):
-        for start in tqdm(range(0, len(rows), batch_size), desc="next-token KL", unit="batch", disable=not progress,
-                          leave=False):
-            input_ids, attention_mask = pad(rows[start:start + batch_size], pad_id, "right", devices[0])
+        for start in tqdm(
+            range(0, len(rows), batch_size), desc="next-token KL", unit="batch", disable=not progress, leave=False
+        ):
+            input_ids, attention_mask = pad(rows[start : start + batch_size], pad_id, "right", devices[0])
             logits_p = original(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            logits_q = corrected(input_ids=input_ids.to(devices[1]), attention_mask=attention_mask.to(devices[1]),
-                                 use_cache=False).logits.to(logits_p.device)
+            logits_q = corrected(
+                input_ids=input_ids.to(devices[1]), attention_mask=attention_mask.to(devices[1]), use_cache=False
+            ).logits.to(logits_p.device)
             if logits_p.shape != logits_q.shape:
-                raise EvaluationError(f"the models' logits differ in shape: {tuple(logits_p.shape)} (original) vs "
-                                      f"{tuple(logits_q.shape)} (corrected); compare models with the same vocabulary")
+                raise EvaluationError(
+                    f"the models' logits differ in shape: {tuple(logits_p.shape)} (original) vs "
+                    f"{tuple(logits_q.shape)} (corrected); compare models with the same vocabulary"
+                )
             real = attention_mask.to(logits_p.device).bool()
             if positions == "last":
                 last = real.sum(1) - 1

@@ -88,7 +88,7 @@ def distinct_n(sequences: Sequence[Sequence[int]] | Sequence[str], n: int) -> fl
     distinct: set[tuple[Hashable, ...]] = set()
     for sequence in sequences:
         items = sequence.split() if isinstance(sequence, str) else _plain(sequence)
-        grams = [tuple(items[i:i + n]) for i in range(len(items) - n + 1)]
+        grams = [tuple(items[i : i + n]) for i in range(len(items) - n + 1)]
         total += len(grams)
         distinct.update(grams)
     return len(distinct) / total if total else 0.0

@@ -73,8 +73,9 @@ class ProfanityCheckScorer:
         try:
             from profanity_check import predict_prob  # imports scikit-learn: only when used
         except ImportError as err:
-            raise ImportError("the offline toxicity scorer needs alt-profanity-check: pip install alt-profanity-check"
-                              ) from err
+            raise ImportError(
+                "the offline toxicity scorer needs alt-profanity-check: pip install alt-profanity-check"
+            ) from err
         return [float(p) for p in predict_prob(list(texts))]
 
     def __repr__(self) -> str:
@@ -105,8 +106,15 @@ class PipelineScorer:
         [0.0001, 0.71]
     """
 
-    def __init__(self, model: str | os.PathLike[str] | Any, *, toxic_label: str | None = None, batch_size: int = 32,
-                 device: int | str | None = None, name: str | None = None) -> None:
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | Any,
+        *,
+        toxic_label: str | None = None,
+        batch_size: int = 32,
+        device: int | str | None = None,
+        name: str | None = None,
+    ) -> None:
         if isinstance(model, (str, os.PathLike)):
             self._model_id: str | None = os.fspath(model)
             self._pipeline: Any = None
@@ -233,8 +241,10 @@ def _checked_scores(scores: Sequence[float], count: int, scorer: str) -> list[fl
         raise EvaluationError(f"the scorer {scorer!r} returned {len(values)} scores for {count} texts")
     bad = [(i, v) for i, v in enumerate(values) if not (math.isfinite(v) and 0.0 <= v <= 1.0)]
     if bad:
-        raise EvaluationError(f"the scorer {scorer!r} returned values outside [0, 1] (index, value): {bad[:5]}; "
-                              "a toxicity scorer returns probabilities")
+        raise EvaluationError(
+            f"the scorer {scorer!r} returned values outside [0, 1] (index, value): {bad[:5]}; "
+            "a toxicity scorer returns probabilities"
+        )
     return values
 
 

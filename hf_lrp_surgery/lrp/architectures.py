@@ -10,9 +10,10 @@ naming the class, never a silently wrong relevance.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal, Mapping
+from typing import Literal
 
 import torch
 from torch import nn
@@ -119,9 +120,16 @@ class ArchitectureSpec:
         return (*self.attention_projections, self.o_proj, *self.mlp_in, self.mlp_out)
 
 
-def _llama_like(model_type: str, *, acts: Mapping[str, str] = _LLAMA_STYLE_ACTS, norm_class: str,
-                norm_kind: NormKind = "rms", prefix: str = "model",
-                unsupported: tuple[str, ...] = (), module_roots: tuple[str, ...] = ("",)) -> ArchitectureSpec:
+def _llama_like(
+    model_type: str,
+    *,
+    acts: Mapping[str, str] = _LLAMA_STYLE_ACTS,
+    norm_class: str,
+    norm_kind: NormKind = "rms",
+    prefix: str = "model",
+    unsupported: tuple[str, ...] = (),
+    module_roots: tuple[str, ...] = ("",),
+) -> ArchitectureSpec:
     return ArchitectureSpec(
         model_type=model_type,
         decoder_layers=f"{prefix}.layers",
@@ -183,12 +191,19 @@ REGISTRY: Mapping[str, ArchitectureSpec] = MappingProxyType(
         "qwen2": _llama_like("qwen2", norm_class="Qwen2RMSNorm"),
         "qwen3": _llama_like("qwen3", norm_class="Qwen3RMSNorm"),
         "gemma3_text": _llama_like(
-            "gemma3_text", acts=_GEMMA_ACTS, norm_class="Gemma3RMSNorm", norm_kind="rms_one_plus",
+            "gemma3_text",
+            acts=_GEMMA_ACTS,
+            norm_class="Gemma3RMSNorm",
+            norm_kind="rms_one_plus",
             unsupported=_GEMMA_SOFTCAP,
         ),
         "gemma3": _llama_like(
-            "gemma3", acts=_GEMMA_ACTS, norm_class="Gemma3RMSNorm", norm_kind="rms_one_plus",
-            prefix="model.language_model", unsupported=_GEMMA_SOFTCAP,
+            "gemma3",
+            acts=_GEMMA_ACTS,
+            norm_class="Gemma3RMSNorm",
+            norm_kind="rms_one_plus",
+            prefix="model.language_model",
+            unsupported=_GEMMA_SOFTCAP,
             module_roots=("model.language_model", "lm_head"),
         ),
         "opt": _OPT,
@@ -417,15 +432,14 @@ def resolve(model: nn.Module) -> ResolvedArchitecture:
         activations=tuple(activations),
         norms=tuple(norms),
         token_embedding=_get(model, spec.token_embedding, spec.model_type),
-        position_embedding=(
-            _get(model, spec.position_embedding, spec.model_type) if spec.position_embedding else None
-        ),
+        position_embedding=(_get(model, spec.position_embedding, spec.model_type) if spec.position_embedding else None),
         num_heads=num_heads,
         head_dim=head_dim,
         num_kv_heads=num_kv_heads,
         num_neurons=_in_features(layers[0].mlp_out, spec.orientation),
-        max_positions=(getattr(text_config, "max_position_embeddings", None)
-                       or getattr(text_config, "n_positions", None)),
+        max_positions=(
+            getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
+        ),
     )
 
 

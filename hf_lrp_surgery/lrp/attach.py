@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import functools
 import weakref
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -47,7 +48,7 @@ _DROPOUT_CONFIG_KEYS = (
     "hidden_dropout",
 )
 
-_ATTACHED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_ATTACHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 def _scale_hook(factor: float | torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -125,7 +126,7 @@ class LRPRules:
         self._attached = False
 
     # -- public -------------------------------------------------------------------------------
-    def attach(self) -> "LRPRules":
+    def attach(self) -> LRPRules:
         """Install the rules. Returns ``self``."""
         model = self.arch.model
         if model in _ATTACHED:
@@ -150,7 +151,7 @@ class LRPRules:
         self._uninstall()
         self.inputs = {}
 
-    def __enter__(self) -> "LRPRules":
+    def __enter__(self) -> LRPRules:
         return self.attach()
 
     def __exit__(self, *exc: object) -> None:

@@ -17,8 +17,9 @@ Collectors are hooks that read ``input * gradient`` where it means something:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence, Union
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -73,7 +74,7 @@ class ReferenceSample:
             raise ReferenceSetError(f"sample {self.prompt!r}: focus needs a continuation and at least one index")
 
 
-SampleLike = Union[ReferenceSample, str, Sequence[int], tuple[str, str], Mapping[str, Any]]
+SampleLike = ReferenceSample | str | Sequence[int] | tuple[str, str] | Mapping[str, Any]
 
 
 def as_samples(items: Iterable[SampleLike]) -> list[ReferenceSample]:
@@ -98,7 +99,9 @@ def as_samples(items: Iterable[SampleLike]) -> list[ReferenceSample]:
         elif isinstance(item, Mapping):
             if "prompt" not in item:
                 raise ReferenceSetError(f"sample {i} is a mapping without a 'prompt' key: {sorted(item)}")
-            samples.append(ReferenceSample(item["prompt"], item.get("continuation"), item.get("target"), item.get("focus")))
+            samples.append(
+                ReferenceSample(item["prompt"], item.get("continuation"), item.get("target"), item.get("focus"))
+            )
         elif isinstance(item, tuple) and len(item) == 2 and all(isinstance(x, str) for x in item):
             samples.append(ReferenceSample(item[0], item[1]))
         elif isinstance(item, torch.Tensor) and not item.is_floating_point() and item.dim() == 1:
@@ -147,12 +150,16 @@ def encode_sample(sample: ReferenceSample, index: int, tokenizer: Any, max_posit
                 f"got {list(sample.focus or [])}"
             )
         # Tokens after the last explained one cannot change it (causal model): leave them out.
-        continuation = continuation[:focus[-1] + 1]
+        continuation = continuation[: focus[-1] + 1]
         ids = prompt + continuation
         seeds = [(len(prompt) - 1 + j, continuation[j]) for j in focus]
     elif sample.target is not None:
-        target = _tokens([sample.target] if isinstance(sample.target, int) else sample.target, tokenizer,
-                         special=False, what=f"sample {index}'s target")
+        target = _tokens(
+            [sample.target] if isinstance(sample.target, int) else sample.target,
+            tokenizer,
+            special=False,
+            what=f"sample {index}'s target",
+        )
         if len(target) != 1:
             raise ReferenceSetError(
                 f"sample {index}: the target {sample.target!r} is {len(target)} tokens; a target must be exactly "
@@ -187,16 +194,17 @@ def make_batch(encoded: Sequence[Encoded], pad_id: int, padding_side: str, devic
     rows, positions, tokens = [], [], []
     for b, e in enumerate(encoded):
         offset = width - len(e.ids) if padding_side == "left" else 0
-        ids[b, offset:offset + len(e.ids)] = torch.tensor(e.ids)
-        mask[b, offset:offset + len(e.ids)] = 1
+        ids[b, offset : offset + len(e.ids)] = torch.tensor(e.ids)
+        mask[b, offset : offset + len(e.ids)] = 1
         for position, token in e.seeds:
             rows.append(b)
             positions.append(offset + position)
             tokens.append(token)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
-    return Batch(ids.to(device), mask.to(device), position_ids.to(device), as_long(rows), as_long(positions),
-                  as_long(tokens))
+    return Batch(
+        ids.to(device), mask.to(device), position_ids.to(device), as_long(rows), as_long(positions), as_long(tokens)
+    )
 
 
 def _seed_objective(logits: torch.Tensor, batch: Batch, seed: SeedMode) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,8 +225,9 @@ def _seed_objective(logits: torch.Tensor, batch: Batch, seed: SeedMode) -> tuple
 class _Collectors:
     """Hooks that read relevance during the backward pass, installed after the rules."""
 
-    def __init__(self, arch: ResolvedArchitecture, components: frozenset[str], per_sample_abs_weights: bool,
-                 dtype: torch.dtype) -> None:
+    def __init__(
+        self, arch: ResolvedArchitecture, components: frozenset[str], per_sample_abs_weights: bool, dtype: torch.dtype
+    ) -> None:
         self.arch = arch
         self.dtype = dtype
         self.components = components
@@ -232,22 +241,31 @@ class _Collectors:
         self.weights_abs: dict[str, torch.Tensor] = {}
         self.saved: dict[tuple[str, int], torch.Tensor] = {}
 
-    def __enter__(self) -> "_Collectors":
+    def __enter__(self) -> _Collectors:
         try:
             for layer in self.arch.layers:
                 if "neurons" in self.components:
                     # Prepended, so its gradient hook runs before the rules' 1/2 on the gated product:
                     # neuron relevance is the relevance entering the output projection, unsplit.
-                    self.handles.append(layer.mlp_out.register_forward_pre_hook(
-                        self._input_hook("neurons", layer.index, 1), prepend=True))
+                    self.handles.append(
+                        layer.mlp_out.register_forward_pre_hook(
+                            self._input_hook("neurons", layer.index, 1), prepend=True
+                        )
+                    )
                 if "heads" in self.components:
-                    self.handles.append(layer.o_proj.register_forward_pre_hook(
-                        self._input_hook("heads", layer.index, self.arch.num_heads), prepend=True))
+                    self.handles.append(
+                        layer.o_proj.register_forward_pre_hook(
+                            self._input_hook("heads", layer.index, self.arch.num_heads), prepend=True
+                        )
+                    )
             if "weights" in self.components:
                 for prunable in self.arch.prunable:
                     # Appended after the rules' hooks: the gradient it sees is the rule-modified one.
-                    self.handles.append(prunable.module.register_forward_hook(
-                        self._weight_hook(prunable.name, prunable.orientation == "conv1d")))
+                    self.handles.append(
+                        prunable.module.register_forward_hook(
+                            self._weight_hook(prunable.name, prunable.orientation == "conv1d")
+                        )
+                    )
         except BaseException:
             self.__exit__()
             raise
@@ -316,7 +334,7 @@ class _Collectors:
                 if self.per_sample_abs_weights:
                     start = 0
                     for length in self.mask.sum(1).tolist():  # type: ignore[union-attr]
-                        xs, gs = x2[start:start + length], g2[start:start + length]
+                        xs, gs = x2[start : start + length], g2[start : start + length]
                         start += length
                         per_sample = xs.T @ gs if conv1d else gs.T @ xs
                         _accumulate(self.weights_abs, name, per_sample.mul_(weight).abs_())
@@ -333,11 +351,14 @@ def _accumulate(buffers: dict[str, torch.Tensor], name: str, value: torch.Tensor
         buffers[name] = value
 
 
-def _in_block_order(buffers: dict[str, torch.Tensor], arch: ResolvedArchitecture,
-                    dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _in_block_order(
+    buffers: dict[str, torch.Tensor], arch: ResolvedArchitecture, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     """Weight buffers on the CPU in block order; a layer that got no gradient has zero relevance."""
-    return {p.name: buffers[p.name].cpu() if p.name in buffers else torch.zeros(p.weight.shape, dtype=dtype)
-            for p in arch.prunable}
+    return {
+        p.name: buffers[p.name].cpu() if p.name in buffers else torch.zeros(p.weight.shape, dtype=dtype)
+        for p in arch.prunable
+    }
 
 
 def pad_token_id(tokenizer: Any, model: nn.Module) -> int:
@@ -456,14 +477,21 @@ def collect_relevance(
     head_sums = torch.zeros(arch.num_layers, arch.num_heads, dtype=dtype, device=device)
     head_abs = torch.zeros_like(head_sums)
 
-    with rules, _Collectors(arch, wanted, per_sample_abs_weights, dtype) as collectors, torch.enable_grad(), tqdm(
-        total=len(encoded), desc=description, unit="sample", disable=not progress, leave=False
-    ) as bar:
+    with (
+        rules,
+        _Collectors(arch, wanted, per_sample_abs_weights, dtype) as collectors,
+        torch.enable_grad(),
+        tqdm(total=len(encoded), desc=description, unit="sample", disable=not progress, leave=False) as bar,
+    ):
         for start in range(0, len(encoded), batch_size):
-            batch = make_batch(encoded[start:start + batch_size], pad_id, padding_side, device)
+            batch = make_batch(encoded[start : start + batch_size], pad_id, padding_side, device)
             collectors.start_batch(batch.attention_mask)
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                           position_ids=batch.position_ids, use_cache=False).logits
+            logits = model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                use_cache=False,
+            ).logits
             objective, batch_explained = _seed_objective(logits, batch, seed)
             leaves = [rules.inputs[key] for key in ("tokens", "positions") if key in rules.inputs]
             grads = torch.autograd.grad(objective, leaves)
@@ -477,8 +505,7 @@ def collect_relevance(
                 head_sums += collectors.heads.sum(0)
                 head_abs += collectors.heads.abs().sum(0)
             if "inputs" in wanted:
-                token_relevance = sum((leaf.detach().to(dtype) * g.to(dtype)).sum(-1)
-                                      for leaf, g in zip(leaves, grads))
+                token_relevance = sum((leaf.detach().to(dtype) * g.to(dtype)).sum(-1) for leaf, g in zip(leaves, grads))
                 mask = batch.attention_mask.bool()
                 for b in range(mask.shape[0]):
                     result.input_relevance.append(token_relevance[b][mask[b]].cpu())

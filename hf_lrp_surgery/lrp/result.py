@@ -82,15 +82,16 @@ class RelevanceResult:
         if value is None or (isinstance(value, dict) and not value):
             raise KeyError(
                 f"{component}{' |R|' if absolute else ''} relevance was not collected; pass "
-                f"components including {component!r}" + (" and per_sample_abs_weights=True" if absolute and
-                                                          component == "weights" else "")
+                f"components including {component!r}"
+                + (" and per_sample_abs_weights=True" if absolute and component == "weights" else "")
             )
         if isinstance(value, dict):
             return {name: tensor / self.num_samples for name, tensor in value.items()}
         return value / self.num_samples
 
-    def top(self, component: Literal["neurons", "heads"], k: int = 10, *,
-            absolute: bool = False) -> list[tuple[int, int, float]]:
+    def top(
+        self, component: Literal["neurons", "heads"], k: int = 10, *, absolute: bool = False
+    ) -> list[tuple[int, int, float]]:
         """The ``k`` most relevant neurons or heads.
 
         Args:
@@ -108,7 +109,7 @@ class RelevanceResult:
         return [(int(i) // width, int(i) % width, float(v)) for v, i in zip(values, flat)]
 
     # -- combining ----------------------------------------------------------------------------
-    def merge(self, other: "RelevanceResult") -> "RelevanceResult":
+    def merge(self, other: RelevanceResult) -> RelevanceResult:
         """Sum of two results over disjoint sample sets (same model and settings).
 
         Raises:
@@ -185,7 +186,7 @@ class RelevanceResult:
         return Path(directory)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str]) -> "RelevanceResult":
+    def load(cls, directory: str | os.PathLike[str]) -> RelevanceResult:
         """Load a result saved with :meth:`save`.
 
         Raises:

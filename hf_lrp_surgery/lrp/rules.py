@@ -17,7 +17,8 @@ constant factor on a gradient; :mod:`hf_lrp_surgery.lrp.attach` applies it with 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -68,14 +69,14 @@ class _ActivationRule(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, x: torch.Tensor, forward_fn: Callable[[torch.Tensor], torch.Tensor], kind: str
+        ctx: Any, x: torch.Tensor, forward_fn: Callable[[torch.Tensor], torch.Tensor], kind: str
     ) -> torch.Tensor:
         ctx.save_for_backward(x)
         ctx.kind = kind
         return forward_fn(x)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
         (x,) = ctx.saved_tensors
         compute = torch.promote_types(x.dtype, torch.float32)
         ratio = ACTIVATION_RATIOS[ctx.kind](x.to(compute))
@@ -112,7 +113,7 @@ class _NormRule(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx,
+        ctx: Any,
         x: torch.Tensor,
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
@@ -131,7 +132,7 @@ class _NormRule(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         x, weight, inv, out = ctx.saved_tensors
         kind = ctx.kind
         g = grad.to(inv.dtype)

@@ -87,8 +87,13 @@ class RelevanceAccumulator:
                 shapes.update({f"weights_abs/{name}": shape for name, shape in weight_shapes.items()})
         return {key: torch.zeros(shape, dtype=torch.float64) for key, shape in shapes.items()}
 
-    def add_pass(self, step: int, results: dict[str, RelevanceResult | None],
-                 weight_shapes: dict[str, tuple[int, ...]], device: torch.device | None = None) -> None:
+    def add_pass(
+        self,
+        step: int,
+        results: dict[str, RelevanceResult | None],
+        weight_shapes: dict[str, tuple[int, ...]],
+        device: torch.device | None = None,
+    ) -> None:
         """Add one pass: this rank's relevance of its share of each set, all-reduced across ranks.
 
         Args:
@@ -118,8 +123,9 @@ class RelevanceAccumulator:
         self.steps.append(int(step))
 
     @staticmethod
-    def _all_reduce(pass_sums: dict[str, dict[str, torch.Tensor]], counts: list[int],
-                    device: torch.device | None) -> list[int]:
+    def _all_reduce(
+        pass_sums: dict[str, dict[str, torch.Tensor]], counts: list[int], device: torch.device | None
+    ) -> list[int]:
         """Sum every tensor of ``pass_sums`` (in place) and the counts over all ranks, in one collective."""
         _, world = distributed_rank_and_size()
         if world == 1:
@@ -131,10 +137,10 @@ class RelevanceAccumulator:
         flat = flat.to(device or "cpu")
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         flat = flat.cpu()
-        reduced_counts = [int(round(float(c))) for c in flat[:len(counts)]]
+        reduced_counts = [int(round(float(c))) for c in flat[: len(counts)]]
         offset = len(counts)
         for tensor in tensors:
-            tensor.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
+            tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
             offset += tensor.numel()
         return reduced_counts
 
@@ -170,8 +176,9 @@ class RelevanceAccumulator:
     # -- persistence --------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Save the sums and counts into ``directory`` (replaced atomically)."""
-        tensors = {f"{name}/{key}": value.contiguous()
-                   for name, sums in self.sums.items() for key, value in sums.items()}
+        tensors = {
+            f"{name}/{key}": value.contiguous() for name, sums in self.sums.items() for key, value in sums.items()
+        }
         meta = {
             "format_version": _FORMAT_VERSION,
             "hf_lrp_surgery_version": __version__,
@@ -187,7 +194,7 @@ class RelevanceAccumulator:
         return Path(directory)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str]) -> "RelevanceAccumulator":
+    def load(cls, directory: str | os.PathLike[str]) -> RelevanceAccumulator:
         """Load sums saved with :meth:`save`.
 
         Raises:
@@ -204,6 +211,11 @@ class RelevanceAccumulator:
         for key, value in load_file(str(directory / _TENSORS_FILE)).items():
             name, rest = key.split("/", 1)
             sums.setdefault(name, {})[rest] = value
-        return cls(layout=Layout.from_dict(meta["layout"]), components=tuple(meta["components"]),
-                   settings=meta["settings"], sums=sums, counts={k: int(v) for k, v in meta["counts"].items()},
-                   steps=[int(s) for s in meta["steps"]])
+        return cls(
+            layout=Layout.from_dict(meta["layout"]),
+            components=tuple(meta["components"]),
+            settings=meta["settings"],
+            sums=sums,
+            counts={k: int(v) for k, v in meta["counts"].items()},
+            steps=[int(s) for s in meta["steps"]],
+        )

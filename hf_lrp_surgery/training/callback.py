@@ -28,16 +28,17 @@ import hashlib
 import json
 import os
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from hf_lrp_surgery.apply import Carrier, apply_masks
-from hf_lrp_surgery.exceptions import ReferenceSetError
+from hf_lrp_surgery.exceptions import ReferenceSetError, TrainingSetupError, TrainingStateError
 from hf_lrp_surgery.fingerprint import ModelFingerprint, fingerprint
 from hf_lrp_surgery.io import atomic_directory, write_json_atomic
 from hf_lrp_surgery.lrp.architectures import unwrap_model
@@ -48,7 +49,6 @@ from hf_lrp_surgery.references import ReferenceSource, load_reference_set
 from hf_lrp_surgery.scoring import Aggregation, Normalization, Scores, contrast
 from hf_lrp_surgery.training.accumulate import SETS, RelevanceAccumulator, distributed_rank_and_size
 from hf_lrp_surgery.training.enforce import MaskEnforcer
-from hf_lrp_surgery.exceptions import TrainingSetupError, TrainingStateError
 
 __all__ = ["LRPSurgeryCallback", "STATE_DIR", "CORRECTED_DIR"]
 
@@ -174,7 +174,8 @@ class LRPSurgeryCallback(TrainerCallback):
             raise ValueError(
                 "an adapter saved by the callback sits on the fine-tuned weights, which exist only locally, so the Hub "
                 "copy would not load; push with carrier='bake' (a self-contained checkpoint), or push the fine-tuned "
-                "base first and pass push_kwargs={'base_model': '<its repo id>'}")
+                "base first and pass push_kwargs={'base_model': '<its repo id>'}"
+            )
         self.relevance_wanted = bool(every_n_steps or on_evaluate or surgery)
         self.samples: dict[str, list[ReferenceSample]] = {}
         if self.relevance_wanted:
@@ -182,12 +183,18 @@ class LRPSurgeryCallback(TrainerCallback):
                 if source is None:
                     raise ReferenceSetError(
                         f"relevance passes and surgery contrast two reference sets, but {name}= was not given; pass "
-                        "both undesired= and general= (or surgery=None and no schedule, to only enforce masks)")
+                        "both undesired= and general= (or surgery=None and no schedule, to only enforce masks)"
+                    )
                 self.samples[name] = load_reference_set(source, limit=limit)
         self.tokenizer = tokenizer
         self.initial_masks = mask_list
-        self.selection = {"granularity": granularity, "budget": budget, "scope": scope, "modules": modules,
-                          "layers": layers}
+        self.selection = {
+            "granularity": granularity,
+            "budget": budget,
+            "scope": scope,
+            "modules": modules,
+            "layers": layers,
+        }
         self.contrast_options = {"normalize": normalize, "protect_top": protect_top}
         self.aggregation = aggregation
         self.relevance_options = {
@@ -218,7 +225,7 @@ class LRPSurgeryCallback(TrainerCallback):
         self._pending_logs: dict[str, float] = {}
 
     # -- wiring -------------------------------------------------------------------------------
-    def attach(self, trainer: Any) -> "LRPSurgeryCallback":
+    def attach(self, trainer: Any) -> LRPSurgeryCallback:
         """Add the callback to ``trainer`` right after its flow callback, before the reporting integrations.
 
         ``trainer.add_callback(callback)`` works too, but puts the callback after TensorBoard / W&B,
@@ -250,35 +257,47 @@ class LRPSurgeryCallback(TrainerCallback):
     # -- checks -------------------------------------------------------------------------------
     def _check_setup(self, args: TrainingArguments, model: nn.Module) -> None:
         weight_masks = any(m.granularity == "weights" for m in self.initial_masks) or (
-            self.surgery is not None and self.selection["granularity"] == "weights")
+            self.surgery is not None and self.selection["granularity"] == "weights"
+        )
         fsdp = bool(getattr(args, "fsdp", None)) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
         if fsdp or any(type(p).__name__ in ("FlatParameter", "DTensor") for p in model.parameters()):
             raise TrainingSetupError(
                 "LRPSurgeryCallback does not support FSDP: relevance passes, weight masks and surgery need whole, "
                 "unsharded parameters on every rank. Train with DDP (torchrun / accelerate launch without an FSDP "
-                "config), or apply the mask after training with hf_lrp_surgery.Surgeon")
-        deepspeed = bool(getattr(args, "deepspeed", None)) or \
-            os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
+                "config), or apply the mask after training with hf_lrp_surgery.Surgeon"
+            )
+        deepspeed = bool(getattr(args, "deepspeed", None)) or os.environ.get(
+            "ACCELERATE_USE_DEEPSPEED", ""
+        ).lower() in ("1", "true")
         if deepspeed and (weight_masks or self.relevance_wanted):
             raise TrainingSetupError(
                 "under DeepSpeed, LRPSurgeryCallback only enforces neuron and head masks given up front (activation "
                 "masks): DeepSpeed keeps fp32 master weights, so zeroed weights do not stay zero, and ZeRO partitions "
                 "the parameters that relevance passes and surgery read. Pass masks= with surgery=None and no "
-                "relevance schedule, or train with DDP")
+                "relevance schedule, or train with DDP"
+            )
         if self.surgery is not None and unwrap_model(model) is not model:
             raise TrainingSetupError(
                 "surgery needs a plain model, but this one is PEFT-wrapped (e.g. LoRA fine-tuning); pass surgery=None "
                 "(relevance and enforcement work), then merge the adapter (merge_and_unload()) and run "
-                "hf_lrp_surgery.Surgeon on the merged model")
+                "hf_lrp_surgery.Surgeon on the merged model"
+            )
 
     def _check_initial_mask(self, mask: Mask, model: nn.Module, resumed: bool) -> None:
         if not resumed or not fingerprint(model).same_architecture(mask.fingerprint):
             mask.check_model(model)  # raises, naming what differs
 
     # -- events -------------------------------------------------------------------------------
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                       model: nn.Module | None = None, optimizer: Any = None, processing_class: Any = None,
-                       **kwargs: Any) -> None:
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        optimizer: Any = None,
+        processing_class: Any = None,
+        **kwargs: Any,
+    ) -> None:
         """Check the set-up, restore a resumed run's state and start enforcing the masks."""
         if model is None:
             raise TrainingSetupError("the Trainer passed no model to the callback")
@@ -290,9 +309,10 @@ class LRPSurgeryCallback(TrainerCallback):
         self.enforcer = MaskEnforcer(model)
         layout = self.enforcer.layout
         self.accumulator = RelevanceAccumulator(
-            layout=layout, components=(self.selection["granularity"],),
-            settings={"method": self.method, **self.relevance_options,
-                      "components": [self.selection["granularity"]]})
+            layout=layout,
+            components=(self.selection["granularity"],),
+            settings={"method": self.method, **self.relevance_options, "components": [self.selection["granularity"]]},
+        )
         self.surgery_steps, self.saved, self._pending_logs = [], [], {}
         resumed = state.global_step > 0
         for mask in self.initial_masks:  # all checked before a weight mask changes the fingerprint
@@ -302,14 +322,26 @@ class LRPSurgeryCallback(TrainerCallback):
         if resumed:
             self._restore(args, state, model, optimizer)
 
-    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                          optimizer: Any = None, **kwargs: Any) -> None:
+    def on_optimizer_step(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        optimizer: Any = None,
+        **kwargs: Any,
+    ) -> None:
         """Put the weight masks (and the optimizer state at them) back after the update."""
         if self.enforcer is not None:
             self.enforcer.after_optimizer_step(optimizer)
 
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                    model: nn.Module | None = None, **kwargs: Any) -> TrainerControl:
+    def on_step_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> TrainerControl:
         """Run the scheduled relevance pass (and the final one at the last step)."""
         step = state.global_step
         scheduled = self.every_n_steps is not None and step % self.every_n_steps == 0
@@ -319,14 +351,26 @@ class LRPSurgeryCallback(TrainerCallback):
             control.should_log = True
         return control
 
-    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                    model: nn.Module | None = None, **kwargs: Any) -> None:
+    def on_evaluate(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
         """Run a relevance pass after an evaluation, if asked (logged with the next log)."""
         if self.on_evaluate_pass and self.enforcer is not None and self._pass_due(state.global_step):
             self._relevance_pass(model, state.global_step)  # type: ignore[arg-type]
 
-    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-               logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
         """Add the pending relevance summaries to this log (and to ``state.log_history``)."""
         if not self._pending_logs or logs is None:
             return
@@ -335,8 +379,15 @@ class LRPSurgeryCallback(TrainerCallback):
             state.log_history[-1].update(self._pending_logs)
         self._pending_logs = {}
 
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                model: nn.Module | None = None, optimizer: Any = None, **kwargs: Any) -> None:
+    def on_save(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        optimizer: Any = None,
+        **kwargs: Any,
+    ) -> None:
         """Surgery at the checkpoint (if ``surgery="save"``), then save the callback's state into it."""
         if self.enforcer is None or model is None:
             return
@@ -348,8 +399,15 @@ class LRPSurgeryCallback(TrainerCallback):
         if state.is_world_process_zero:
             self._save_state(checkpoint / STATE_DIR)
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                     model: nn.Module | None = None, optimizer: Any = None, **kwargs: Any) -> None:
+    def on_train_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        optimizer: Any = None,
+        **kwargs: Any,
+    ) -> None:
         """Final relevance pass and surgery; save (and push) the corrected model; remove the hooks."""
         if self.enforcer is None or model is None:
             return
@@ -386,13 +444,24 @@ class LRPSurgeryCallback(TrainerCallback):
             results = {}
             for name in SETS:
                 shard = self.samples[name][rank::world]
-                results[name] = collect_relevance(
-                    model, shard, self.tokenizer, components=self.accumulator.components, batch_size=self.batch_size,
-                    progress=self.progress, description=f"relevance ({name}, step {step})",
-                    **self.relevance_options) if shard else None
+                results[name] = (
+                    collect_relevance(
+                        model,
+                        shard,
+                        self.tokenizer,
+                        components=self.accumulator.components,
+                        batch_size=self.batch_size,
+                        progress=self.progress,
+                        description=f"relevance ({name}, step {step})",
+                        **self.relevance_options,
+                    )
+                    if shard
+                    else None
+                )
             weight_shapes = {p.name: tuple(p.weight.shape) for p in self.enforcer.arch.prunable}
-            self.accumulator.add_pass(step, results, weight_shapes,
-                                      device=self.enforcer.arch.token_embedding.weight.device)
+            self.accumulator.add_pass(
+                step, results, weight_shapes, device=self.enforcer.arch.token_embedding.weight.device
+            )
         finally:
             for module, training in modes:
                 module.training = training
@@ -404,8 +473,11 @@ class LRPSurgeryCallback(TrainerCallback):
         """The contrast of the accumulated relevance (attributed to ``current``), pruned units made ineligible."""
         assert self.accumulator is not None and self.enforcer is not None
         current = current or fingerprint(model)  # for logs the cached fingerprint is enough
-        scores = contrast(self.accumulator.scores("general", current, self.aggregation),
-                          self.accumulator.scores("undesired", current, self.aggregation), **self.contrast_options)
+        scores = contrast(
+            self.accumulator.scores("general", current, self.aggregation),
+            self.accumulator.scores("undesired", current, self.aggregation),
+            **self.contrast_options,
+        )
         pruned = self.enforcer.masks.get(self.selection["granularity"])
         return scores if pruned is None else _exclude(scores, pruned)
 
@@ -427,8 +499,10 @@ class LRPSurgeryCallback(TrainerCallback):
             per_layer = [_undesired_mass(row) for row in values]
             flat = [(layer, str(layer), row.flatten()) for layer, row in enumerate(values)]
         logs.update({f"{_LOG_PREFIX}undesired_mass/layer_{i:02d}": v for i, v in enumerate(per_layer)})
-        candidates = sorted(((float(v), layer, int(i)) for layer, _, row in flat
-                             for v, i in zip(*_lowest(row, self.top_k))), key=lambda c: c[0])[:self.top_k]
+        candidates = sorted(
+            ((float(v), layer, int(i)) for layer, _, row in flat for v, i in zip(*_lowest(row, self.top_k))),
+            key=lambda c: c[0],
+        )[: self.top_k]
         for rank, (value, layer, index) in enumerate(candidates, start=1):
             logs[f"{_LOG_PREFIX}candidate_{rank}/layer"] = float(layer)
             logs[f"{_LOG_PREFIX}candidate_{rank}/index"] = float(index)
@@ -447,9 +521,18 @@ class LRPSurgeryCallback(TrainerCallback):
         scores = self._scores(model, fingerprint(model))
         mask = select(scores, self.selection["granularity"], self.selection["budget"], **selection)
         mask = _broadcast_mask(mask)
-        mask = replace(mask, provenance={**mask.provenance, "training": {
-            "step": step, "relevance_passes": self.accumulator.passes, "relevance_steps": list(self.accumulator.steps),
-            "samples": dict(self.accumulator.counts)}})
+        mask = replace(
+            mask,
+            provenance={
+                **mask.provenance,
+                "training": {
+                    "step": step,
+                    "relevance_passes": self.accumulator.passes,
+                    "relevance_steps": list(self.accumulator.steps),
+                    "samples": dict(self.accumulator.counts),
+                },
+            },
+        )
         self.surgery_steps.append(step)
         return self.enforcer.add(mask, optimizer)
 
@@ -473,10 +556,13 @@ class LRPSurgeryCallback(TrainerCallback):
             try:
                 self.push_fn(directory, self.push_to_hub, **self.push_kwargs)
             except Exception as err:  # the model is saved; a network failure must not end the training run
-                retry = getattr(err, "retry_command", None) or ("hf_lrp_surgery.hub.push_to_hub"
-                                                                 f"({str(directory)!r}, {self.push_to_hub!r})")
-                message = (f"pushing {directory} to {self.push_to_hub} failed: {err}. The corrected model is saved "
-                           f"there; retry with {retry}")
+                retry = getattr(err, "retry_command", None) or (
+                    f"hf_lrp_surgery.hub.push_to_hub({str(directory)!r}, {self.push_to_hub!r})"
+                )
+                message = (
+                    f"pushing {directory} to {self.push_to_hub} failed: {err}. The corrected model is saved "
+                    f"there; retry with {retry}"
+                )
                 self.push_errors.append(message)
                 warnings.warn(message, RuntimeWarning, stacklevel=2)
 
@@ -486,11 +572,15 @@ class LRPSurgeryCallback(TrainerCallback):
         return Path(args.output_dir) / f"checkpoint-{state.global_step}"
 
     def _state_record(self) -> dict[str, Any]:
-        return {"format_version": 1, "samples_sha256": _samples_digest(self.samples),
-                "selection": {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in self.selection.items()},
-                "relevance": {"method": self.method, **self.relevance_options, "aggregation": self.aggregation},
-                "surgery": self.surgery, "surgery_steps": self.surgery_steps,
-                "masks": sorted(self.enforcer.masks) if self.enforcer else []}
+        return {
+            "format_version": 1,
+            "samples_sha256": _samples_digest(self.samples),
+            "selection": {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in self.selection.items()},
+            "relevance": {"method": self.method, **self.relevance_options, "aggregation": self.aggregation},
+            "surgery": self.surgery,
+            "surgery_steps": self.surgery_steps,
+            "masks": sorted(self.enforcer.masks) if self.enforcer else [],
+        }
 
     def _save_state(self, directory: Path) -> None:
         assert self.accumulator is not None and self.enforcer is not None
@@ -511,7 +601,8 @@ class LRPSurgeryCallback(TrainerCallback):
             raise TrainingStateError(
                 f"the Trainer resumed at step {state.global_step}, but no {STATE_DIR}/{_STATE_FILE} was found in "
                 f"{', '.join(str(c.parent) for c in candidates)}: the checkpoint was saved without LRPSurgeryCallback "
-                "(or by another output_dir). Resume from a checkpoint written with the callback, or start a new run")
+                "(or by another output_dir). Resume from a checkpoint written with the callback, or start a new run"
+            )
         record = json.loads((directory / _STATE_FILE).read_text())
         expected = self._state_record()
         for key in ("samples_sha256", "selection", "relevance", "surgery"):
@@ -519,7 +610,8 @@ class LRPSurgeryCallback(TrainerCallback):
                 raise TrainingStateError(
                     f"the checkpoint's callback state was made with other {key.replace('_sha256', '')} "
                     f"({record.get(key)!r} vs now {expected[key]!r}); resume with the callback configured as in the "
-                    "interrupted run, or start a new run")
+                    "interrupted run, or start a new run"
+                )
         if (directory / "relevance").is_dir():
             loaded = RelevanceAccumulator.load(directory / "relevance")
             if loaded.layout != self.accumulator.layout:
@@ -539,8 +631,10 @@ def _default_push() -> PushFn:
     try:
         from hf_lrp_surgery.hub import push_to_hub
     except ImportError as err:
-        raise TrainingSetupError(f"push_to_hub= needs hf_lrp_surgery.hub ({err}); pass push_fn= to push another "
-                                 "way, or leave push_to_hub unset") from err
+        raise TrainingSetupError(
+            f"push_to_hub= needs hf_lrp_surgery.hub ({err}); pass push_fn= to push another "
+            "way, or leave push_to_hub unset"
+        ) from err
     return push_to_hub
 
 
@@ -562,9 +656,12 @@ def _lowest(row: torch.Tensor, k: int) -> tuple[list[float], list[int]]:
 
 def _exclude(scores: Scores, mask: Mask) -> Scores:
     """A copy of ``scores`` in which the units of ``mask`` score ``+inf`` (never selected again)."""
-    out = replace(scores, weights={k: v.clone() for k, v in scores.weights.items()},
-                  neurons=None if scores.neurons is None else scores.neurons.clone(),
-                  heads=None if scores.heads is None else scores.heads.clone())
+    out = replace(
+        scores,
+        weights={k: v.clone() for k, v in scores.weights.items()},
+        neurons=None if scores.neurons is None else scores.neurons.clone(),
+        heads=None if scores.heads is None else scores.heads.clone(),
+    )
     for name, index in mask.indices.items():
         if mask.granularity == "weights":
             out.weights[name].view(-1)[index] = torch.inf
@@ -585,4 +682,3 @@ def _broadcast_mask(mask: Mask) -> Mask:
     chosen: dict[str, list[int]] = payload[0]  # type: ignore[assignment]
     indices = {name: torch.tensor(values, dtype=torch.int64) for name, values in chosen.items()}
     return replace(mask, indices=indices)
-

@@ -16,8 +16,9 @@ the hooks come off with :meth:`MaskEnforcer.remove` and the model saves as an or
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import replace
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -96,9 +97,11 @@ class MaskEnforcer:
             ValueError: The mask was built for another layout.
         """
         if mask.layout != self.layout:
-            raise ValueError(f"this {mask.granularity} mask was built for a model with another layout "
-                             f"({mask.layout.num_layers} layers, {mask.layout.num_neurons} neurons) than the one "
-                             f"being trained ({self.layout.num_layers} layers, {self.layout.num_neurons} neurons)")
+            raise ValueError(
+                f"this {mask.granularity} mask was built for a model with another layout "
+                f"({mask.layout.num_layers} layers, {mask.layout.num_neurons} neurons) than the one "
+                f"being trained ({self.layout.num_layers} layers, {self.layout.num_neurons} neurons)"
+            )
         current = self.masks.get(mask.granularity)
         merged = mask if current is None else merge_masks(current, mask)
         self.masks[mask.granularity] = merged

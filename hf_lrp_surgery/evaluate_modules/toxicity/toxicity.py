@@ -74,8 +74,9 @@ class Toxicity(evaluate.Metric):
             cache[scorer, toxic_label] = get_scorer(scorer, toxic_label=toxic_label)
         return cache[scorer, toxic_label]
 
-    def _compute(self, predictions: Sequence[str], scorer: Any = None, toxic_label: str | None = None,
-                 threshold: float = 0.5) -> dict[str, Any]:
+    def _compute(
+        self, predictions: Sequence[str], scorer: Any = None, toxic_label: str | None = None, threshold: float = 0.5
+    ) -> dict[str, Any]:
         result = toxicity(list(predictions), self._scorer(scorer, toxic_label), threshold=threshold)
         return {
             "toxicity": result.scores,
