@@ -22,8 +22,8 @@ from hf_lrp_surgery.correction import (
 )
 from hf_lrp_surgery.evaluation import generate
 from hf_lrp_surgery.io import write_json_atomic
-from hf_lrp_surgery.lrp.collect import ReferenceSample
 from hf_lrp_surgery.references import shipped_set
+from hf_lrp_surgery.references.samples import ReferenceSample
 
 
 def reference_sets(

@@ -1,12 +1,12 @@
 """hf_lrp_surgery: attribution-guided model surgery for Hugging Face language models."""
 
-__version__ = "0.1.0"
-
-from hf_lrp_surgery.apply import CorrectedModel, apply_masks, load_corrected, verify  # noqa: E402
-from hf_lrp_surgery.hub import load_from_hub, push_to_hub  # noqa: E402
-from hf_lrp_surgery.masks import Mask, select  # noqa: E402
-from hf_lrp_surgery.scoring import Scores, contrast, score  # noqa: E402
-from hf_lrp_surgery.surgeon import Surgeon  # noqa: E402
+from hf_lrp_surgery._version import __version__
+from hf_lrp_surgery.apply import CorrectedModel, apply_masks, load_corrected, verify
+from hf_lrp_surgery.hub import load_from_hub, push_to_hub
+from hf_lrp_surgery.masks import Mask, select
+from hf_lrp_surgery.models import load_model
+from hf_lrp_surgery.scoring import Scores, contrast, score
+from hf_lrp_surgery.surgeon import Surgeon
 
 __all__ = [
     "CorrectedModel",
@@ -19,6 +19,7 @@ __all__ = [
     "contrast",
     "load_corrected",
     "load_from_hub",
+    "load_model",
     "push_to_hub",
     "score",
     "select",

@@ -24,7 +24,7 @@ from typing import Any, Literal
 from torch import nn
 from tqdm.auto import tqdm
 
-from hf_lrp_surgery import __version__
+from hf_lrp_surgery._version import __version__
 from hf_lrp_surgery.apply import CorrectedModel, apply_masks
 from hf_lrp_surgery.evaluation import (
     DecodingSettings,
@@ -39,9 +39,9 @@ from hf_lrp_surgery.evaluation import (
 )
 from hf_lrp_surgery.exceptions import ReferenceSetError
 from hf_lrp_surgery.io import atomic_directory
-from hf_lrp_surgery.lrp.collect import ReferenceSample
 from hf_lrp_surgery.masks import Granularity, Mask, select
 from hf_lrp_surgery.references import shipped_set
+from hf_lrp_surgery.references.samples import ReferenceSample
 from hf_lrp_surgery.scoring import Method, Scores
 from hf_lrp_surgery.surgeon import Surgeon
 

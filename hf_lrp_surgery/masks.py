@@ -23,15 +23,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from hf_lrp_surgery import __version__
+from hf_lrp_surgery._version import __version__
 from hf_lrp_surgery.exceptions import BudgetError, ModuleGroupError
 from hf_lrp_surgery.fingerprint import ModelFingerprint, check_fingerprint
 from hf_lrp_surgery.io import atomic_directory
-from hf_lrp_surgery.scoring import Layout, Scores
+from hf_lrp_surgery.lrp.layout import Granularity, Layout
+from hf_lrp_surgery.scoring import Scores
 
 __all__ = ["Granularity", "Mask", "Scope", "select"]
 
-Granularity = Literal["neurons", "heads", "weights"]
 Scope = Literal["global", "per_layer"]
 _TENSORS_FILE = "mask.safetensors"
 _META_FILE = "mask.json"

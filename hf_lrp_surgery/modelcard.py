@@ -32,7 +32,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from hf_lrp_surgery import __version__
+from hf_lrp_surgery._version import __version__
 from hf_lrp_surgery.apply import CHECK_FILE, SURGERY_DIR, read_surgery
 from hf_lrp_surgery.exceptions import CardError
 from hf_lrp_surgery.io import write_json_atomic, write_text_atomic

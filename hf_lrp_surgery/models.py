@@ -36,7 +36,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from hf_lrp_surgery import __version__
+from hf_lrp_surgery._version import __version__
 from hf_lrp_surgery.exceptions import MissingEmbeddedModelError, ModelLoadError
 
 __all__ = [

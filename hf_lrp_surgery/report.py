@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from hf_lrp_surgery.io import atomic_directory
-from hf_lrp_surgery.lrp.collect import ReferenceSample, collect_relevance
+from hf_lrp_surgery.lrp.collect import collect_relevance
 from hf_lrp_surgery.lrp.result import RelevanceResult
+from hf_lrp_surgery.references.samples import ReferenceSample
 
 __all__ = ["RelevanceReport", "default_report_prompts", "greedy_continuations", "relevance_report"]
 

@@ -34,22 +34,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from hf_lrp_surgery import __version__
+from hf_lrp_surgery._version import __version__
 from hf_lrp_surgery.exceptions import FingerprintMismatchError, NonFiniteScoreError, ReferenceSetError
 from hf_lrp_surgery.fingerprint import ModelFingerprint, fingerprint
 from hf_lrp_surgery.io import atomic_directory
 from hf_lrp_surgery.lrp.architectures import ResolvedArchitecture, resolve
 from hf_lrp_surgery.lrp.attach import Variant
-from hf_lrp_surgery.lrp.collect import (
-    SampleLike,
-    SeedMode,
-    as_samples,
-    collect_relevance,
-    encode_sample,
-    make_batch,
-    pad_token_id,
-)
+from hf_lrp_surgery.lrp.collect import SeedMode, collect_relevance
+from hf_lrp_surgery.lrp.layout import GRANULARITIES, Granularity, Layout
 from hf_lrp_surgery.lrp.result import RelevanceResult
+from hf_lrp_surgery.references.samples import SampleLike, as_samples, encode_sample, make_batch, pad_token_id
 
 __all__ = [
     "Aggregation",
@@ -66,72 +60,13 @@ __all__ = [
 Method = Literal["lrp", "gradient", "activation", "wanda", "magnitude", "random"]
 Aggregation = Literal["signed", "abs"]
 Normalization = Literal["none", "total", "max", "layer"]
-ScoredComponent = Literal["neurons", "heads", "weights"]
 #: Every scoring method.
 METHODS: tuple[str, ...] = ("lrp", "gradient", "activation", "wanda", "magnitude", "random")
 #: Methods that read only the weights (or nothing): they take no reference samples.
 SAMPLE_FREE_METHODS: tuple[str, ...] = ("magnitude", "random")
-_SCORED: tuple[str, ...] = ("neurons", "heads", "weights")
 _TENSORS_FILE = "scores.safetensors"
 _META_FILE = "scores.json"
 _FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where a model's scored components live, so that scores and masks need no model to be read.
-
-    Attributes:
-        num_layers: Number of decoder blocks.
-        num_neurons: MLP neurons per block.
-        num_heads: Attention heads per block.
-        neuron_modules: Per block, the name of the MLP output projection (its input holds the neurons).
-        head_modules: Per block, the name of the attention output projection.
-        weight_modules: Prunable module name -> ``(layer, role)``, in block order.
-    """
-
-    num_layers: int
-    num_neurons: int
-    num_heads: int
-    neuron_modules: tuple[str, ...]
-    head_modules: tuple[str, ...]
-    weight_modules: dict[str, tuple[int, str]]
-
-    @classmethod
-    def of(cls, arch: ResolvedArchitecture) -> Layout:
-        """The layout of a resolved model."""
-        spec = arch.spec
-        return cls(
-            num_layers=arch.num_layers,
-            num_neurons=arch.num_neurons,
-            num_heads=arch.num_heads,
-            neuron_modules=tuple(f"{spec.decoder_layers}.{i}.{spec.mlp_out}" for i in range(arch.num_layers)),
-            head_modules=tuple(f"{spec.decoder_layers}.{i}.{spec.o_proj}" for i in range(arch.num_layers)),
-            weight_modules={p.name: (p.layer, p.role) for p in arch.prunable},
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable form."""
-        return {
-            "num_layers": self.num_layers,
-            "num_neurons": self.num_neurons,
-            "num_heads": self.num_heads,
-            "neuron_modules": list(self.neuron_modules),
-            "head_modules": list(self.head_modules),
-            "weight_modules": {name: list(where) for name, where in self.weight_modules.items()},
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Layout:
-        """Rebuild a layout saved with :meth:`to_dict`."""
-        return cls(
-            num_layers=int(data["num_layers"]),
-            num_neurons=int(data["num_neurons"]),
-            num_heads=int(data["num_heads"]),
-            neuron_modules=tuple(data["neuron_modules"]),
-            head_modules=tuple(data["head_modules"]),
-            weight_modules={name: (int(w[0]), str(w[1])) for name, w in data["weight_modules"].items()},
-        )
 
 
 @dataclass
@@ -161,19 +96,19 @@ class Scores:
     @property
     def components(self) -> tuple[str, ...]:
         """The component kinds that were scored."""
-        return tuple(c for c in _SCORED if self._has(c))
+        return tuple(c for c in GRANULARITIES if self._has(c))
 
     def _has(self, component: str) -> bool:
         return bool(self.weights) if component == "weights" else getattr(self, component) is not None
 
-    def get(self, component: ScoredComponent) -> torch.Tensor | dict[str, torch.Tensor]:
+    def get(self, component: Granularity) -> torch.Tensor | dict[str, torch.Tensor]:
         """The scores of one component kind.
 
         Raises:
             KeyError: That kind was not scored (the message says how to score it).
         """
-        if component not in _SCORED:
-            raise KeyError(f"component must be one of {_SCORED}, got {component!r}")
+        if component not in GRANULARITIES:
+            raise KeyError(f"component must be one of {GRANULARITIES}, got {component!r}")
         if not self._has(component):
             raise KeyError(
                 f"these {self.method} scores hold no {component}; score with components including "
@@ -294,7 +229,7 @@ def score(
     tokenizer: Any = None,
     *,
     method: Method = "lrp",
-    components: Sequence[ScoredComponent] = ("neurons",),
+    components: Sequence[Granularity] = ("neurons",),
     aggregation: Aggregation = "signed",
     seed: SeedMode = "logit",
     variant: Variant = "attnlrp",
@@ -308,7 +243,7 @@ def score(
 
     Args:
         model: A supported causal LM (optionally PEFT-wrapped), without active dropout.
-        samples: The reference set (see :func:`~hf_lrp_surgery.lrp.collect.as_samples`); not used by
+        samples: The reference set (see :func:`~hf_lrp_surgery.references.samples.as_samples`); not used by
             ``magnitude`` and ``random``.
         tokenizer: Needed when samples are text.
         method: One of :data:`METHODS`.
@@ -340,8 +275,8 @@ def score(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     _check_aggregation(aggregation)
     wanted = tuple(dict.fromkeys(components))
-    if not wanted or set(wanted) - set(_SCORED):
-        raise ValueError(f"components must be a non-empty subset of {_SCORED}, got {list(components)}")
+    if not wanted or set(wanted) - set(GRANULARITIES):
+        raise ValueError(f"components must be a non-empty subset of {GRANULARITIES}, got {list(components)}")
     arch = resolve(model)
     layout = Layout.of(arch)
     label = description or f"{method} scores"

@@ -32,7 +32,7 @@ from torch import nn
 
 from hf_lrp_surgery.exceptions import ReferenceSetError
 from hf_lrp_surgery.lrp.architectures import resolve
-from hf_lrp_surgery.lrp.collect import ReferenceSample, encode_sample, make_batch, pad_token_id
+from hf_lrp_surgery.references.samples import ReferenceSample, encode_sample, make_batch, pad_token_id
 
 __all__ = [
     "IOI_DATA",

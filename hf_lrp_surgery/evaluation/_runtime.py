@@ -9,6 +9,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from hf_lrp_surgery.references.samples import pad_rows
+
 
 @contextlib.contextmanager
 def eval_mode(*models: nn.Module) -> Iterator[None]:
@@ -60,11 +62,5 @@ def pad(
     rows: Sequence[Sequence[int]], pad_id: int, side: Literal["left", "right"], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad token-id rows to one ``[B, T]`` batch; returns ``(input_ids, attention_mask)``."""
-    width = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, row in enumerate(rows):
-        start = width - len(row) if side == "left" else 0
-        input_ids[b, start : start + len(row)] = torch.tensor(row, dtype=torch.long)
-        attention_mask[b, start : start + len(row)] = 1
-    return input_ids.to(device), attention_mask.to(device)
+    input_ids, attention_mask, _ = pad_rows(rows, pad_id, side, device)
+    return input_ids, attention_mask

@@ -17,201 +17,40 @@ Collectors are hooks that read ``input * gradient`` where it means something:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hf_lrp_surgery.exceptions import NonFiniteRelevanceError, ReferenceSetError, SequenceTooLongError
+from hf_lrp_surgery.exceptions import NonFiniteRelevanceError, ReferenceSetError
 from hf_lrp_surgery.fingerprint import fingerprint
 from hf_lrp_surgery.lrp.architectures import ResolvedArchitecture
 from hf_lrp_surgery.lrp.attach import LRPRules, Variant
 from hf_lrp_surgery.lrp.result import RelevanceResult
+from hf_lrp_surgery.references.samples import (
+    ARGMAX,
+    Batch,
+    SampleLike,
+    as_samples,
+    encode_sample,
+    make_batch,
+    pad_token_id,
+)
 
-__all__ = ["ReferenceSample", "SampleLike", "SeedMode", "collect_relevance", "as_samples", "COMPONENTS"]
+__all__ = ["COMPONENTS", "SeedMode", "collect_relevance"]
 
 SeedMode = Literal["logit", "logprob"]
 #: What :func:`collect_relevance` can collect.
 COMPONENTS = ("neurons", "heads", "weights", "inputs")
-_ARGMAX = -1
-
-
-@dataclass(frozen=True)
-class ReferenceSample:
-    """One sample to explain.
-
-    Exactly one of three seeds applies:
-
-    * only ``prompt``: the largest logit at the prompt's last token (what the model predicts);
-    * ``target``: the logit of that token at the prompt's last token;
-    * ``continuation``: teacher forcing; the sum over the continuation's tokens of the logit each
-      one gets at the position before it (``prompt + continuation`` is the behaviour explained).
-      With ``focus``, only the continuation tokens at those indices are explained (e.g. the toxic
-      words of a continuation, or the tokens of a loop), in the context of all the tokens before them.
-
-    Text is tokenised with the tokenizer given to :func:`collect_relevance` (special tokens, such
-    as a BOS, are added to the prompt only); token ids are used as they are.
-
-    Attributes:
-        prompt: Text or token ids.
-        continuation: Text or token ids to teacher-force after the prompt.
-        target: A token id, or text that is exactly one token.
-        focus: Indices into the continuation's tokens to explain (default: all of them).
-    """
-
-    prompt: str | Sequence[int]
-    continuation: str | Sequence[int] | None = None
-    target: str | int | None = None
-    focus: Sequence[int] | None = None
-
-    def __post_init__(self) -> None:
-        if self.continuation is not None and self.target is not None:
-            raise ReferenceSetError(f"sample {self.prompt!r}: give a continuation or a target, not both")
-        if self.focus is not None and (self.continuation is None or not self.focus):
-            raise ReferenceSetError(f"sample {self.prompt!r}: focus needs a continuation and at least one index")
-
-
-SampleLike = ReferenceSample | str | Sequence[int] | tuple[str, str] | Mapping[str, Any]
-
-
-def as_samples(items: Iterable[SampleLike]) -> list[ReferenceSample]:
-    """Normalise user input into :class:`ReferenceSample` objects.
-
-    Args:
-        items: Samples, prompt strings, token-id lists, ``(prompt, continuation)`` pairs, or
-            mappings with keys ``prompt`` and optionally ``continuation`` / ``target``.
-
-    Returns:
-        The samples.
-
-    Raises:
-        ReferenceSetError: An item has none of these forms.
-    """
-    samples: list[ReferenceSample] = []
-    for i, item in enumerate(items):
-        if isinstance(item, ReferenceSample):
-            samples.append(item)
-        elif isinstance(item, str):
-            samples.append(ReferenceSample(item))
-        elif isinstance(item, Mapping):
-            if "prompt" not in item:
-                raise ReferenceSetError(f"sample {i} is a mapping without a 'prompt' key: {sorted(item)}")
-            samples.append(
-                ReferenceSample(item["prompt"], item.get("continuation"), item.get("target"), item.get("focus"))
-            )
-        elif isinstance(item, tuple) and len(item) == 2 and all(isinstance(x, str) for x in item):
-            samples.append(ReferenceSample(item[0], item[1]))
-        elif isinstance(item, torch.Tensor) and not item.is_floating_point() and item.dim() == 1:
-            samples.append(ReferenceSample(item.tolist()))
-        elif isinstance(item, (list, tuple)) and all(isinstance(x, int) for x in item):
-            samples.append(ReferenceSample(list(item)))
-        else:
-            raise ReferenceSetError(
-                f"sample {i} ({type(item).__name__}) is not a prompt string, token-id list, (prompt, "
-                "continuation) pair, mapping with a 'prompt' key, or ReferenceSample"
-            )
-    return samples
-
-
-@dataclass(frozen=True)
-class Encoded:
-    ids: list[int]
-    # (position whose logits are read, token id or _ARGMAX)
-    seeds: list[tuple[int, int]]
-
-
-def _tokens(text_or_ids: str | Sequence[int], tokenizer: Any, *, special: bool, what: str) -> list[int]:
-    if isinstance(text_or_ids, str):
-        if tokenizer is None:
-            raise ReferenceSetError(f"{what} is text but no tokenizer was given; pass tokenizer= or token ids")
-        return list(tokenizer(text_or_ids, add_special_tokens=special)["input_ids"])
-    return [int(x) for x in text_or_ids]
-
-
-def encode_sample(sample: ReferenceSample, index: int, tokenizer: Any, max_positions: int | None) -> Encoded:
-    """Tokenise one sample and locate its seeds (shared with the forward-only baseline scorers)."""
-    prompt = _tokens(sample.prompt, tokenizer, special=True, what=f"sample {index}'s prompt")
-    if not prompt:
-        raise ReferenceSetError(f"sample {index} has an empty prompt; every sample needs at least one token")
-    if sample.continuation is not None:
-        continuation = _tokens(sample.continuation, tokenizer, special=False, what=f"sample {index}'s continuation")
-        if not continuation:
-            raise ReferenceSetError(
-                f"sample {index}: the continuation {sample.continuation!r} has no tokens, so there is nothing "
-                "to explain; drop the sample or give a non-empty continuation"
-            )
-        focus = sorted(set(sample.focus)) if sample.focus is not None else range(len(continuation))
-        if focus[0] < 0 or focus[-1] >= len(continuation):
-            raise ReferenceSetError(
-                f"sample {index}: focus indices must lie in [0, {len(continuation)}) (the continuation's tokens), "
-                f"got {list(sample.focus or [])}"
-            )
-        # Tokens after the last explained one cannot change it (causal model): leave them out.
-        continuation = continuation[: focus[-1] + 1]
-        ids = prompt + continuation
-        seeds = [(len(prompt) - 1 + j, continuation[j]) for j in focus]
-    elif sample.target is not None:
-        target = _tokens(
-            [sample.target] if isinstance(sample.target, int) else sample.target,
-            tokenizer,
-            special=False,
-            what=f"sample {index}'s target",
-        )
-        if len(target) != 1:
-            raise ReferenceSetError(
-                f"sample {index}: the target {sample.target!r} is {len(target)} tokens; a target must be exactly "
-                "one token (use a continuation to explain several)"
-            )
-        ids, seeds = prompt, [(len(prompt) - 1, target[0])]
-    else:
-        ids, seeds = prompt, [(len(prompt) - 1, _ARGMAX)]
-    if max_positions is not None and len(ids) > max_positions:
-        raise SequenceTooLongError(
-            f"sample {index} is {len(ids)} tokens, beyond the model's context of {max_positions}; shorten the "
-            "prompt/continuation"
-        )
-    return Encoded(ids, seeds)
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor  # [B, T]
-    attention_mask: torch.Tensor  # [B, T], 1 for real tokens
-    position_ids: torch.Tensor  # [B, T]
-    seed_rows: torch.Tensor  # [N] batch index of each seeded position
-    seed_positions: torch.Tensor  # [N]
-    seed_tokens: torch.Tensor  # [N], _ARGMAX for "the largest logit"
-
-
-def make_batch(encoded: Sequence[Encoded], pad_id: int, padding_side: str, device: torch.device) -> Batch:
-    """Pad encoded samples into one batch with attention mask, position ids and seed locations."""
-    width = max(len(e.ids) for e in encoded)
-    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    rows, positions, tokens = [], [], []
-    for b, e in enumerate(encoded):
-        offset = width - len(e.ids) if padding_side == "left" else 0
-        ids[b, offset : offset + len(e.ids)] = torch.tensor(e.ids)
-        mask[b, offset : offset + len(e.ids)] = 1
-        for position, token in e.seeds:
-            rows.append(b)
-            positions.append(offset + position)
-            tokens.append(token)
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
-    return Batch(
-        ids.to(device), mask.to(device), position_ids.to(device), as_long(rows), as_long(positions), as_long(tokens)
-    )
 
 
 def _seed_objective(logits: torch.Tensor, batch: Batch, seed: SeedMode) -> tuple[torch.Tensor, torch.Tensor]:
     """Return the scalar to differentiate and the explained value per sample (in fp64)."""
     rows = logits[batch.seed_rows, batch.seed_positions]  # [N, V]
     rows = rows if rows.dtype == torch.float64 else rows.float()
-    tokens = torch.where(batch.seed_tokens == _ARGMAX, rows.detach().argmax(-1), batch.seed_tokens)
+    tokens = torch.where(batch.seed_tokens == ARGMAX, rows.detach().argmax(-1), batch.seed_tokens)
     weights = torch.nn.functional.one_hot(tokens, rows.shape[-1]).to(rows.dtype)
     if seed == "logprob":
         # d log p_t / d logits = onehot - softmax; held constant it is a linear seed on the logits.
@@ -359,15 +198,6 @@ def _in_block_order(
         p.name: buffers[p.name].cpu() if p.name in buffers else torch.zeros(p.weight.shape, dtype=dtype)
         for p in arch.prunable
     }
-
-
-def pad_token_id(tokenizer: Any, model: nn.Module) -> int:
-    """The tokenizer's (else the config's, else 0) pad token id."""
-    for source in (tokenizer, getattr(model, "config", None)):
-        pad = getattr(source, "pad_token_id", None)
-        if isinstance(pad, int):
-            return pad
-    return 0
 
 
 def _check_finite(result: RelevanceResult) -> None:
@@ -524,3 +354,22 @@ def collect_relevance(
             result.weights_abs = _in_block_order(collectors.weights_abs, arch, dtype)
     _check_finite(result)
     return result
+
+
+_MOVED = {"ReferenceSample", "SampleLike", "as_samples", "encode_sample", "make_batch", "pad_token_id"}
+
+
+def __getattr__(name: str) -> object:
+    """The reference-sample helpers moved to :mod:`hf_lrp_surgery.references.samples` (kept here for one release)."""
+    if name in _MOVED:
+        import warnings
+
+        from hf_lrp_surgery.references import samples
+
+        warnings.warn(
+            f"hf_lrp_surgery.lrp.collect.{name} moved to hf_lrp_surgery.references.samples.{name}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(samples, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_file, save_file
 
-from hf_lrp_surgery import __version__
+from hf_lrp_surgery._version import __version__
 from hf_lrp_surgery.exceptions import FingerprintMismatchError
 from hf_lrp_surgery.fingerprint import ModelFingerprint
 from hf_lrp_surgery.io import atomic_directory

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from hf_lrp_surgery import __version__
+from hf_lrp_surgery._version import __version__
 from hf_lrp_surgery.fingerprint import ModelFingerprint
 from hf_lrp_surgery.io import atomic_directory
 from hf_lrp_surgery.lrp.result import RelevanceResult

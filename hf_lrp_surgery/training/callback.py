@@ -43,9 +43,10 @@ from hf_lrp_surgery.fingerprint import ModelFingerprint, fingerprint
 from hf_lrp_surgery.io import atomic_directory, write_json_atomic
 from hf_lrp_surgery.lrp.architectures import unwrap_model
 from hf_lrp_surgery.lrp.attach import Variant
-from hf_lrp_surgery.lrp.collect import ReferenceSample, SeedMode, collect_relevance
+from hf_lrp_surgery.lrp.collect import SeedMode, collect_relevance
 from hf_lrp_surgery.masks import Granularity, Mask, Scope, select
 from hf_lrp_surgery.references import ReferenceSource, load_reference_set
+from hf_lrp_surgery.references.samples import ReferenceSample
 from hf_lrp_surgery.scoring import Aggregation, Normalization, Scores, contrast
 from hf_lrp_surgery.training.accumulate import SETS, RelevanceAccumulator, distributed_rank_and_size
 from hf_lrp_surgery.training.enforce import MaskEnforcer

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_lrp_surgery.exceptions import ReferenceSetError
-from hf_lrp_surgery.lrp.collect import ReferenceSample, SampleLike, as_samples
+from hf_lrp_surgery.references.samples import ReferenceSample, SampleLike, as_samples
 
 __all__ = ["HUB_SETS", "ReferenceSource", "SHIPPED_SETS", "hub_set", "load_reference_set", "shipped_set"]
 
@@ -145,7 +145,7 @@ def shipped_set(name: str, split: str = "train") -> list[str]:
         raise KeyError(f"unknown shipped set {name!r}; available: {', '.join(SHIPPED_SETS)}")
     if split not in ("train", "heldout"):
         raise KeyError(f"split must be 'train' or 'heldout', got {split!r}")
-    path = Path(__file__).parent / "data" / "sets" / f"{name}.json"
+    path = Path(__file__).parent.parent / "data" / "sets" / f"{name}.json"
     return list(json.loads(path.read_text(encoding="utf-8"))[split])
 
 

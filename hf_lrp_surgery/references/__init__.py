@@ -1,0 +1,23 @@
+"""Reference data: the samples a relevance pass explains, and the shipped, file and Hub sets they come from."""
+
+from hf_lrp_surgery.references.samples import ReferenceSample, SampleLike, as_samples
+from hf_lrp_surgery.references.sets import (
+    HUB_SETS,
+    SHIPPED_SETS,
+    ReferenceSource,
+    hub_set,
+    load_reference_set,
+    shipped_set,
+)
+
+__all__ = [
+    "HUB_SETS",
+    "ReferenceSample",
+    "ReferenceSource",
+    "SHIPPED_SETS",
+    "SampleLike",
+    "as_samples",
+    "hub_set",
+    "load_reference_set",
+    "shipped_set",
+]
