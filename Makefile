@@ -1,7 +1,7 @@
 # `make demo` and `make test` do all set-up themselves (scripts/install.sh, once per checkout).
 PYTHON ?= python
 
-.PHONY: install demo report test test-fast bench
+.PHONY: install demo report test test-fast bench quality style
 
 .installed: setup.cfg pyproject.toml scripts/install.sh
 	PYTHON=$(PYTHON) bash scripts/install.sh
@@ -21,6 +21,18 @@ test: .installed
 
 test-fast: .installed
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -m "not e2e"
+
+# Lint, format check and type check (ruff and mypy, configured in pyproject.toml); `make style` fixes what ruff can.
+QUALITY_PATHS = hf_lrp_surgery tests recipes benchmarks scripts
+
+quality: .installed
+	$(PYTHON) -m ruff check $(QUALITY_PATHS)
+	$(PYTHON) -m ruff format --check $(QUALITY_PATHS)
+	$(PYTHON) -m mypy
+
+style: .installed
+	$(PYTHON) -m ruff check --fix $(QUALITY_PATHS)
+	$(PYTHON) -m ruff format $(QUALITY_PATHS)
 
 bench: .installed
 	$(PYTHON) benchmarks/relevance_speed.py

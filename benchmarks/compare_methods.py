@@ -22,10 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from correction_bench import Bench, reference_sets
+from correction_bench import BEHAVIOUR_CHOICES, Bench, chosen_behaviour, reference_sets
 
-from hf_lrp_surgery.apply import apply_masks
-from hf_lrp_surgery.correction import detox_behaviour, repetition_behaviour
+from hf_lrp_surgery.carriers import apply_masks
 from hf_lrp_surgery.masks import select
 from hf_lrp_surgery.models import DEFAULT_MODEL, load_model
 from hf_lrp_surgery.references import shipped_set
@@ -76,7 +75,7 @@ def _plot(rows: list[dict[str, Any]], primary: str, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--behaviour", choices=("detox", "repetition"), required=True)
+    parser.add_argument("--behaviour", choices=sorted(BEHAVIOUR_CHOICES), required=True)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument(
         "--granularities", nargs="+", choices=("neurons", "heads", "weights"), default=["neurons", "weights"]
@@ -89,7 +88,7 @@ def main() -> None:
 
     output = Path(args.output)
     model, tokenizer = load_model(args.model)
-    behaviour = detox_behaviour() if args.behaviour == "detox" else repetition_behaviour()
+    behaviour = chosen_behaviour(args.behaviour)
     undesired, desired = reference_sets(model, tokenizer, behaviour, args.model, output / "reference_sets.json")
     surgeon = Surgeon(model, tokenizer)
     bench = Bench(

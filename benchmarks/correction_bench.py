@@ -14,9 +14,10 @@ from typing import Any
 from torch import nn
 
 from hf_lrp_surgery.correction import (
+    BEHAVIOURS,
     Behaviour,
+    GeneralBaseline,
     GeneralLimits,
-    GeneralReference,
     paired_contrast_sets,
     recipe_split,
 )
@@ -24,6 +25,16 @@ from hf_lrp_surgery.evaluation import generate
 from hf_lrp_surgery.io import write_json_atomic
 from hf_lrp_surgery.references import shipped_set
 from hf_lrp_surgery.references.samples import ReferenceSample
+
+#: ``--behaviour`` choices: every registered behaviour by its name or by its recipe command ("detox").
+BEHAVIOUR_CHOICES = {
+    key: entry for entry in BEHAVIOURS.values() for key in (entry.metadata.name, entry.metadata.command)
+}
+
+
+def chosen_behaviour(choice: str) -> Behaviour:
+    """The behaviour a benchmark's ``--behaviour`` names, with its recipe defaults."""
+    return BEHAVIOUR_CHOICES[choice].factory()
 
 
 def reference_sets(
@@ -73,7 +84,7 @@ class Bench:
     limits: GeneralLimits = GeneralLimits()
 
     def __post_init__(self) -> None:
-        self.general = GeneralReference.of(self.model, self.tokenizer, self.neutral, self.texts)
+        self.general = GeneralBaseline.of(self.model, self.tokenizer, self.neutral, self.texts)
         self.before = self.behaviour.measure(
             generate(self.model, self.tokenizer, self.prompts, self.behaviour.decoding, progress=False)
         )

@@ -23,10 +23,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from correction_bench import Bench, reference_sets
+from correction_bench import BEHAVIOUR_CHOICES, Bench, chosen_behaviour, reference_sets
 
-from hf_lrp_surgery.apply import apply_masks
-from hf_lrp_surgery.correction import detox_behaviour, recipe_split, repetition_behaviour
+from hf_lrp_surgery.carriers import apply_masks
+from hf_lrp_surgery.correction import recipe_split
 from hf_lrp_surgery.masks import select
 from hf_lrp_surgery.models import DEFAULT_MODEL, load_model
 from hf_lrp_surgery.references import shipped_set
@@ -64,7 +64,7 @@ def _variant_sets(undesired: list, desired: list, change: str | None) -> tuple[l
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--behaviour", choices=("detox", "repetition"), required=True)
+    parser.add_argument("--behaviour", choices=sorted(BEHAVIOUR_CHOICES), required=True)
     parser.add_argument("--neuron-budgets", nargs="+", type=int, default=[10, 50])
     parser.add_argument("--head-budgets", nargs="+", type=int, default=[5, 10])
     parser.add_argument("--output", required=True)
@@ -72,7 +72,7 @@ def main() -> None:
 
     output = Path(args.output)
     model, tokenizer = load_model(args.model)
-    behaviour = detox_behaviour() if args.behaviour == "detox" else repetition_behaviour()
+    behaviour = chosen_behaviour(args.behaviour)
     undesired, desired = reference_sets(model, tokenizer, behaviour, args.model, output / "reference_sets.json")
     _, validation = recipe_split(shipped_set(behaviour.prompt_set, "train"))
     neutral_validation = recipe_split(shipped_set("neutral_prompts", "train"))[1]

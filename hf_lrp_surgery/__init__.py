@@ -1,7 +1,7 @@
 """hf_lrp_surgery: attribution-guided model surgery for Hugging Face language models."""
 
 from hf_lrp_surgery._version import __version__
-from hf_lrp_surgery.apply import CorrectedModel, apply_masks, load_corrected, verify
+from hf_lrp_surgery.carriers import CorrectedModel, apply_masks, load_corrected, verify
 from hf_lrp_surgery.hub import load_from_hub, push_to_hub
 from hf_lrp_surgery.masks import Mask, select
 from hf_lrp_surgery.models import load_model

@@ -28,11 +28,16 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the commands import their modules when they run
+    from hf_lrp_surgery.correction import RegisteredBehaviour
 
 __all__ = ["main", "build_parser"]
 
 _DTYPES = ("float32", "bfloat16", "float16")
+# How a behaviour option's value is parsed from the command line (see ``CommandOption.kind``).
+_OPTION_TYPES = {"str": str, "float": float}
 
 
 def _read_prompts(path: str) -> list[str]:
@@ -160,7 +165,7 @@ def _apply(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from hf_lrp_surgery.apply import SURGERY_DIR, read_surgery
+    from hf_lrp_surgery.carriers import SURGERY_DIR, read_surgery
     from hf_lrp_surgery.masks import Mask
     from hf_lrp_surgery.plots import plot_mask_per_layer
 
@@ -178,13 +183,12 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _recipe(args: argparse.Namespace) -> int:
-    from hf_lrp_surgery.correction import GeneralLimits, detox_behaviour, repetition_behaviour, run_recipe
+    from hf_lrp_surgery.correction import GeneralLimits, run_recipe
 
     model, tokenizer = _load(args)
-    if args.command == "detox":
-        behaviour = detox_behaviour(args.scorer, threshold=args.threshold)
-    else:
-        behaviour = repetition_behaviour(use_chat_template=not args.no_chat_template)
+    entry = args.behaviour
+    options = entry.metadata.options
+    behaviour = entry.factory(**{o.parameter: o.from_command_line(getattr(args, o.dest)) for o in options})
     result = run_recipe(
         model,
         tokenizer,
@@ -224,12 +228,14 @@ def _recipe(args: argparse.Namespace) -> int:
     return 0
 
 
-def _recipe_parser(
-    sub: Any, name: str, help_text: str, description: str, default_model: str, models: str, defaults: str
-) -> argparse.ArgumentParser:
+def _recipe_parser(sub: Any, entry: RegisteredBehaviour, default_model: str, models: str) -> argparse.ArgumentParser:
+    """The recipe command of a registered behaviour, with the behaviour's own options."""
     from hf_lrp_surgery.scoring import METHODS
 
-    parser = sub.add_parser(name, help=help_text, description=description)
+    metadata = entry.metadata
+    name = metadata.command
+    defaults = f"{' '.join(map(str, metadata.budgets))} {metadata.granularity}"
+    parser = sub.add_parser(name, help=metadata.summary, description=metadata.description)
     _common(parser, default_model, models)
     parser.add_argument(
         "--budgets", nargs="+", type=int, help=f"budgets to search, in units of --granularity (default: {defaults})"
@@ -269,7 +275,12 @@ def _recipe_parser(
     )
     parser.add_argument("--base-model-id", help="Hub id written into the adapter's config (default: --model's path)")
     parser.add_argument("--output", default=f"runs/{name}", help=f"output directory (runs/{name})")
-    parser.set_defaults(handler=_recipe)
+    for option in metadata.options:
+        if option.kind == "switch":
+            parser.add_argument(option.flag, action="store_true", help=option.help)
+        else:
+            parser.add_argument(option.flag, type=_OPTION_TYPES[option.kind], default=option.default, help=option.help)
+    parser.set_defaults(handler=_recipe, behaviour=entry)
     return parser
 
 
@@ -438,40 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--plot", help="where to save the plot (default: PATH/mask_per_layer.png)")
     inspect.set_defaults(handler=_inspect)
 
-    detox = _recipe_parser(
-        sub,
-        "detox",
-        "detoxify: prune what makes the model's continuations of provocative prompts toxic",
-        "Sample continuations of the shipped provocative prompts (train split), keep the toxic and non-toxic ones of "
-        "the same prompts, contrast their relevance, search the budget on validation prompts under the KL and "
-        "perplexity limits, save the corrected model, and report toxicity before/after on the held-out prompts.",
-        DEFAULT_MODEL,
-        models,
-        "10 20 50 100 200 neurons",
-    )
-    detox.add_argument(
-        "--scorer",
-        default="profanity-check",
-        help="toxicity scorer: profanity-check (offline) or a text-classification model id/path",
-    )
-    detox.add_argument("--threshold", type=float, default=0.5, help="toxic if the score is >= this (0.5)")
-    repetition = _recipe_parser(
-        sub,
-        "fix-repetition",
-        "prune what makes the model loop on repetition-inducing prompts",
-        "Sample responses to the shipped repetition-inducing prompts (train split), keep looping (RUR < 0.5) and "
-        "varied (RUR >= 0.7) responses of the same prompts, contrast their relevance (attention heads by default), "
-        "search the budget under the KL and perplexity limits, save the corrected model, and report RUR before/after "
-        "on the held-out prompts.",
-        DEFAULT_MODEL,
-        models,
-        "2 5 10 15 20 heads",
-    )
-    repetition.add_argument(
-        "--no-chat-template",
-        action="store_true",
-        help="plain text prompts (default: wrapped in the tokenizer's chat template)",
-    )
+    from hf_lrp_surgery.correction import BEHAVIOURS
+
+    for entry in BEHAVIOURS.values():
+        _recipe_parser(sub, entry, DEFAULT_MODEL, models)
     from hf_lrp_surgery.circuits.cli import register as register_circuit
     from hf_lrp_surgery.hub import register as register_hub
 

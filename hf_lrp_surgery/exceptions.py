@@ -110,3 +110,12 @@ class CircuitDiscoveryError(SurgeryError, ValueError):
 
 class NoCircuitError(CircuitDiscoveryError):
     """Even the smallest pruning on the grid drops the task metric below the threshold."""
+
+
+class OutputExistsError(SurgeryError, FileExistsError):
+    """An output path already holds something the write would replace (pass ``overwrite=True`` /
+    ``--overwrite`` to replace a directory), or it is a file, the working directory, or a parent of an input."""
+
+
+class DeviceError(SurgeryError, ValueError):
+    """A device name torch does not know, or a device this machine does not have."""

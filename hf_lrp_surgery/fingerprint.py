@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import weakref
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -59,12 +59,17 @@ class ModelFingerprint:
         config_sha256: SHA-256 of the config without storage-only keys (dtype, paths, versions).
         weights_blake2b: BLAKE2b of every state-dict tensor (name, shape, bf16 bytes).
         num_parameters: Number of parameter elements.
+        dtype: The dtype of the weights when the fingerprint was taken (``"float32"``, ...). Not part
+            of the identity (the fp32 and bf16 copies of a checkpoint are the same model); it explains a
+            mismatch when a model was corrected in fp16 and loaded in another dtype. ``None`` in
+            fingerprints saved before it was recorded.
     """
 
     model_type: str
     config_sha256: str
     weights_blake2b: str
     num_parameters: int
+    dtype: str | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The fingerprint as a JSON-serialisable dict."""
@@ -73,7 +78,10 @@ class ModelFingerprint:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelFingerprint:
         """Rebuild a fingerprint saved with :meth:`to_dict`."""
-        return cls(**{key: data[key] for key in ("model_type", "config_sha256", "weights_blake2b", "num_parameters")})
+        return cls(
+            **{key: data[key] for key in ("model_type", "config_sha256", "weights_blake2b", "num_parameters")},
+            dtype=data.get("dtype"),
+        )
 
     def same_architecture(self, other: ModelFingerprint) -> bool:
         """Whether ``other`` is the same model type and configuration (the weights may differ).
@@ -111,6 +119,11 @@ def _weights_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _weights_dtype(model: nn.Module) -> str | None:
+    floating = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    return str(max(set(floating), key=floating.count)).removeprefix("torch.") if floating else None
+
+
 def fingerprint(model: nn.Module) -> ModelFingerprint:
     """Compute (or return the cached) fingerprint of ``model``.
 
@@ -141,6 +154,7 @@ def fingerprint(model: nn.Module) -> ModelFingerprint:
         config_sha256=_config_digest(config),
         weights_blake2b=_weights_digest(model),
         num_parameters=sum(p.numel() for p in model.parameters()),
+        dtype=_weights_dtype(model),
     )
     _CACHE[model] = (versions, result)
     return result
@@ -167,6 +181,11 @@ def check_fingerprint(expected: ModelFingerprint, model: nn.Module, *, what: str
         )
     else:
         detail = f"different weights ({expected.short()} vs {actual.short()})"
+        if expected.dtype and actual.dtype and expected.dtype != actual.dtype:
+            detail += (
+                f". It was computed on {expected.dtype} weights and this model is {actual.dtype}: rounding to "
+                f"{expected.dtype} changed the weights, so load the model with dtype=torch.{expected.dtype}"
+            )
     raise FingerprintMismatchError(
         f"{what} was computed on {detail}; load the model it was computed on, or recompute it on this model"
     )

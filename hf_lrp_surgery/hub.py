@@ -1,7 +1,7 @@
 """Publishing corrected models: push to a Hub with the card and the mask manifest, and load them back verified.
 
 :func:`push_to_hub` uploads a saved corrected model directory (or saves a
-:class:`~hf_lrp_surgery.apply.CorrectedModel` first) with its ``surgery/`` directory (masks,
+:class:`~hf_lrp_surgery.carriers.CorrectedModel` first) with its ``surgery/`` directory (masks,
 manifest, check record) and a model card (:mod:`hf_lrp_surgery.modelcard`). The endpoint and
 token come from the standard environment (``HF_ENDPOINT``, ``HF_TOKEN``, or a saved login) or from
 arguments (``HfApi(endpoint=..., token=...)``); nothing is hard-coded. A failed push (network,
@@ -9,7 +9,7 @@ authentication, conflict, rejected metadata) leaves the local copy as it was and
 :class:`PushError`, whose message says what went wrong and the exact command that retries it.
 
 :func:`load_from_hub` downloads a published model (``snapshot_download``), the adapter's base model
-from the same endpoint, and loads it with :func:`~hf_lrp_surgery.apply.load_corrected`, which proves
+from the same endpoint, and loads it with :func:`~hf_lrp_surgery.carriers.load_corrected`, which proves
 the mask is carried. Stock ``AutoModelForCausalLM.from_pretrained(repo_id)`` loads both forms too
 (the adapter form needs ``peft`` installed).
 """
@@ -31,7 +31,7 @@ from huggingface_hub import CommitInfo, HfApi
 from huggingface_hub.errors import OfflineModeIsEnabled
 from torch import nn
 
-from hf_lrp_surgery.apply import CHECK_FILE, SURGERY_DIR, CorrectedModel, load_corrected, read_surgery
+from hf_lrp_surgery.carriers import CHECK_FILE, SURGERY_DIR, CorrectedModel, load_corrected, model_files, read_surgery
 from hf_lrp_surgery.exceptions import ModelLoadError, PublishError, PushError
 from hf_lrp_surgery.io import write_json_atomic
 from hf_lrp_surgery.modelcard import card_from_recipe, is_hub_id, write_card
@@ -40,21 +40,16 @@ __all__ = ["PublishError", "PushError", "load_from_hub", "push_or_warn", "push_t
 
 logger = logging.getLogger(__name__)
 
-#: Remote files a push replaces or removes when the local model has none of them: the surgery record
-#: and both carriers' model files (so a repo switched from baked to adapter, or back, holds one form).
-_MODEL_FILES = [
-    f"{SURGERY_DIR}/*",
-    "adapter_config.json",
-    "adapter_model.safetensors",
-    "adapter_model.bin",
-    "config.json",
-    "generation_config.json",
-    "model.safetensors",
-    "model-*.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model*.bin",
-    "pytorch_model.bin.index.json",
-]
+
+def _model_files() -> list[str]:
+    """Remote files a push replaces, or removes where the local model has none of them.
+
+    The surgery record and every registered carrier's model files, so that a repo switched from one
+    carrier to another holds one form.
+    """
+    return [f"{SURGERY_DIR}/*", *model_files()]
+
+
 _CHECK_FILE = f"{SURGERY_DIR}/{CHECK_FILE}"
 PushReason = Literal["network", "offline", "auth", "conflict", "rejected", "unknown"]
 
@@ -164,8 +159,8 @@ def push_to_hub(
     holds exactly one loadable form; other files (tokenizer, extra documents) are left alone.
 
     Args:
-        directory_or_corrected: A directory written by :func:`~hf_lrp_surgery.apply.save_corrected`,
-            or a :class:`~hf_lrp_surgery.apply.CorrectedModel` (saved first, see ``local_dir``).
+        directory_or_corrected: A directory written by :func:`~hf_lrp_surgery.carriers.save_corrected`,
+            or a :class:`~hf_lrp_surgery.carriers.CorrectedModel` (saved first, see ``local_dir``).
         repo_id: ``namespace/name``.
         private: Create the repo private (ignored when it exists).
         commit_message: The commit summary (default: says what is pushed).
@@ -228,7 +223,7 @@ def push_to_hub(
             create_pr=create_pr,
             commit_message=commit_message or f"hf_lrp_surgery: corrected model ({what}) with its mask manifest",
             commit_description=commit_description,
-            delete_patterns=_MODEL_FILES,
+            delete_patterns=_model_files(),
         )
     except Exception as err:  # every failure becomes one error that keeps the local copy and says how to retry
         reason, why = _explain(err, api.endpoint, repo_id)

@@ -1,49 +1,170 @@
-"""Atomic writes: an artefact directory appears complete or not at all."""
+"""Safe writes: an artefact directory appears complete or not at all, and never replaces what a user had unasked.
+
+Every output directory is built in a staging sibling (``.NAME.tmp-PID-RANDOM``) and moved into place
+with ``os.replace`` only when it is complete. An existing output is replaced only with
+``overwrite=True`` (an empty directory counts as free); a file, the working directory, one of its
+parents, or a parent of an input is never replaced. Staging directories left behind by a killed
+process are removed by the next write next to them. Files and directories get the permissions the
+process's umask gives (not the private ones ``tempfile`` creates).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_directory", "write_json_atomic", "write_text_atomic"]
+from hf_lrp_surgery.exceptions import OutputExistsError
+
+__all__ = ["atomic_directory", "check_output", "write_json_atomic", "write_text_atomic"]
+
+_STAGING = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-[^.]*$")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def _sweep_stale(parent: Path, name: str) -> None:
+    """Remove staging directories of ``name`` left in ``parent`` by processes that no longer run."""
+    if not parent.is_dir():
+        return
+    for entry in parent.iterdir():
+        match = _STAGING.match(entry.name)
+        if match and match["name"] == name and not _pid_alive(int(match["pid"])):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _is_within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def check_output(
+    path: str | os.PathLike[str], *, overwrite: bool = False, inputs: Iterable[str | os.PathLike[str]] = ()
+) -> Path:
+    """Refuse an output path whose replacement would lose something; return it as an absolute path.
+
+    Run it before any expensive step, so that a bad ``--output`` fails at once.
+
+    Args:
+        path: The output directory.
+        overwrite: Allow replacing an existing non-empty directory.
+        inputs: Paths the run reads; the output may not be one of them or contain one.
+
+    Returns:
+        The absolute output path (not resolved through symlinks).
+
+    Raises:
+        OutputExistsError: ``path`` is a file; or a non-empty directory and ``overwrite`` is false;
+            or the working directory, one of its parents, or a directory holding an input.
+
+    Example:
+        >>> import tempfile
+        >>> free = Path(tempfile.mkdtemp()) / "new"
+        >>> check_output(free) == free
+        True
+        >>> check_output(".")
+        Traceback (most recent call last):
+        ...
+        hf_lrp_surgery.exceptions.OutputExistsError: ...
+    """
+    final = Path(os.path.abspath(path))
+    if final.is_file() or (final.exists() and not final.is_dir()):
+        raise OutputExistsError(f"the output {path} is a file, not a directory; choose a directory path")
+    cwd = Path(os.getcwd())
+    if _is_within(cwd, final):
+        raise OutputExistsError(
+            f"the output {path} is the working directory or one of its parents; replacing it would delete it. "
+            "Choose a new sub-directory"
+        )
+    for given in inputs:
+        source = Path(os.path.abspath(given))
+        if _is_within(source, final):
+            raise OutputExistsError(
+                f"the output {path} holds the input {given}; replacing it would delete the input. Choose another output"
+            )
+    if final.is_dir() and any(final.iterdir()) and not overwrite:
+        raise OutputExistsError(
+            f"the output {path} exists and is not empty; pass --overwrite (overwrite=True) to replace it, or choose "
+            "another directory"
+        )
+    return final
+
+
+def _make_staging(final: Path, kind: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.{kind}-{os.getpid()}-", dir=final.parent))
+
+
+def _apply_umask(root: Path) -> None:
+    """Give ``root`` and everything under it the modes a plain ``mkdir`` / ``open`` would have given."""
+    umask = _umask()
+    root.chmod(0o777 & ~umask)
+    for directory, subdirectories, files in os.walk(root):
+        for name in subdirectories:
+            (Path(directory) / name).chmod(0o777 & ~umask)
+        for name in files:
+            target = Path(directory) / name
+            if not target.is_symlink():
+                target.chmod((target.stat().st_mode & 0o777 | 0o666) & ~umask)
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = True) -> Iterator[Path]:
-    """Build a directory in a temporary sibling and move it into place only on success.
+def atomic_directory(
+    path: str | os.PathLike[str], *, overwrite: bool = True, inputs: Iterable[str | os.PathLike[str]] = ()
+) -> Iterator[Path]:
+    """Build a directory in a staging sibling and move it into place only on success.
 
-    If the block raises, the temporary directory is removed and ``path`` is untouched. An existing
-    ``path`` is replaced (after the new one is complete) when ``overwrite`` is true.
+    If the block raises, the staging directory is removed and ``path`` is untouched. An existing
+    non-empty ``path`` is replaced (after the new one is complete) only when ``overwrite`` is true.
 
     Args:
         path: The final directory.
-        overwrite: Replace an existing directory; if false, an existing one is an error.
+        overwrite: Replace an existing non-empty directory.
+        inputs: Paths the write reads from (the output may not contain them).
 
     Yields:
-        The temporary directory to write into.
+        The staging directory to write into.
 
     Raises:
-        FileExistsError: ``path`` exists and ``overwrite`` is false.
+        OutputExistsError: See :func:`check_output`.
 
     Example:
-        >>> with atomic_directory("out/relevance") as tmp:  # doctest: +SKIP
-        ...     (tmp / "meta.json").write_text("{}")
+        >>> import tempfile
+        >>> out = Path(tempfile.mkdtemp()) / "relevance"
+        >>> with atomic_directory(out) as tmp:
+        ...     _ = (tmp / "meta.json").write_text("{}")
+        >>> sorted(p.name for p in out.iterdir())
+        ['meta.json']
     """
-    final = Path(path)
-    if final.exists() and not overwrite:
-        raise FileExistsError(f"{final} exists; pass overwrite=True or choose another directory")
+    final = check_output(path, overwrite=overwrite, inputs=inputs)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    _sweep_stale(final.parent, final.name)
+    tmp = _make_staging(final, "tmp")
     try:
         yield tmp
+        _apply_umask(tmp)
         if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            old = _make_staging(final, "old")
             os.replace(final, old / final.name)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
@@ -57,16 +178,20 @@ def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = True) ->
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` to ``path`` via a temporary file in the same directory and ``os.replace``.
 
+    The file gets the permissions the umask gives a new file (an existing file's mode is kept).
+
     Args:
         path: The destination file (its directory is created if needed).
         text: The content.
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
+    mode = final.stat().st_mode & 0o777 if final.is_file() else 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", dir=final.parent)
     try:
-        with os.fdopen(fd, "w") as handle:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        os.chmod(tmp, mode)
         os.replace(tmp, final)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,6 +1,6 @@
 """Model cards for corrected models: Hub metadata, results before and after, what was pruned, how to load it.
 
-A card is a pure function of a saved corrected model directory (see :func:`~hf_lrp_surgery.apply.save_corrected`):
+A card is a pure function of a saved corrected model directory (see :func:`~hf_lrp_surgery.carriers.save_corrected`):
 the masks and the check record in ``surgery/``, plus what :func:`write_card` copies there, namely the
 recipe's ``report.json``, its plots and the card's own options (``surgery/card.json``). So a push
 can rebuild the card with the final repo id without losing anything, and the numbers on the card
@@ -8,9 +8,14 @@ travel with the model.
 
 The metadata is built with ``huggingface_hub.ModelCardData``: ``base_model`` and
 ``base_model_relation`` (``adapter`` for the IA3 form, ``finetune`` for baked weights), tags
-(``hf-lrp-surgery``, ``lrp``, ``pruning`` and the behaviour, e.g. ``detoxification``) and a
+(``hf-lrp-surgery``, ``lrp``, ``pruning`` and the behaviour's, e.g. ``detoxification``) and a
 ``model-index`` with the held-out results of the corrected model and of the base model before
 surgery (``config: before``), each with the shipped set and split it was measured on.
+
+Everything behaviour-specific (tags, goal, metric names, the scorer sentence, the recipe command
+and its options) comes from the report's ``behaviour_metadata``
+(:class:`~hf_lrp_surgery.correction.BehaviourMetadata`); a report written before reports carried it
+is read with the registered behaviour of its name.
 
 PEFT's ``save_pretrained`` writes its own README (a template full of "More Information Needed").
 :func:`write_card` runs after it: it keeps PEFT's metadata (``library_name``), drops its template
@@ -32,14 +37,16 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from hf_lrp_surgery._deprecation import moved_names
 from hf_lrp_surgery._version import __version__
-from hf_lrp_surgery.apply import CHECK_FILE, SURGERY_DIR, read_surgery
+from hf_lrp_surgery.carriers import CHECK_FILE, SURGERY_DIR, read_surgery
+from hf_lrp_surgery.correction import BEHAVIOURS, GENERAL_METRICS, Metric, behaviour_metadata
 from hf_lrp_surgery.exceptions import CardError
 from hf_lrp_surgery.io import write_json_atomic, write_text_atomic
 from hf_lrp_surgery.masks import Mask
 from hf_lrp_surgery.models import EMBEDDED_MODELS
 
-__all__ = ["BEHAVIOUR_TAGS", "CARD_MARKER", "CardError", "build_card", "card_from_recipe", "is_hub_id", "write_card"]
+__all__ = ["CARD_MARKER", "CardError", "build_card", "card_from_recipe", "is_hub_id", "write_card"]
 
 #: First line of every card body this module writes (how a later write recognises its own card).
 CARD_MARKER = "<!-- hf_lrp_surgery model card -->"
@@ -49,25 +56,11 @@ _CARD_OPTIONS = "card.json"
 _REPORT = "report.json"
 _PLOTS = ("effect_vs_budget.png", "mask_per_layer.png")
 _BASE_TAGS = ["hf-lrp-surgery", "lrp", "pruning"]
-#: Behaviour (``report.json``'s ``behaviour``) -> the Hub tag that names the correction.
-BEHAVIOUR_TAGS = {"toxicity": "detoxification", "repetition": "repetition-reduction"}
-_BEHAVIOUR_SETS = {"toxicity": "provocative_prompts", "repetition": "repetition_prompts"}
-_RECIPE_COMMANDS = {"toxicity": "detox", "repetition": "fix-repetition"}
 _PACKAGES = ("hf-lrp-surgery", "torch", "transformers", "peft", "huggingface_hub", "safetensors")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _PLACEHOLDER_REPO = "<namespace>/<repo-name>"
 # Metadata this module derives; an earlier README's values for them are never carried over.
 _GENERATED_KEYS = ("base_model", "base_model_relation", "model-index", "model_name", "eval_results")
-
-# metric key -> (display name, shipped set it is measured on; None = the behaviour's prompt set, lower is better)
-_METRICS: dict[str, tuple[str, str | None, bool]] = {
-    "toxicity_rate": ("Toxicity rate", None, True),
-    "toxicity_mean": ("Mean toxicity score", None, True),
-    "rur_mean": ("Mean response uniqueness ratio", None, False),
-    "loop_rate": ("Loop rate (RUR < 0.5)", None, True),
-    "perplexity": ("Perplexity", "general_text", True),
-    "kl": ("Next-token KL divergence from the base model", "neutral_prompts", True),
-}
 
 
 # -- inputs -----------------------------------------------------------------------------------
@@ -97,21 +90,24 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _dataset(behaviour: str | None, metric: str) -> str:
-    shipped = _METRICS[metric][1]
-    return shipped or _BEHAVIOUR_SETS.get(behaviour or "", f"{behaviour}_prompts")
+def _metrics(report: Mapping[str, Any]) -> dict[str, tuple[Metric, str]]:
+    """Metric key -> (the metric, the shipped set it is measured on): the behaviour's, then the general ones."""
+    metadata = behaviour_metadata(report)
+    own = metadata.metrics if metadata else ()
+    prompt_set = metadata.prompt_set if metadata else f"{report.get('behaviour')}_prompts"
+    return {m.key: (m, m.dataset or prompt_set) for m in (*own, *GENERAL_METRICS)}
 
 
 def _eval_results(report: Mapping[str, Any]) -> list[EvalResult]:
-    behaviour = report.get("behaviour")
+    metrics = _metrics(report)
     heldout = report.get("heldout", {})
     results = []
     for state, label in (("after", None), ("before", "before")):
         for key, value in heldout.get(state, {}).items():
-            if key not in _METRICS or not isinstance(value, (int, float)) or isinstance(value, bool):
+            if key not in metrics or not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
-            shipped = _dataset(behaviour, key)
-            name = _METRICS[key][0] + (" (base model, before surgery)" if label else "")
+            metric, shipped = metrics[key]
+            name = metric.title + (" (base model, before surgery)" if label else "")
             results.append(
                 EvalResult(
                     task_type="text-generation",
@@ -129,7 +125,6 @@ def _eval_results(report: Mapping[str, Any]) -> list[EvalResult]:
 
 
 def _results_section(report: Mapping[str, Any], plots: Sequence[str]) -> list[str]:
-    behaviour = report.get("behaviour")
     before, after = report.get("heldout", {}).get("before", {}), report.get("heldout", {}).get("after", {})
     given = report.get("settings", {}).get("prompts") == "given"
     where = (
@@ -146,7 +141,7 @@ def _results_section(report: Mapping[str, Any], plots: Sequence[str]) -> list[st
         "| metric | measured on (held-out) | base model | corrected | change |",
         "|---|---|---|---|---|",
     ]
-    for key, (name, _, lower_is_better) in _METRICS.items():
+    for key, (metric, shipped) in _metrics(report).items():
         if key not in before and key not in after:
             continue
         old, new = before.get(key, 0.0 if key == "kl" else None), after.get(key)
@@ -154,10 +149,10 @@ def _results_section(report: Mapping[str, Any], plots: Sequence[str]) -> list[st
         if isinstance(old, (int, float)) and isinstance(new, (int, float)):
             delta = new - old
             relative = f" ({100 * delta / old:+.1f}%)" if old else ""
-            better = (delta < 0) == lower_is_better if delta else None
+            better = (delta < 0) == metric.lower_is_better if delta else None
             change = f"{delta:+.4g}{relative}" + {True: " better", False: " worse", None: ""}[better]
         lines.append(
-            f"| {name} | `{_dataset(behaviour, key)}` | {_fmt(old) if old is not None else '-'} | "
+            f"| {metric.title} | `{shipped}` | {_fmt(old) if old is not None else '-'} | "
             f"{_fmt(new) if new is not None else '-'} | {change} |"
         )
     settings = report.get("settings", {})
@@ -169,12 +164,10 @@ def _results_section(report: Mapping[str, Any], plots: Sequence[str]) -> list[st
             f"Generations: {sampled}, {decoding.get('max_new_tokens')} new tokens"
             f"{', chat template' if decoding.get('use_chat_template') else ''}."
         )
-    if behaviour == "toxicity":
-        lines.append(
-            f"Toxicity scorer: {settings.get('scorer', 'the recipe default, alt-profanity-check')} (a "
-            "profanity/offence classifier run offline, not a full toxicity model), threshold "
-            f"{settings.get('threshold', 0.5)}."
-        )
+    metadata = behaviour_metadata(report)
+    scorer = metadata.describe_scorer(settings) if metadata else None
+    if scorer:
+        lines.append(scorer)
     if limits:
         lines.append(
             f"General-behaviour limits of the budget search: KL <= {limits.get('max_kl')}, perplexity "
@@ -330,7 +323,7 @@ def build_card(
     """Build the model card of a saved corrected model, without writing anything.
 
     Args:
-        directory: A directory written by :func:`~hf_lrp_surgery.apply.save_corrected`, optionally with
+        directory: A directory written by :func:`~hf_lrp_surgery.carriers.save_corrected`, optionally with
             ``surgery/report.json`` and plots (see :func:`write_card`).
         repo_id: The Hub repo the card is for (used in the loading examples and as the model-index name).
         base_model: Hub id of the base model (default: the one saved with the model, when it is a Hub id).
@@ -362,10 +355,10 @@ def build_card(
     )
     base = options["base_model"] or (saved_base if is_hub_id(saved_base) else None)
     report = _read_json(root / SURGERY_DIR / _REPORT)
-    behaviour = report.get("behaviour")
+    behaviour, metadata = report.get("behaviour"), behaviour_metadata(report)
     plots = [p for p in _PLOTS if (root / SURGERY_DIR / p).is_file()]
     repo = options["repo_id"] or _PLACEHOLDER_REPO
-    extra = [BEHAVIOUR_TAGS[behaviour]] if behaviour in BEHAVIOUR_TAGS else []
+    extra = list(metadata.tags) if metadata else []
     extra += ["ia3", "peft"] if carrier == "adapter" else []
     data = ModelCardData(
         base_model=base,
@@ -378,9 +371,10 @@ def build_card(
         base_model_relation=("adapter" if carrier == "adapter" else "finetune") if base else None,
     )
     what = " and ".join(f"{m.count} {m.granularity}" for m in masks)
-    goal = {"toxicity": "reduce toxic continuations", "repetition": "reduce repetition loops"}.get(
-        behaviour or "", f"change its {behaviour} behaviour" if behaviour else "remove an unwanted behaviour"
-    )
+    if metadata:
+        goal = metadata.goal
+    else:
+        goal = f"change its {behaviour} behaviour" if behaviour else "remove an unwanted behaviour"
     form = "an IA3 adapter (switchable off)" if carrier == "adapter" else "baked into the weights"
     base_text = f"[`{base}`](https://huggingface.co/{base})" if base else f"`{saved_base or 'the base model'}`"
     body = [
@@ -442,7 +436,7 @@ def write_card(
     repo id) rebuilds the same card.
 
     Args:
-        directory: A directory written by :func:`~hf_lrp_surgery.apply.save_corrected`.
+        directory: A directory written by :func:`~hf_lrp_surgery.carriers.save_corrected`.
         repo_id: The Hub repo the card is for (default: the one stored by an earlier call, if any).
         base_model: Hub id of the base model (default: stored, or the one saved with the model).
         report: A recipe's ``report.json`` (path or dict) with before/after results; copied into ``surgery/``.
@@ -492,7 +486,7 @@ def write_card(
         ours = card.data.to_dict()
         for key, value in previous.data.to_dict().items():
             if key == "tags":
-                card.data.tags = _merge_tags(card.data.tags or [], value)
+                card.data["tags"] = _merge_tags(card.data.get("tags") or [], value)
             elif key not in ours and key not in _GENERATED_KEYS:
                 card.data[key] = value
         kept = _kept_text(previous)
@@ -508,12 +502,13 @@ def _merge_tags(ours: list[str], theirs: Any) -> list[str]:
 
 
 def _recipe_command(report: Mapping[str, Any], base_model: str | None) -> str | None:
-    name = _RECIPE_COMMANDS.get(report.get("behaviour", ""))
+    metadata = behaviour_metadata(report)
     settings = report.get("settings", {})
-    if name is None or not settings or settings.get("prompts") == "given":  # the CLI runs on the shipped prompts
+    if metadata is None or not settings or settings.get("prompts") == "given":  # the CLI runs on the shipped prompts
         return None
     limits = settings.get("limits", {})
     # The model the recipe ran on (an embedded name such as smollm2-135m-instruct, a path or a Hub id).
+    name = metadata.command
     parts = [
         "hf-lrp-surgery",
         name,
@@ -544,12 +539,8 @@ def _recipe_command(report: Mapping[str, Any], base_model: str | None) -> str | 
         parts += ["--dtype", settings["dtype"]]
     if settings.get("focus") is False:
         parts.append("--no-focus")
-    if name == "fix-repetition" and not settings.get("decoding", {}).get("use_chat_template", True):
-        parts.append("--no-chat-template")
-    if name == "detox" and settings.get("scorer") not in (None, "alt-profanity-check"):
-        parts += ["--scorer", settings["scorer"]]
-    if name == "detox" and settings.get("threshold") not in (None, 0.5):
-        parts += ["--threshold", str(settings["threshold"])]
+    for option in metadata.options:
+        parts += option.arguments(settings)
     if base_model:
         parts += ["--base-model-id", base_model]
     return " ".join(shlex.quote(str(p)) for p in parts + ["--output", f"runs/{name}"])
@@ -610,3 +601,8 @@ def card_from_recipe(
         )
         for form in forms
     }
+
+
+__getattr__ = moved_names(
+    __name__, {"BEHAVIOUR_TAGS": lambda: {key: entry.metadata.tags[0] for key, entry in BEHAVIOURS.items()}}
+)

@@ -37,7 +37,7 @@ from huggingface_hub.utils import validate_repo_id
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from hf_lrp_surgery._version import __version__
-from hf_lrp_surgery.exceptions import MissingEmbeddedModelError, ModelLoadError
+from hf_lrp_surgery.exceptions import DeviceError, MissingEmbeddedModelError, ModelLoadError
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -46,6 +46,7 @@ __all__ = [
     "EmbeddedModelSpec",
     "WheelFile",
     "cache_dir",
+    "check_device",
     "embedded_checkpoint",
     "list_embedded_models",
     "load_model",
@@ -227,6 +228,41 @@ def embedded_checkpoint(name: str, cache_dir: str | os.PathLike[str] | None = No
     return target
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """Parse a device name and make sure this machine has it, before anything is loaded.
+
+    Args:
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``, ... or a ``torch.device``.
+
+    Returns:
+        The device.
+
+    Raises:
+        DeviceError: torch does not know the name, or the machine has no such device.
+
+    Example:
+        >>> check_device("cpu")
+        device(type='cpu')
+        >>> check_device("foo")
+        Traceback (most recent call last):
+        ...
+        hf_lrp_surgery.exceptions.DeviceError: unknown device 'foo'; use cpu, cuda, cuda:N or mps
+    """
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise DeviceError(f"unknown device {str(device)!r}; use cpu, cuda, cuda:N or mps") from err
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DeviceError(f"device {str(device)!r} was asked for, but torch sees no CUDA GPU; use --device cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise DeviceError(f"device {str(device)!r} does not exist: this machine has {count} CUDA GPU(s)")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"device {str(device)!r} was asked for, but MPS is not available here; use --device cpu")
+    return parsed
+
+
 def load_model(
     name_or_path: str | os.PathLike[str] = DEFAULT_MODEL,
     *,
@@ -256,11 +292,13 @@ def load_model(
         ModelLoadError: The name is neither an embedded model, an existing directory nor a Hub id;
             the directory or Hub repository does not hold a causal LM with a tokenizer; the Hub is
             unreachable and the model is not in the local Hugging Face cache.
+        DeviceError: ``device`` is unknown or not on this machine (checked before anything loads).
 
     Example:
         >>> model, tokenizer = load_model()  # doctest: +SKIP
         >>> model, tokenizer = load_model("gemma3-270m", dtype=torch.bfloat16)  # doctest: +SKIP
     """
+    device = check_device(device)
     source = _resolve_source(name_or_path, cache_dir)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if attn_implementation is not None:
@@ -270,7 +308,7 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(_load_failure_message(name_or_path, source, err)) from err
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]  # transformers' decorated ``to`` hides its signature
     model.eval()
     _ensure_pad_token(model, tokenizer, source)
     return model, tokenizer

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -44,7 +44,7 @@ def greedy_continuations(model: nn.Module, tokenizer: Any, prompts: Sequence[str
     continuations = []
     for prompt in prompts:
         encoded = tokenizer(prompt, return_tensors="pt").to(device)
-        output = model.generate(
+        output = cast(Any, model).generate(  # GenerationMixin, unknown to nn.Module's type
             **encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
         )
         continuations.append(tokenizer.decode(output[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True))

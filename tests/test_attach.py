@@ -7,7 +7,15 @@ import copy
 
 import pytest
 import torch
-from tiny_models import EXTRA_FAMILIES, FAMILIES, model_from_config, tiny_config, tiny_model
+from tiny_models import (
+    EAGER_ONLY_FAMILIES,
+    EXTRA_FAMILIES,
+    FAMILIES,
+    KERNELS,
+    model_from_config,
+    tiny_config,
+    tiny_model,
+)
 from torch import nn
 from transformers import BloomConfig
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -25,8 +33,11 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 #: masked (left-)pad query row turns NaN, and the NaN reaches the real rows through P @ V (0 * NaN),
 #: with or without rules. So fp64 eager is tested right-padded and sdpa left-padded.
 PADDING_FOR = {"eager": "right", "sdpa": "left"}
-#: Every family, and Gemma 3's multimodal wrapper (explained on text; its vision tower has no rules).
-ALL_FAMILIES = FAMILIES + EXTRA_FAMILIES
+#: Every family, Gemma 3's multimodal wrapper (explained on text; its vision tower has no rules) and the
+#: families built with the eager kernel only.
+ALL_FAMILIES = FAMILIES + EXTRA_FAMILIES + EAGER_ONLY_FAMILIES
+#: (family, attention kernel) pairs of the kernel-parametrised tests.
+FAMILY_KERNELS = [(family, attn) for family in ALL_FAMILIES for attn in KERNELS[family]]
 #: Bias parameters per family (gemma3's are all in the vision tower, which text never reaches).
 EXPECTED_BIASES = {
     "llama": 0,
@@ -37,6 +48,13 @@ EXPECTED_BIASES = {
     "opt_postln": 16,
     "gpt2": 13,
     "gemma3": 15,
+    "mistral": 0,
+    "phi3": 0,
+    "olmo2": 0,
+    "granite": 0,
+    "smollm3": 0,
+    "gpt_neox": 13,
+    "gemma2": 0,
 }
 
 
@@ -74,8 +92,7 @@ def _relevance(x: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
 # -- forward invariance ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("family", ALL_FAMILIES)
+@pytest.mark.parametrize("family,attn", FAMILY_KERNELS)
 def test_forward_invariance(family: str, attn: str, ids, padded) -> None:
     model = tiny_model(family, attn_implementation=attn)
     input_ids, mask = padded(PADDING_FOR[attn])
@@ -93,8 +110,7 @@ def test_forward_invariance(family: str, attn: str, ids, padded) -> None:
 # -- exact conservation (CP) -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("family", ALL_FAMILIES)
+@pytest.mark.parametrize("family,attn", FAMILY_KERNELS)
 def test_cp_conservation_is_exact(family: str, attn: str, padded) -> None:
     """Tokens + positions + biases = the explained logit. Any non-linearity without a rule breaks it."""
     model = tiny_model(family, attn_implementation=attn)
@@ -102,7 +118,7 @@ def test_cp_conservation_is_exact(family: str, attn: str, padded) -> None:
     biases = _biases(model)
     assert len(biases) == EXPECTED_BIASES[family]
     arch = resolve(model)
-    # q_proj and k_proj of block 0 (GPT-2: c_attn, whose q | k columns are checked).
+    # q_proj and k_proj of block 0 (fused q/k/v: its q and k output features are checked).
     qk_weights = [p.weight for p in arch.prunable[: 1 if arch.spec.qkv_proj else 2]]
     with LRPRules(model, variant="cp") as rules:
         explained = _explained(model(input_ids=input_ids, attention_mask=mask).logits, mask)
@@ -124,9 +140,10 @@ def test_cp_conservation_is_exact(family: str, attn: str, padded) -> None:
     for grad in grads[len(grads) - len(qk_weights) :]:
         assert grad is not None
         if arch.spec.qkv_proj is not None:
-            q_width, kv_width, _ = arch.qkv_split()
-            assert grad[:, q_width + kv_width :].abs().max() > 0  # v gets relevance
-            grad = grad[:, : q_width + kv_width]
+            roles = arch.qkv_roles()
+            per_output = grad if arch.spec.orientation == "conv1d" else grad.T  # [in, out]
+            assert per_output[:, roles == 2].abs().max() > 0  # v gets relevance
+            grad = per_output[:, roles != 2]
         assert torch.equal(grad, torch.zeros_like(grad))
 
 
@@ -189,13 +206,13 @@ def _attnlrp_bookkeeping(model: nn.Module, input_ids: torch.Tensor, mask: torch.
     absorb b * b.grad, also the q/k/v biases: R at a projection output includes its bias's share) and
     the attention: V gets R_o/2 (factor 1/2), P gets R_o (no factor), the softmax passes on
     R_S = R_o - its leak, and q and k get R_S/4 each. So the block loses R_o - R_q - R_k - R_v =
-    R_o/2 - R_q - R_k. For GPT-2 the q/k/v outputs are the column blocks of c_attn's output.
+    R_o/2 - R_q - R_k. For a fused projection (GPT-2, Phi-3, GPT-NeoX) the q/k/v outputs are its output
+    features of each role (``qkv_roles``); a fused gate|up output is split in halves.
     """
     arch = resolve(model)
     spec = arch.spec
     base = arch.model
     blocks = base.get_submodule(spec.decoder_layers)
-    q_width, kv_width, _ = arch.qkv_split()
     biases = _biases(model)
     model.zero_grad(set_to_none=True)
     cap = _Capture()
@@ -226,11 +243,11 @@ def _attnlrp_bookkeeping(model: nn.Module, input_ids: torch.Tensor, mask: torch.
     for layer in arch.layers:
         i = layer.index
         r_o = cap.r((i, "o_in")).sum()
-        if spec.qkv_proj is not None:  # GPT-2's fused c_attn: q | k | v columns of one output
+        if spec.qkv_proj is not None:  # a fused projection: the q, k and v output features of one output
+            roles = arch.qkv_roles()
             r_qkv = cap.r((i, "qkv", 0))
-            r_q, r_k = r_qkv[..., :q_width].sum(), r_qkv[..., q_width : q_width + kv_width].sum()
-            r_v = r_qkv[..., q_width + kv_width :].sum()
-            factor = torch.tensor([0.25] * q_width + [0.25] * kv_width + [0.5] * kv_width, dtype=torch.float64)
+            r_q, r_k, r_v = (r_qkv[..., roles == role].sum() for role in range(3))
+            factor = torch.tensor([0.25, 0.25, 0.5], dtype=torch.float64)[roles]
             assert torch.equal(cap.tensors[(i, "qkv", 0)].grad, cap.tensors[(i, "qkv_raw", 0, "grad")] * factor)
         else:
             r_q, r_k, r_v = (cap.r((i, "qkv", j)).sum() for j in range(3))
@@ -246,11 +263,14 @@ def _attnlrp_bookkeeping(model: nn.Module, input_ids: torch.Tensor, mask: torch.
         r_act = cap.r((i, "act"))
         scale = float(r_act.abs().max())
         close = dict(rtol=1e-9, atol=1e-12 * scale)
-        torch.testing.assert_close(cap.r((i, "mlp_in", 0)), r_act, **close)  # gate / fc1 out = act out
+        r_in = [cap.r((i, "mlp_in", j)) for j in range(len(spec.mlp_in))]
+        if spec.mlp_kind == "gated_fused":  # gate | up halves of one output
+            r_in = list(r_in[0].chunk(2, dim=-1))
+        torch.testing.assert_close(r_in[0], r_act, **close)  # gate / fc1 out = act out
         # Neuron relevance: the MLP output projection's input times the gradient arriving there.
         r_neurons = cap.tensors[(i, "neurons")].detach() * cap.tensors[(i, "neurons", "grad")]
-        if spec.mlp_kind == "gated":
-            torch.testing.assert_close(r_act + cap.r((i, "mlp_in", 1)), r_neurons, **close)
+        if spec.gated:
+            torch.testing.assert_close(r_act + r_in[1], r_neurons, **close)
             torch.testing.assert_close(cap.r((i, "mlp_out_in")), r_neurons / 2, **close)  # the 1/2 hook
         else:
             torch.testing.assert_close(r_act, r_neurons, **close)
@@ -259,8 +279,7 @@ def _attnlrp_bookkeeping(model: nn.Module, input_ids: torch.Tensor, mask: torch.
     model.zero_grad(set_to_none=True)
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("family", ALL_FAMILIES)
+@pytest.mark.parametrize("family,attn", FAMILY_KERNELS)
 def test_attnlrp_bookkeeping_is_exact(family: str, attn: str, padded) -> None:
     _attnlrp_bookkeeping(tiny_model(family, attn_implementation=attn), *padded(PADDING_FOR[attn]))
 

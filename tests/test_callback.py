@@ -25,11 +25,11 @@ import pytest
 import torch
 from _ddp_worker import GENERAL, UNDESIRED, TokenDataset, run
 from tiny_models import FAMILIES, model_from_config, tiny_config, tiny_model
-from transformers import GPTNeoXConfig, Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import GPTJConfig, Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import DefaultFlowCallback
 
 from hf_lrp_surgery import Surgeon
-from hf_lrp_surgery.apply import apply_masks, load_corrected
+from hf_lrp_surgery.carriers import apply_masks, load_corrected
 from hf_lrp_surgery.exceptions import FingerprintMismatchError, ReferenceSetError, UnsupportedArchitectureError
 from hf_lrp_surgery.lrp import collect_relevance
 from hf_lrp_surgery.masks import Mask, select
@@ -412,16 +412,10 @@ def test_bad_input_is_refused_with_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="base_model"):
         _callback(carrier="adapter", push_to_hub="user/fixed", push_fn=print)
 
-    neox = GPTNeoXConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=64,
-    )
+    # A family the engine does not support (GPT-J: parallel block with a fused rotary layout, no registry entry).
+    gptj = GPTJConfig(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_inner=48, n_positions=64, rotary_dim=4)
     with pytest.raises(UnsupportedArchitectureError):
-        _trainer(model_from_config(neox, dtype=torch.float32), _args(tmp_path, 1), _callback()).train()
+        _trainer(model_from_config(gptj, dtype=torch.float32), _args(tmp_path, 1), _callback()).train()
     other = tiny_model("llama", dtype=torch.float32, seed=1)
     with pytest.raises(FingerprintMismatchError):
         _trainer(other, _args(tmp_path, 1), LRPSurgeryCallback(masks=[weights], surgery=None)).train()
@@ -453,3 +447,32 @@ def test_resume_refuses_missing_or_different_state(tmp_path: Path) -> None:
     changed = LRPSurgeryCallback(undesired=UNDESIRED, general=GENERAL[:2], every_n_steps=1)
     with pytest.raises(TrainingStateError, match="samples"):
         _trainer(tiny_model("llama", dtype=torch.float32), args, changed).train(resume_from_checkpoint=checkpoint)
+
+
+def test_options_objects_and_the_deprecated_seed_keyword() -> None:
+    """The callback takes options objects, or their fields as keywords; seed= warns and means objective=."""
+    from hf_lrp_surgery.options import ContrastOptions, ScoringOptions, SelectionOptions
+
+    given = LRPSurgeryCallback(
+        undesired=UNDESIRED,
+        general=GENERAL,
+        scoring_options=ScoringOptions(method="gradient", objective="logprob"),
+        contrast_options=ContrastOptions(protect_top=0.0),
+        selection_options=SelectionOptions(granularity="heads"),
+    )
+    with pytest.warns(DeprecationWarning, match="objective="):
+        keywords = LRPSurgeryCallback(
+            undesired=UNDESIRED,
+            general=GENERAL,
+            method="gradient",
+            seed="logprob",
+            protect_top=0.0,
+            granularity="heads",
+        )
+    assert given._state_record() == keywords._state_record()
+    assert given._state_record()["relevance"]["seed"] == "logprob"
+    assert given.scoring.components == ("heads",)
+    with pytest.raises(TypeError, match="granularty"):
+        LRPSurgeryCallback(undesired=UNDESIRED, general=GENERAL, granularty="heads")
+    with pytest.raises(ValueError, match="'lrp' or 'gradient'"):
+        LRPSurgeryCallback(undesired=UNDESIRED, general=GENERAL, method="wanda")

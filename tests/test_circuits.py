@@ -21,7 +21,7 @@ from tiny_models import EXTRA_FAMILIES, FAMILIES, model_from_config, tiny_config
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from hf_lrp_surgery.apply import bake
+from hf_lrp_surgery.carriers import bake
 from hf_lrp_surgery.circuits import (
     NextTokenTask,
     ablated,
@@ -37,7 +37,7 @@ from hf_lrp_surgery.circuits import (
     task_scores,
 )
 from hf_lrp_surgery.circuits.compare import compare_methods
-from hf_lrp_surgery.circuits.discovery import NoCircuitError, complement
+from hf_lrp_surgery.circuits.discovery import NoCircuitError
 from hf_lrp_surgery.circuits.tasks import last_token_logits, load_ioi_data, single_token_names
 from hf_lrp_surgery.exceptions import ReferenceSetError
 from hf_lrp_surgery.lrp import resolve
@@ -220,7 +220,7 @@ def test_ablation_equals_baking_and_is_undone(model, tokenizer, granularity: str
 
 def test_complement_splits_the_units(model) -> None:
     mask = select(score(model, method="random", components=("neurons",), progress=False), "neurons", 30)
-    other = complement(mask)
+    other = mask.complement()
     assert mask.count + other.count == 2 * 48
     for name in mask.carriers():
         assert not bool((mask.dense(name, 48) & other.dense(name, 48)).any())

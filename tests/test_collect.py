@@ -124,7 +124,7 @@ def test_weight_relevance_sums_to_neuron_relevance(family: str) -> None:
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_seeds(family: str) -> None:
+def test_objectives(family: str) -> None:
     model = _model(family)
     with torch.no_grad():
         logits = model(torch.tensor([[2, 3, 4, 7, 8, 9]])).logits[0]
@@ -132,9 +132,9 @@ def test_seeds(family: str) -> None:
     torch.testing.assert_close(continuation.explained[0], logits[2, 7] + logits[3, 8] + logits[4, 9])
     argmax = _collect(model, [[2, 3, 4]])
     torch.testing.assert_close(argmax.explained[0], logits[2].max())
-    logprob = _collect(model, [ReferenceSample([2, 3, 4], target=7)], seed="logprob")
+    logprob = _collect(model, [ReferenceSample([2, 3, 4], target=7)], objective="logprob")
     torch.testing.assert_close(logprob.explained[0], logits[2, 7] - (logits[2].softmax(-1) * logits[2]).sum())
-    # Teacher forcing is the sum of single-token targets over the continuation (the seed is linear).
+    # Teacher forcing is the sum of single-token targets over the continuation (the objective is linear).
     parts = [_collect(model, [ReferenceSample([2, 3, 4, 7, 8][: 3 + j], target=t)]) for j, t in enumerate([7, 8, 9])]
     summed = functools.reduce(RelevanceResult.merge, parts)
     for key in ("neurons", "heads"):
@@ -199,12 +199,27 @@ def test_save_load_round_trip(tmp_path) -> None:
         RelevanceResult.load(tmp_path)
 
 
+def test_seed_is_a_deprecated_name_of_objective() -> None:
+    """``seed=`` and ``SeedMode`` still work for one release, with a DeprecationWarning."""
+    import hf_lrp_surgery.lrp.collect as collect_module
+
+    model = _model("llama")
+    with pytest.warns(DeprecationWarning, match="objective="):
+        old = _collect(model, SAMPLES[:1], seed="logprob")
+    new = _collect(model, SAMPLES[:1], objective="logprob")
+    assert torch.equal(old.neurons, new.neurons) and old.settings == new.settings
+    with pytest.warns(DeprecationWarning, match="Objective"):
+        assert collect_module.SeedMode is collect_module.Objective
+    with pytest.raises(ValueError, match="objective"):
+        _collect(model, SAMPLES[:1], objective="logit_diff")
+
+
 def test_merge_refuses_other_model_or_settings() -> None:
     a = _collect(_model("llama"), SAMPLES[:1])
     with pytest.raises(ValueError, match="cannot merge"):
         a.merge(_collect(_model("qwen2"), SAMPLES[:1]))
     with pytest.raises(ValueError, match="cannot merge"):
-        a.merge(_collect(_model("llama"), SAMPLES[:1], seed="logprob"))
+        a.merge(_collect(_model("llama"), SAMPLES[:1], objective="logprob"))
 
 
 def test_text_samples_and_token_ids_agree() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,17 +12,25 @@ from tiny_models import tiny_model
 from tiny_tokenizer import WORDS, tiny_tokenizer
 
 from hf_lrp_surgery.correction import (
+    BEHAVIOURS,
+    Behaviour,
+    BehaviourMetadata,
+    CommandOption,
     FrontierPoint,
+    GeneralBaseline,
     GeneralLimits,
+    Metric,
+    behaviour_metadata,
     budget_search,
     detox_behaviour,
     paired_contrast_sets,
+    register_behaviour,
     repeated_positions,
     repetition_behaviour,
     run_recipe,
     word_groups,
 )
-from hf_lrp_surgery.evaluation import CallableScorer
+from hf_lrp_surgery.evaluation import CallableScorer, Generation
 from hf_lrp_surgery.exceptions import ReferenceSetError
 from hf_lrp_surgery.references import SHIPPED_SETS, shipped_set
 from hf_lrp_surgery.surgeon import Surgeon
@@ -76,9 +85,10 @@ def test_focus_positions() -> None:
     ids = tokenizer("the cat was very bad", add_special_tokens=False)["input_ids"]
     assert word_groups(tokenizer, ids) == [[0], [1], [2], [3], [4]]
     loops = repetition_behaviour(use_chat_template=False)
-    from hf_lrp_surgery.evaluation import Generation
-
     assert loops.focus(tokenizer, Generation(0, "p", "a a b a", [7, 7, 8, 7])) == [1, 3]
+    # An empty response does not loop, for the judge and for the metric alike.
+    empty = [Generation(0, "p", "", []), Generation(1, "q", "a a", [7, 7])]
+    assert loops.score(empty) == [1.0, 0.5] and loops.measure(empty) == {"rur_mean": 0.75, "loop_rate": 0.0}
     toxic = detox_behaviour(BAD)
     assert toxic.focus(tokenizer, Generation(0, "p", "the cat was very bad", ids)) == [4]
     assert toxic.details == {"scorer": "keyword", "threshold": 0.5}
@@ -141,3 +151,59 @@ def test_recipe_runs_on_given_prompts(model: torch.nn.Module, tmp_path: Path) ->
     report = json.loads((tmp_path / "given" / "report.json").read_text())
     assert report["settings"]["prompts"] == "given" and report["settings"]["granularity"] == "neurons"
     assert _recipe_command(report, None) is None  # the CLI could not repeat a run on other prompts
+
+
+# -- a new behaviour is one factory: its metadata travels into report.json ----------------------
+TOY = BehaviourMetadata(
+    name="toy-keyword",
+    command="fix-toy",
+    tags=("toy-fix",),
+    goal="say bad less often",
+    prompt_set="toy_prompts",
+    metrics=(Metric("bad_rate", "Share of continuations saying bad", True),),
+    primary="bad_rate",
+    scorer="Keyword scorer, threshold {threshold}.",
+    options=(CommandOption("--threshold", "threshold", "threshold", 0.5, "bad from this score", kind="float"),),
+    budgets=(2,),
+)
+
+
+def toy_behaviour(threshold: float = 0.5) -> Behaviour:
+    detox = detox_behaviour(BAD, threshold=threshold, max_new_tokens=4)
+
+    def measure(generations: list[Generation]) -> dict[str, float]:
+        return {"bad_rate": detox.measure(generations)["toxicity_rate"]}
+
+    return dataclasses.replace(detox, metadata=TOY, measure=measure)
+
+
+def test_a_new_behaviour_writes_its_metadata_into_the_report(model: torch.nn.Module, tmp_path: Path) -> None:
+    given = {"train": PROMPTS * 2, "heldout": PROMPTS[:3]}
+    result = run_recipe(
+        model,
+        tiny_tokenizer(),
+        toy_behaviour(),
+        tmp_path / "toy",
+        limits=GeneralLimits(1e9, 1e9),
+        prompts=given,
+        progress=False,
+    )
+    report = json.loads((tmp_path / "toy" / "report.json").read_text())
+    assert report["behaviour"] == "toy-keyword" and report["settings"]["budgets"] == [2]
+    assert "bad_rate" in report["heldout"]["before"] and result.behaviour_metadata == TOY
+    assert behaviour_metadata(report) == TOY and report["behaviour_metadata"]["tags"] == ["toy-fix"]
+    # Reports without the block (written before it existed) fall back to the registry by name.
+    assert behaviour_metadata({"behaviour": "repetition"}) == repetition_behaviour().metadata
+    assert behaviour_metadata({"behaviour": "toy-keyword"}) is None
+
+
+def test_registry_and_renamed_names() -> None:
+    assert [e.metadata.command for e in BEHAVIOURS.values()] == ["detox", "fix-repetition"]
+    assert BEHAVIOURS["repetition"].factory is repetition_behaviour
+    with pytest.raises(ValueError, match="exists"):
+        register_behaviour(dataclasses.replace(TOY, name="toxicity"))(toy_behaviour)
+    with pytest.raises(ValueError, match="primary"):
+        dataclasses.replace(TOY, primary="nope")
+    with pytest.warns(DeprecationWarning, match="GeneralBaseline"):
+        from hf_lrp_surgery.correction import GeneralReference
+    assert GeneralReference is GeneralBaseline

@@ -30,6 +30,7 @@ from hf_lrp_surgery.evaluation import (
     response_uniqueness_ratio,
     toxicity,
 )
+from hf_lrp_surgery.evaluation.repetition import rur_or_unique
 from hf_lrp_surgery.exceptions import EvaluationError, MissingChatTemplateError, SequenceTooLongError
 
 TEXTS = ["the cat sat on the mat", "one two three", "hello world and the sun is very big", "a red house"]
@@ -82,6 +83,7 @@ def test_response_uniqueness_ratio() -> None:
     assert mean_rur(generations) == pytest.approx((0.75 + 1.0) / 2)  # the empty one is skipped
     with pytest.raises(ValueError, match="empty"):
         mean_rur(generations[1:2])
+    assert rur_or_unique([1, 1, 2, 3]) == 0.75 and rur_or_unique([]) == 1.0  # the correction's rule
 
 
 def test_distinct_n() -> None:

@@ -81,3 +81,14 @@ def test_atomic_directory_leaves_nothing_on_failure(tmp_path) -> None:
             pass
     write_json_atomic(tmp_path / "x.json", {"a": 1})
     assert (tmp_path / "x.json").read_text().strip().startswith("{")
+
+
+def test_a_mismatch_from_fp16_rounding_says_so() -> None:
+    """An artefact computed on fp16 weights, checked against the fp32 original, names the dtype as the cause."""
+    model = _llama()
+    half = copy.deepcopy(model).half()
+    recorded = fingerprint(half)
+    assert recorded.dtype == "float16" and fingerprint(model).dtype == "float32"
+    assert ModelFingerprint.from_dict(recorded.to_dict()) == recorded
+    with pytest.raises(FingerprintMismatchError, match=r"computed on float16 weights .* dtype=torch.float16"):
+        check_fingerprint(recorded, model, what="this mask")

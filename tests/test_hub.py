@@ -63,7 +63,7 @@ def recipe(tmp_path_factory: pytest.TempPathFactory, single_thread: None) -> dic
     from tiny_tokenizer import WORDS, tiny_tokenizer
     from transformers import AutoModelForCausalLM
 
-    from hf_lrp_surgery.apply import apply_masks
+    from hf_lrp_surgery.carriers import apply_masks
     from hf_lrp_surgery.correction import FrontierPoint, RecipeResult, repetition_behaviour
     from hf_lrp_surgery.evaluation import generate, next_token_kl, perplexity
     from hf_lrp_surgery.masks import select
@@ -222,6 +222,54 @@ def test_recipe_command_in_the_card_repeats_the_run(behaviour: str, options: dic
         assert (args.scorer, args.threshold) == ("unitary/toxic-bert", 0.7)
     else:
         assert args.no_chat_template
+
+
+def test_a_new_behaviour_reaches_the_card_through_the_report(recipe: dict[str, Any], tmp_path: Path) -> None:
+    """The card knows no behaviour by name: tags, goal, metrics, scorer and command come from report.json."""
+    from huggingface_hub import ModelCard
+
+    from hf_lrp_surgery.modelcard import _recipe_command, write_card
+
+    toy = {
+        "name": "toy-keyword",
+        "command": "fix-toy",
+        "tags": ["toy-fix"],
+        "goal": "say bad less often",
+        "prompt_set": "toy_prompts",
+        "metrics": [{"key": "bad_rate", "title": "Share saying bad", "lower_is_better": True, "dataset": None}],
+        "primary": "bad_rate",
+        "scorer": "Keyword scorer, threshold {threshold}.",
+        "options": [
+            {
+                "flag": "--threshold",
+                "parameter": "threshold",
+                "setting": "threshold",
+                "default": 0.5,
+                "help": "",
+                "kind": "float",
+            }
+        ],
+    }
+    heldout = {"before": {"bad_rate": 0.5, "perplexity": 30.0}, "after": {"bad_rate": 0.25, "perplexity": 31.0}}
+    report = {
+        **recipe["report"],
+        "behaviour": "toy-keyword",
+        "behaviour_metadata": toy,
+        "heldout": heldout,
+        "settings": {**recipe["report"]["settings"], "threshold": 0.7},
+    }
+    baked = tmp_path / "baked"
+    shutil.copytree(recipe["dir"] / "baked", baked)
+    card = ModelCard.load(write_card(baked, report=report))
+    assert "toy-fix" in card.data.tags and "repetition-reduction" not in card.data.tags
+    values = {(r.metric_type, r.metric_config, r.dataset_type): r.metric_value for r in card.data.eval_results}
+    assert values[("bad_rate", None, "hf_lrp_surgery/toy_prompts")] == 0.25
+    assert values[("bad_rate", "before", "hf_lrp_surgery/toy_prompts")] == 0.5
+    assert "pruned to say bad less often" in card.text
+    assert "| Share saying bad | `toy_prompts` | 0.5 | 0.25 |" in card.text
+    assert "Keyword scorer, threshold 0.7." in card.text
+    command = _recipe_command(report, "org/base")
+    assert command.startswith("hf-lrp-surgery fix-toy ") and "--threshold 0.7" in command
 
 
 def test_card_command_writes_a_card_into_each_form(
@@ -510,7 +558,7 @@ def _client(work: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from hf_lrp_surgery.apply import apply_masks, set_adapter_enabled
+    from hf_lrp_surgery.carriers import apply_masks, set_adapter_enabled
     from hf_lrp_surgery.exceptions import ModelLoadError, PushError
     from hf_lrp_surgery.hub import load_from_hub, push_or_warn, push_to_hub, register
     from hf_lrp_surgery.masks import Mask

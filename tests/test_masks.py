@@ -18,7 +18,7 @@ import torch
 from tiny_models import tiny_model
 from torch import nn
 
-import hf_lrp_surgery.masks as masks_module
+import hf_lrp_surgery.masks.mask as masks_module
 from hf_lrp_surgery.exceptions import BudgetError, FingerprintMismatchError, ModuleGroupError, NonFiniteScoreError
 from hf_lrp_surgery.fingerprint import fingerprint
 from hf_lrp_surgery.lrp import resolve
@@ -405,3 +405,36 @@ def test_summary_lists_every_layer() -> None:
     rows = [line.split() for line in weights.summary().splitlines()[2:]]
     size = sizes["model.layers.1.mlp.down_proj"]
     assert rows == [["0", "0", "-", "-"], ["1", str(size), str(size), "100.00%"]]
+
+
+# -- geometry ---------------------------------------------------------------------------------------
+def test_union_complement_and_units_per_layer() -> None:
+    """union() merges units of one granularity, complement() is the rest, units_per_layer() the totals."""
+    mask = _neuron_mask()
+    other = select(_scores([[9.0, 9.0, 9.0, 0.0], [9.0, 9.0, 9.0, 9.0]]), "neurons", 1)
+    merged = mask.union(other)
+    assert merged.count == len({(n, i) for m in (mask, other) for n, ids in _picked(m).items() for i in ids})
+    assert merged.provenance == {"merged": [mask.provenance, other.provenance]}
+    rest = mask.complement()
+    assert rest.count == 8 - mask.count and rest.provenance == {"complement_of": mask.provenance}
+    assert mask.union(rest).count == 8
+    assert mask.units_per_layer() == [4, 4]
+    with pytest.raises(ValueError, match="cannot merge"):
+        mask.union(select(_scores(heads=[[0.0, 1.0], [2.0, 3.0]]), "heads", 1))
+    scores, sizes = _weight_scores("llama")
+    weights = select(scores, "weights", 10, modules="down_proj", layers=[1])
+    assert weights.units_per_layer() == [0, sizes["model.layers.1.mlp.down_proj"]]
+    with pytest.raises(ValueError, match="total="):
+        weights.complement()
+
+
+def test_moved_names_warn_from_their_old_places() -> None:
+    from hf_lrp_surgery.carriers import apply_masks
+    from hf_lrp_surgery.training import merge_masks
+
+    with pytest.warns(DeprecationWarning, match="hf_lrp_surgery.carriers.apply_masks"):
+        from hf_lrp_surgery.apply import apply_masks as old
+    assert old is apply_masks
+    mask = _neuron_mask()
+    with pytest.warns(DeprecationWarning, match="union"):
+        assert _picked(merge_masks(mask, mask)) == _picked(mask)

@@ -21,7 +21,7 @@ from tokenizers import models as tokenizer_models
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from hf_lrp_surgery import models
-from hf_lrp_surgery.exceptions import MissingEmbeddedModelError, ModelLoadError
+from hf_lrp_surgery.exceptions import DeviceError, MissingEmbeddedModelError, ModelLoadError
 from hf_lrp_surgery.models import (
     DEFAULT_MODEL,
     EMBEDDED_MODELS,
@@ -288,6 +288,18 @@ def test_concurrent_callers_convert_once(fake_embedded: dict):
 
 
 # --- load_model ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("foo", "unknown device 'foo'"), ("cuda", "torch sees no CUDA GPU; use --device cpu"), ("cuda:3", "CUDA")],
+)
+def test_load_model_checks_the_device_before_loading(monkeypatch: pytest.MonkeyPatch, device: str, message: str):
+    """A device torch does not know, or that is not here, fails at once with one line (nothing is loaded)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(models, "_resolve_source", lambda *a: pytest.fail("loaded before checking the device"))
+    with pytest.raises(DeviceError, match=message):
+        load_model("anything", device=device)
 
 
 @pytest.mark.parametrize("name", ["not a model!", "./no/such/directory", "/no/such/checkpoint"])

@@ -188,3 +188,45 @@ def test_hub_sets_say_what_to_do_offline(monkeypatch: pytest.MonkeyPatch) -> Non
         hub_set("wikitext", "heldout")
     with pytest.raises(KeyError, match="unknown Hub set"):
         hub_set("the_pile")
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("empty.jsonl", "", r"empty.jsonl is empty"),
+        ("blank.json", "  \n", r"blank.json is empty"),
+        ("bad.json", '[{"prompt": "a"},', r"bad.json is not valid JSON"),
+        ("bad.jsonl", '{"prompt": "a"}\n\n{"prompt": \n', r"bad.jsonl, line 3 is not valid JSON"),
+        ("number.jsonl", '{"prompt": "a", "continuation": 5}\n', r"number.jsonl: record 0: .*continuation must"),
+        ("null.jsonl", '{"prompt": null}\n', r"null.jsonl: record 0 has an empty \(null\) 'prompt'"),
+        ("table.csv", "prompt\nhello\n", r"unsupported file type .csv"),
+    ],
+)
+def test_bad_files_name_the_file_and_line(tmp_path: Path, name: str, content: str, message: str) -> None:
+    """Malformed, empty or unsupported files give one ReferenceSetError naming the file (and the line)."""
+    path = _write(tmp_path / name, content)
+    with pytest.raises(ReferenceSetError, match=message):
+        load_reference_set(str(path))
+
+
+def test_non_utf8_directory_and_negative_limit(tmp_path: Path) -> None:
+    """Non-UTF-8 bytes, a directory and a negative limit are refused clearly, not as tracebacks or silent loss."""
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(ReferenceSetError, match="latin.txt is not UTF-8"):
+        load_reference_set(latin)
+    with pytest.raises(ReferenceSetError, match="is a directory"):
+        load_reference_set(tmp_path)
+    with pytest.raises(ReferenceSetError, match="limit must be a number of samples >= 0, got -1"):
+        load_reference_set(["a", "b", "c"], limit=-1)
+
+
+def test_sample_fields_are_typed() -> None:
+    """A prompt, continuation or target of the wrong type is refused when the sample is made."""
+    with pytest.raises(ReferenceSetError, match="the prompt must be text"):
+        ReferenceSample(None)  # type: ignore[arg-type]
+    with pytest.raises(ReferenceSetError, match="the continuation must be text"):
+        load_reference_set([{"prompt": "a", "continuation": 5}])
+    with pytest.raises(ReferenceSetError, match="the target must be a token id"):
+        ReferenceSample("a", target=2.5)  # type: ignore[arg-type]
+    assert ReferenceSample([1, 2], [3]).continuation == [3]

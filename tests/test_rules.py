@@ -167,6 +167,7 @@ FORWARDS = {
     "gelu_tanh": [lambda x: F.gelu(x, approximate="tanh"), _new_gelu],
     "relu": [F.relu],
     "quick_gelu": [_quick_gelu],
+    "tanh": [torch.tanh, torch.Tensor.tanh],
 }
 ACTIVATION_CASES = [(kind, i) for kind in FORWARDS for i in range(len(FORWARDS[kind]))]
 
@@ -198,8 +199,19 @@ def test_activation_identity_rule(kind: str, index: int, dtype: torch.dtype) -> 
     assert (err <= bound).all(), f"max excess {(err - bound).max().item()} at {x.detach()[(err > bound)].tolist()}"
     # The closed-form ratio at zero (never a division): the derivative of f at 0.
     zero = x.detach() == 0
-    expected_at_zero = {"silu": 0.5, "gelu": 0.5, "gelu_tanh": 0.5, "relu": 0.0, "quick_gelu": 0.5}[kind]
+    expected_at_zero = {"silu": 0.5, "gelu": 0.5, "gelu_tanh": 0.5, "relu": 0.0, "quick_gelu": 0.5, "tanh": 1.0}[kind]
     assert torch.equal(x.grad[zero], torch.full_like(x.grad[zero], expected_at_zero) * g[zero])
+
+
+def test_tanh_softcapping_identity_rule_conserves_elementwise() -> None:
+    """Soft-capping cap * tanh(x / cap) (Gemma 2) with the identity rule on its tanh: R_in = R_out."""
+    cap = 2.0
+    x = torch.cat([_randn(64, seed=40) * 6, torch.tensor([0.0, 1e-12, -1e-12, 1e6], dtype=F64)]).requires_grad_(True)
+    y = activation_rule(x / cap, torch.tanh, "tanh") * cap
+    assert torch.equal(y, torch.tanh(x.detach() / cap) * cap), "the forward must be bit-identical"
+    g = _randn(68, seed=41)
+    (y * g).sum().backward()
+    torch.testing.assert_close(x.detach() * x.grad, y.detach() * g, **EXACT)
 
 
 def test_activation_rule_is_not_plain_autograd() -> None:

@@ -17,7 +17,8 @@ import torch
 from tiny_models import tiny_model
 from torch import nn
 
-import hf_lrp_surgery.scoring as scoring_module
+import hf_lrp_surgery.scoring.registry as scoring_module_registry
+import hf_lrp_surgery.scoring.scores as scoring_module
 from hf_lrp_surgery.exceptions import NonFiniteScoreError, ReferenceSetError
 from hf_lrp_surgery.fingerprint import ModelFingerprint, fingerprint
 from hf_lrp_surgery.lrp import ReferenceSample, collect_relevance, resolve
@@ -560,3 +561,91 @@ def test_token_id_tensors_are_samples() -> None:
     ids = torch.tensor([[1, 5, 7], [1, 8, 9]])
     for method in ("activation", "lrp"):
         assert score(model, ids, method=method, progress=False).num_samples == 2
+
+
+# -- registry, options, exclusion --------------------------------------------------------------------
+def test_a_registered_toy_scorer_works_through_score_surgeon_and_select() -> None:
+    """A new method is one function plus one entry: score(), Surgeon and select() use it; it lists and unlists."""
+    from hf_lrp_surgery import Surgeon
+    from hf_lrp_surgery.masks import select
+    from hf_lrp_surgery.scoring import register_scorer, unregister_scorer
+
+    def layer_index(request: scoring_module_registry.ScoringRequest) -> Scores:
+        """Neurons of later layers score higher: pruning takes layer 0 first."""
+        scores = request.new_scores({"method": "layer_index"})
+        layout = request.layout
+        scores.neurons = torch.arange(layout.num_layers, dtype=torch.float32)[:, None].expand(
+            layout.num_layers, layout.num_neurons
+        )
+        return scores
+
+    register_scorer("layer_index", layer_index, description="the block index", needs_samples=False)
+    try:
+        assert "layer_index" in scoring_module_registry.registered_methods()
+        import hf_lrp_surgery.scoring as scoring
+
+        assert "layer_index" in scoring.METHODS and "layer_index" in scoring.SAMPLE_FREE_METHODS
+        assert "layer_index" not in scoring.CIRCUIT_METHODS
+        model = _model("llama")
+        direct = score(model, method="layer_index", progress=False)
+        via_surgeon = Surgeon(model, progress=False).attribute(None, method="layer_index")
+        assert direct.method == via_surgeon.method == "layer_index" and torch.equal(direct.neurons, via_surgeon.neurons)
+        mask = select(direct, "neurons", 3)
+        assert mask.count == 3 and mask.per_layer()[0] == 3
+        with pytest.raises(ValueError, match="already registered"):
+            register_scorer("layer_index", layer_index, description="again")
+    finally:
+        unregister_scorer("layer_index")
+    with pytest.raises(ValueError, match="method must be one of .*'lrp'"):
+        score(_model("llama"), method="layer_index", progress=False)
+
+
+def test_excluding_makes_selected_units_ineligible() -> None:
+    """Scores.excluding(mask) is a copy whose masked units score +inf; the next selection takes others."""
+    from hf_lrp_surgery.masks import select
+
+    general, _ = _pair()
+    for granularity in ("neurons", "heads", "weights"):
+        first = select(general, granularity, 2)
+        excluded = general.excluding(first)
+        assert excluded.get(granularity) is not general.get(granularity)
+        second = select(excluded, granularity, 2)
+        for name, index in first.indices.items():
+            assert not set(index.tolist()) & set(second.indices.get(name, torch.tensor([], dtype=torch.long)).tolist())
+        assert torch.isinf(_flat(excluded, granularity)).sum() == torch.isinf(_flat(general, granularity)).sum() + 2
+    assert not torch.isinf(general.neurons).any(), "the original is untouched"
+
+
+def _flat(scores: Scores, granularity: str) -> torch.Tensor:
+    value = scores.get(granularity)  # type: ignore[arg-type]
+    return torch.cat([v.flatten() for v in value.values()]) if isinstance(value, dict) else value.flatten()
+
+
+def test_options_are_frozen_validated_and_recorded() -> None:
+    """Options validate as the functions did, record themselves, and old keywords (seed=) still work."""
+    import dataclasses
+
+    from hf_lrp_surgery.options import ContrastOptions, ScoringOptions, SelectionOptions
+
+    options = ScoringOptions(method="magnitude", components=["heads", "heads"])
+    assert options.components == ("heads",) and options.to_dict()["components"] == ["heads"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.method = "lrp"  # type: ignore[misc]
+    for bad in ({"method": "taylor"}, {"components": ()}, {"aggregation": "max"}, {"objective": "logit_diff"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ScoringOptions(**bad)
+    with pytest.raises(ValueError, match="protect_top"):
+        ContrastOptions(protect_top=1.0)
+    with pytest.raises(ValueError, match="scope"):
+        SelectionOptions(scope="local")  # type: ignore[arg-type]
+    assert {f.name for f in dataclasses.fields(ScoringOptions) if "help" in f.metadata} == set(options.to_dict())
+
+    model = _model("llama")
+    new = score(model, SAMPLES, options=ScoringOptions(objective="logprob"), progress=False)
+    with pytest.warns(DeprecationWarning, match="objective="):
+        old = score(model, SAMPLES, seed="logprob", progress=False)
+    assert torch.equal(new.neurons, old.neurons) and new.settings == old.settings
+    with pytest.raises(TypeError, match="normalise"):
+        score(model, SAMPLES, normalise="total", progress=False)
+    general, undesired = _pair()
+    assert contrast(general, undesired, ContrastOptions(normalize="none")).settings["normalize"] == "none"

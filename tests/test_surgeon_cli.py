@@ -13,7 +13,7 @@ from tiny_tokenizer import WORDS, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from hf_lrp_surgery import Mask, Scores, Surgeon, load_corrected
-from hf_lrp_surgery.apply import read_surgery, set_adapter_enabled
+from hf_lrp_surgery.carriers import read_surgery, set_adapter_enabled
 from hf_lrp_surgery.cli import main
 
 UNDESIRED = [

@@ -11,26 +11,70 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
+    Gemma2Config,
     Gemma3Config,
     Gemma3TextConfig,
     GPT2Config,
+    GPTNeoXConfig,
+    GraniteConfig,
     LlamaConfig,
+    MistralConfig,
+    Olmo2Config,
     OPTConfig,
+    Phi3Config,
     PretrainedConfig,
     PreTrainedModel,
     Qwen2Config,
     Qwen3Config,
     SiglipVisionConfig,
+    SmolLM3Config,
 )
 
-__all__ = ["FAMILIES", "EXTRA_FAMILIES", "VOCAB", "CONTEXT", "tiny_config", "tiny_model", "model_from_config"]
+__all__ = [
+    "FAMILIES",
+    "EXTRA_FAMILIES",
+    "EAGER_ONLY_FAMILIES",
+    "KERNELS",
+    "VOCAB",
+    "CONTEXT",
+    "tiny_config",
+    "tiny_model",
+    "model_from_config",
+]
 
 #: One entry per layout the engine must handle (``opt_postln`` is OPT-350m's post-LN layout with
 #: ``project_in``/``project_out``).
-FAMILIES = ["llama", "qwen2", "qwen3", "gemma3_text", "opt", "opt_postln", "gpt2"]
+FAMILIES = [
+    "llama",
+    "qwen2",
+    "qwen3",
+    "gemma3_text",
+    "opt",
+    "opt_postln",
+    "gpt2",
+    "mistral",
+    "phi3",
+    "olmo2",
+    "granite",
+    "smollm3",
+    "gpt_neox",
+]
 #: Also built by :func:`tiny_model`: Gemma 3's multimodal wrapper (a SigLIP vision tower around the
 #: ``gemma3_text`` model), explained on text only.
 EXTRA_FAMILIES = ["gemma3"]
+#: Families whose transformers class has only the eager attention kernel here (Gemma 2: transformers
+#: refuses sdpa, which cannot soft-cap the attention logits). The kernel-parametrised tests run them on
+#: eager only; tests/test_families.py runs the sdpa-based collector tests for them on eager.
+EAGER_ONLY_FAMILIES = ["gemma2"]
+#: Attention kernels each family is built with in the tests.
+KERNELS = {
+    family: ("eager",) if family in EAGER_ONLY_FAMILIES else ("eager", "sdpa")
+    for family in FAMILIES + EXTRA_FAMILIES + EAGER_ONLY_FAMILIES
+}
+#: Gemma 2's soft-capping values in the tiny config: small, so that the tanh is far from linear on
+#: the tiny model's attention scores and logits (the released models use 50 and 30).
+GEMMA2_ATTN_SOFTCAP = 1.5
+GEMMA2_FINAL_SOFTCAP = 2.0
 
 VOCAB = 64
 CONTEXT = 64
@@ -82,7 +126,7 @@ def tiny_config(family: str) -> PretrainedConfig:
     """The config of :func:`tiny_model` (a fresh object; edit it freely).
 
     Args:
-        family: One of :data:`FAMILIES`.
+        family: One of :data:`FAMILIES`, :data:`EXTRA_FAMILIES` or :data:`EAGER_ONLY_FAMILIES`.
 
     Returns:
         A config with all dropout probabilities 0.
@@ -122,6 +166,51 @@ def tiny_config(family: str) -> PretrainedConfig:
             eoi_token_index=VOCAB - 2,
             image_token_index=VOCAB - 1,
         )
+    if family == "mistral":  # a sliding window (a mask) in every block; 5 so that 2 blocks reach all 8 test tokens
+        return _llama_like(MistralConfig, sliding_window=5, tie_word_embeddings=False)
+    if family == "phi3":  # fused qkv_proj (GQA) and gate_up_proj
+        return _llama_like(Phi3Config, resid_pdrop=0.0, embd_pdrop=0.0, tie_word_embeddings=False)
+    if family == "olmo2":  # norms after attention / MLP, q/k norms over all heads
+        return _llama_like(Olmo2Config, tie_word_embeddings=False)
+    if family == "granite":  # embedding / attention / residual multipliers, logits scaling (not 1)
+        return _llama_like(
+            GraniteConfig,
+            embedding_multiplier=3.0,
+            attention_multiplier=0.2,
+            residual_multiplier=0.5,
+            logits_scaling=2.5,
+            tie_word_embeddings=True,
+        )
+    if family == "smollm3":  # llama-like, block 1 without RoPE (NoPE)
+        return _llama_like(SmolLM3Config, no_rope_layers=[1, 0], use_sliding_window=False, tie_word_embeddings=True)
+    if family == "gemma2":  # soft-capped attention logits and final logits, post-norms, a sliding window
+        return _llama_like(
+            Gemma2Config,
+            head_dim=HEAD_DIM,
+            query_pre_attn_scalar=HEAD_DIM,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+            attn_logit_softcapping=GEMMA2_ATTN_SOFTCAP,
+            final_logit_softcapping=GEMMA2_FINAL_SOFTCAP,
+            hidden_activation="gelu_pytorch_tanh",
+            tie_word_embeddings=True,
+        )
+    if family == "gpt_neox":  # Pythia: parallel attention + MLP, partial rotary, per-head fused q|k|v
+        return GPTNeoXConfig(
+            vocab_size=VOCAB,
+            hidden_size=HIDDEN,
+            intermediate_size=FFN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            max_position_embeddings=CONTEXT,
+            rotary_pct=0.5,
+            use_parallel_residual=True,
+            hidden_act="gelu",
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            tie_word_embeddings=False,
+            **_SPECIAL,
+        )
     if family == "opt":
         return _opt(pre_ln=True)
     if family == "opt_postln":
@@ -140,7 +229,7 @@ def tiny_config(family: str) -> PretrainedConfig:
             attn_pdrop=0.0,
             **_SPECIAL,
         )
-    raise ValueError(f"unknown family {family!r}; known: {FAMILIES + EXTRA_FAMILIES}")
+    raise ValueError(f"unknown family {family!r}; known: {FAMILIES + EXTRA_FAMILIES + EAGER_ONLY_FAMILIES}")
 
 
 def model_from_config(
@@ -175,9 +264,9 @@ def tiny_model(
     """A tiny random causal LM of ``family`` (hidden 32, 2 layers, 4 heads, vocab 64, context 64).
 
     Args:
-        family: One of :data:`FAMILIES` or :data:`EXTRA_FAMILIES`.
+        family: One of :data:`FAMILIES`, :data:`EXTRA_FAMILIES` or :data:`EAGER_ONLY_FAMILIES`.
         dtype: Parameter dtype.
-        attn_implementation: ``"eager"`` or ``"sdpa"``.
+        attn_implementation: One of the family's :data:`KERNELS`.
         seed: Seed of the random parameters.
 
     Returns:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,23 +31,24 @@ from hf_lrp_surgery.circuits.discovery import (
     Circuit,
     CircuitDiscoveryError,
     NoCircuitError,
-    TaskSeed,
     ablated,
     discover_circuit,
     sparsity_grid,
     task_scores,
     unit_count,
 )
-from hf_lrp_surgery.circuits.tasks import Metric, NextTokenTask, evaluate_task
+from hf_lrp_surgery.circuits.tasks import Metric, NextTokenTask, TaskObjective, evaluate_task
 from hf_lrp_surgery.io import write_json_atomic
 from hf_lrp_surgery.lrp.architectures import resolve
+from hf_lrp_surgery.lrp.collect import renamed_seed
 from hf_lrp_surgery.masks import Granularity, Scope, select
-from hf_lrp_surgery.scoring import Aggregation, Layout, score
+from hf_lrp_surgery.options import ScoringOptions, reject_unknown
+from hf_lrp_surgery.scoring import CIRCUIT_METHODS, Layout, score
 
 __all__ = ["CircuitComparison", "DEFAULT_METHODS", "MethodResult", "compare_methods", "specificity"]
 
-#: LRP and the baselines it is compared with.
-DEFAULT_METHODS: tuple[str, ...] = ("lrp", "gradient", "activation", "wanda", "random")
+#: LRP and the baselines it is compared with (the registry's comparison set when this module was imported).
+DEFAULT_METHODS: tuple[str, ...] = CIRCUIT_METHODS
 
 
 def _mean_std(values: Sequence[float]) -> dict[str, float]:
@@ -151,7 +152,7 @@ class CircuitComparison:
         grid: Pruned counts shared by every curve.
         total: Prunable units.
         layout: The model's layout.
-        settings: The options of the comparison (task, threshold, metric, seed, ...).
+        settings: The options of the comparison (task, threshold, metric, objective, ...).
     """
 
     results: dict[str, MethodResult]
@@ -249,15 +250,15 @@ def compare_methods(
     scope: Scope = "global",
     threshold: float = 0.9,
     metric: Metric = "logit_diff",
-    seed: TaskSeed = "logit",
-    aggregation: Aggregation = "abs",
+    options: ScoringOptions | None = None,
+    objective: TaskObjective | None = None,
     grid_points: int = 16,
     min_kept: float = 1e-3,
     refine_steps: int = 8,
     random_draws: int = 3,
-    batch_size: int = 8,
     eval_batch_size: int = 32,
     progress: bool = True,
+    **keywords: Any,
 ) -> CircuitComparison:
     """Discover a circuit with every method on every ``(reference, evaluation)`` set and compare.
 
@@ -265,32 +266,41 @@ def compare_methods(
         model: A supported causal LM.
         tokenizer: Its tokenizer.
         sets: Independent ``(reference, evaluation)`` task pairs (e.g. IOI with different seeds).
-        methods: Scoring methods (``lrp`` and baselines).
+        methods: Scoring methods (default: ``scoring.CIRCUIT_METHODS``, ``lrp`` and its baselines).
         granularity: ``"neurons"`` or ``"heads"``.
         scope: ``"global"`` or ``"per_layer"``.
         threshold: Fraction of the unpruned metric the circuit keeps.
         metric: ``"logit_diff"`` or ``"accuracy"``.
-        seed: Relevance seed for ``lrp`` and ``gradient``.
-        aggregation: For ``lrp`` and ``gradient``.
+        options: How each method scores (:class:`~hf_lrp_surgery.options.ScoringOptions`; default:
+            ``aggregation="abs"``); ``method``, ``components`` and ``random_seed`` are set per run.
+        objective: Relevance objective (see :func:`~hf_lrp_surgery.circuits.discovery.task_scores`).
         grid_points: Log-spaced grid points.
         min_kept: Smallest kept fraction on the grid.
         refine_steps: Bisection steps per circuit.
         random_draws: Random component sets per specificity check.
-        batch_size: Samples per attribution pass.
         eval_batch_size: Prompts per evaluation pass.
         progress: Show progress bars.
+        **keywords: Fields of ``ScoringOptions`` (``aggregation``, ``batch_size``, ...), replacing
+            those of ``options``; ``seed`` is a deprecated name of ``objective``.
 
     Returns:
         The :class:`CircuitComparison`.
 
     Raises:
         CircuitDiscoveryError: No sets, weights granularity, or the unpruned model fails the task.
+        ValueError: An option is out of range.
+        TypeError: A keyword is not an option.
 
     Example:
         >>> sets = [(ioi_task(tok, 64, seed=i), ioi_task(tok, 64, seed=100 + i)) for i in range(3)]  # doctest: +SKIP
         >>> comparison = compare_methods(model, tok, sets)  # doctest: +SKIP
         >>> print(comparison.table())  # doctest: +SKIP
     """
+    if "seed" in keywords:
+        objective = renamed_seed(keywords.pop("seed"))
+    options = ScoringOptions.take(options, keywords, aggregation="abs")
+    reject_unknown(keywords, "compare_methods")
+    objective = options.objective if objective is None else objective
     if not sets:
         raise CircuitDiscoveryError("give at least one (reference, evaluation) task set")
     if granularity == "weights":
@@ -305,18 +315,8 @@ def compare_methods(
     steps = [(i, m) for i in range(len(sets)) for m in methods]
     for i, method in tqdm(steps, desc="circuits", disable=not progress):
         reference, evaluation = sets[i]
-        scores = task_scores(
-            model,
-            tokenizer,
-            reference,
-            method=method,  # type: ignore[arg-type]
-            granularity=granularity,
-            seed=seed,
-            aggregation=aggregation,
-            batch_size=batch_size,
-            random_seed=i,
-            progress=False,
-        )
+        run = replace(options, method=method, components=(granularity,), random_seed=i)
+        scores = task_scores(model, tokenizer, reference, run, objective=objective, progress=False)
         try:
             circuit = discover_circuit(
                 model,
@@ -360,8 +360,8 @@ def compare_methods(
         "scope": scope,
         "threshold": threshold,
         "metric": metric,
-        "seed": seed,
-        "aggregation": aggregation,
+        "objective": objective,
+        "aggregation": options.aggregation,
         "grid_points": grid_points,
         "min_kept": min_kept,
         "refine_steps": refine_steps,

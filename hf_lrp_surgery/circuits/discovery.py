@@ -10,8 +10,8 @@ by bisection between the last grid point that holds and the first that does not
 provenance in its manifest.
 
 Pruning is evaluated with :func:`ablated`: neurons and heads are switched off by a forward pre-hook
-that multiplies the input of the MLP / attention output projection by a 0/1 vector, which equals
-baking the mask (:func:`hf_lrp_surgery.apply.bake`) without copying or re-hashing the model;
+that zeroes their inputs of the MLP / attention output projection, which equals
+baking the mask (:func:`hf_lrp_surgery.carriers.bake`) without copying or re-hashing the model;
 weights are zeroed in place and restored on exit.
 
 Seeds: ``"logit"`` explains the correct token's logit, ``"logit_diff"`` the logit difference
@@ -26,21 +26,31 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hf_lrp_surgery.apply import input_units
-from hf_lrp_surgery.circuits.tasks import Metric, NextTokenTask, TaskMetrics, evaluate_task
+from hf_lrp_surgery._deprecation import moved_names
+from hf_lrp_surgery.carriers.hooks import MaskHooks
+from hf_lrp_surgery.circuits.tasks import (
+    TASK_OBJECTIVES,
+    Metric,
+    NextTokenTask,
+    TaskMetrics,
+    TaskObjective,
+    evaluate_task,
+)
 from hf_lrp_surgery.exceptions import CircuitDiscoveryError, NoCircuitError
 from hf_lrp_surgery.io import atomic_directory, write_json_atomic
 from hf_lrp_surgery.lrp.architectures import ResolvedArchitecture, resolve
-from hf_lrp_surgery.masks import Granularity, Mask, Scope, select
-from hf_lrp_surgery.scoring import SAMPLE_FREE_METHODS, Aggregation, Layout, Method, Scores, score
+from hf_lrp_surgery.lrp.collect import renamed_seed
+from hf_lrp_surgery.masks import Granularity, Mask, Scope, select, zeroed_entries
+from hf_lrp_surgery.options import ScoringOptions, reject_unknown
+from hf_lrp_surgery.scoring import Aggregation, Layout, Method, Scores, get_scorer, score
 
 __all__ = [
     "Circuit",
@@ -48,9 +58,8 @@ __all__ = [
     "CurvePoint",
     "NoCircuitError",
     "PruningCurve",
-    "TaskSeed",
+    "TaskObjective",
     "ablated",
-    "complement",
     "discover_circuit",
     "pruning_curve",
     "sparsity_grid",
@@ -58,37 +67,23 @@ __all__ = [
     "unit_count",
 ]
 
-TaskSeed = Literal["logit", "logit_diff", "logprob"]
 _CIRCUIT_FILE = "circuit.json"
 
 
 # -- ablation ---------------------------------------------------------------------------------
 def unit_count(layout: Layout, granularity: Granularity, arch: ResolvedArchitecture | None = None) -> int:
-    """Number of prunable units of one granularity (weights: needs ``arch``)."""
-    if granularity == "neurons":
-        return layout.num_layers * layout.num_neurons
-    if granularity == "heads":
-        return layout.num_layers * layout.num_heads
-    if arch is None:
-        raise ValueError("counting weights needs the resolved model")
-    return sum(p.weight.numel() for p in arch.prunable)
-
-
-def _keep_hook(keep: torch.Tensor) -> Callable[..., tuple]:
-    def hook(module: nn.Module, args: tuple) -> tuple:
-        x = args[0]
-        return (x * keep.to(device=x.device, dtype=x.dtype), *args[1:])
-
-    return hook
+    """Number of prunable units of one granularity (weights: needs ``arch``); see :meth:`Layout.units`."""
+    return layout.units(granularity, arch)
 
 
 @contextlib.contextmanager
 def ablated(model: nn.Module, masks: Mask | Sequence[Mask]) -> Iterator[nn.Module]:
     """Switch off what ``masks`` prune, for the duration of the block.
 
-    Neurons and heads: a forward pre-hook multiplies the input of each block's MLP output projection
-    (neurons) or attention output projection (each head's slice) by 0 where pruned; the same
-    function as baking the mask. Weights: the elements are zeroed in place and restored on exit.
+    Neurons and heads: a forward pre-hook zeroes the input of each block's MLP output projection
+    (neurons) or attention output projection (each head's slice) where pruned
+    (:class:`~hf_lrp_surgery.carriers.hooks.MaskHooks`); the same function as baking the mask.
+    Weights: the elements are zeroed in place and restored on exit.
 
     Args:
         model: The model the masks were selected on (same layout; the weight fingerprint is not
@@ -113,65 +108,23 @@ def ablated(model: nn.Module, masks: Mask | Sequence[Mask]) -> Iterator[nn.Modul
             raise CircuitDiscoveryError(
                 "the mask was selected on a model with another layout; select it on this model's scores"
             )
-    handles: list[Any] = []
-    saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    try:
-        for mask in mask_list:
-            if mask.granularity == "weights":
-                weights = {p.name: p.weight for p in arch.prunable}
-                with torch.no_grad():
-                    for name, index in mask.indices.items():
-                        flat = weights[name].view(-1)
-                        saved.append((flat, index.to(flat.device), flat[index.to(flat.device)].clone()))
-                        flat[index.to(flat.device)] = 0
-                continue
-            for layer in arch.layers:
-                module = layer.mlp_out if mask.granularity == "neurons" else layer.o_proj
-                name = mask.carriers()[layer.index]
-                if name not in mask.indices:
+    saved: list[tuple[torch.Tensor, tuple[Any, ...], torch.Tensor]] = []
+    with MaskHooks(model, arch) as hooks:
+        try:
+            for mask in mask_list:
+                if mask.granularity != "weights":
+                    hooks.add(mask)
                     continue
-                width = layout.num_neurons if mask.granularity == "neurons" else layout.num_heads * arch.head_dim
-                keep = torch.ones(width)
-                keep[input_units(mask, name, arch)] = 0.0
-                handles.append(module.register_forward_pre_hook(_keep_hook(keep)))
-        yield model
-    finally:
-        for handle in handles:
-            handle.remove()
-        with torch.no_grad():
-            for flat, index, values in reversed(saved):
-                flat[index] = values
-
-
-def complement(mask: Mask, *, provenance: dict[str, Any] | None = None, total: dict[str, int] | None = None) -> Mask:
-    """The mask of every unit ``mask`` does not prune (of neurons or heads; weights need ``total``).
-
-    Args:
-        mask: A neuron or head mask (or a weight mask with ``total``).
-        provenance: The new mask's provenance (default: ``{"complement_of": mask.provenance}``).
-        total: For weights: module name -> number of elements.
-
-    Returns:
-        The complementary mask: ablating it removes exactly what ``mask`` keeps.
-    """
-    if mask.granularity == "weights" and total is None:
-        raise ValueError("the complement of a weight mask needs total= (module name -> number of elements)")
-    sizes = total or {
-        name: (mask.layout.num_neurons if mask.granularity == "neurons" else mask.layout.num_heads)
-        for name in mask.carriers()
-    }
-    indices = {}
-    for name in mask.carriers():
-        kept = (~mask.dense(name, sizes[name])).nonzero().flatten()
-        if kept.numel():
-            indices[name] = kept
-    return Mask(
-        granularity=mask.granularity,
-        fingerprint=mask.fingerprint,
-        layout=mask.layout,
-        indices=indices,
-        provenance=provenance if provenance is not None else {"complement_of": mask.provenance},
-    )
+                with torch.no_grad():
+                    for entry in zeroed_entries(mask, arch):
+                        param, index = entry.locate(model)
+                        saved.append((param, index, param[index].clone()))
+                        param[index] = 0
+            yield model
+        finally:
+            with torch.no_grad():
+                for param, index, values in reversed(saved):
+                    param[index] = values
 
 
 # -- scores -----------------------------------------------------------------------------------
@@ -179,14 +132,11 @@ def task_scores(
     model: nn.Module,
     tokenizer: Any,
     task: NextTokenTask,
+    options: ScoringOptions | None = None,
     *,
-    method: Method = "lrp",
-    granularity: Granularity = "neurons",
-    seed: TaskSeed = "logit",
-    aggregation: Aggregation = "abs",
-    batch_size: int = 8,
-    random_seed: int = 0,
+    objective: TaskObjective | None = None,
     progress: bool = True,
+    **keywords: Any,
 ) -> Scores:
     """Score components on a task's reference prompts (higher = the task needs it more).
 
@@ -194,78 +144,82 @@ def task_scores(
         model: A supported causal LM.
         tokenizer: Its tokenizer.
         task: The reference prompts with their correct (and wrong) tokens.
-        method: Any of :data:`hf_lrp_surgery.scoring.METHODS`.
-        granularity: ``"neurons"``, ``"heads"`` or ``"weights"``.
-        seed: For ``lrp`` and ``gradient``: ``"logit"`` of the correct token, ``"logit_diff"``
-            (correct minus wrong) or ``"logprob"`` of the correct token. ``logit_diff`` with ``abs``
-            aggregation runs one sample per pass (the engine sums a batch before the absolute value
-            could be taken).
+        options: How to score (:class:`~hf_lrp_surgery.options.ScoringOptions`, one component kind;
+            default: their defaults with ``aggregation="abs"``).
+        objective: For methods with relevance options (``lrp``, ``gradient``): ``"logit"`` of the
+            correct token, ``"logit_diff"`` (correct minus wrong) or ``"logprob"`` of the correct
+            token (default: ``options.objective``). ``logit_diff`` with ``abs`` aggregation runs one
+            sample per pass (the engine sums a batch before the absolute value could be taken).
             The other methods do not read the target.
-        aggregation: For ``lrp`` and ``gradient``: ``"signed"`` or ``"abs"``.
-        batch_size: Samples per pass.
-        random_seed: For ``random``.
         progress: Show progress bars.
+        **keywords: Fields of ``ScoringOptions`` (``method``, ``aggregation``, ``batch_size``,
+            ``random_seed``, ...) and ``granularity`` (the component kind), replacing those of
+            ``options``; ``seed`` is a deprecated name of ``objective``.
 
     Returns:
-        The :class:`~hf_lrp_surgery.scoring.Scores`; ``settings["task_seed"]`` records the seed and
-        ``settings["task"]`` the task.
+        The :class:`~hf_lrp_surgery.scoring.Scores`; ``settings["task_seed"]`` records the objective
+        and ``settings["task"]`` the task.
 
     Raises:
-        CircuitDiscoveryError: ``logit_diff`` for a task without wrong tokens.
+        ValueError: An option is out of range.
+        TypeError: A keyword is not an option.
+        CircuitDiscoveryError: ``logit_diff`` for a task without wrong tokens, or more than one
+            component kind.
 
     Example:
         >>> scores = task_scores(model, tokenizer, ioi_task(tokenizer), method="lrp")  # doctest: +SKIP
     """
-    if seed not in ("logit", "logit_diff", "logprob"):
-        raise ValueError(f"seed must be 'logit', 'logit_diff' or 'logprob', got {seed!r}")
-    common = dict(
-        method=method, components=(granularity,), batch_size=batch_size, random_seed=random_seed, progress=progress
-    )
+    if "seed" in keywords:
+        objective = renamed_seed(keywords.pop("seed"))
+    if "granularity" in keywords:
+        keywords["components"] = (keywords.pop("granularity"),)
+    options = ScoringOptions.take(options, keywords, aggregation="abs")
+    reject_unknown(keywords, "task_scores")
+    objective = options.objective if objective is None else objective
+    if objective not in TASK_OBJECTIVES:
+        raise ValueError(f"objective must be 'logit', 'logit_diff' or 'logprob', got {objective!r}")
+    if len(options.components) != 1:
+        raise CircuitDiscoveryError(f"task scores are of one component kind, got {list(options.components)}")
+    entry = get_scorer(options.method)
     task_info = {"name": task.name, "size": len(task), **dict(task.settings)}
-    if method not in ("lrp", "gradient"):
-        scores = score(model, None if method in SAMPLE_FREE_METHODS else task.samples(), tokenizer, **common)
+    if not entry.relevance_options:
+        scores = score(model, task.samples() if entry.needs_samples else None, tokenizer, options, progress=progress)
         scores.settings.update(task=task_info)
         return scores
-    if seed != "logit_diff":
-        scores = score(model, task.samples(), tokenizer, aggregation=aggregation, seed=seed, **common)
-        scores.settings.update(task_seed=seed, task=task_info)
+    if objective != "logit_diff":
+        scores = score(model, task.samples(), tokenizer, replace(options, objective=objective), progress=progress)
+        scores.settings.update(task_seed=objective, task=task_info)
         return scores
     if not task.has_wrong:
         raise CircuitDiscoveryError(
             f"task {task.name!r} has examples without a wrong token; the logit-difference "
-            "seed needs one per example (or use seed='logit')"
+            "objective needs one per example (or use objective='logit')"
         )
-    if aggregation == "signed":
-        correct = score(
-            model,
-            task.samples("correct"),
-            tokenizer,
-            aggregation="signed",
-            seed="logit",
-            description=f"{method} (correct)",
-            **common,
+    # Each logit is explained with signed relevance; "abs" applies to their difference.
+    per_logit = replace(options, objective="logit", aggregation="signed")
+    if options.aggregation == "signed":
+        correct, wrong = (
+            score(
+                model, task.samples(t), tokenizer, per_logit, progress=progress, description=f"{options.method} ({t})"
+            )
+            for t in ("correct", "wrong")
         )
-        wrong = score(
-            model,
-            task.samples("wrong"),
-            tokenizer,
-            aggregation="signed",
-            seed="logit",
-            description=f"{method} (wrong)",
-            **common,
-        )
-        difference = _difference(correct, wrong, granularity)
+        difference = _difference(correct, wrong, options.components[0])
     else:
-        difference = _mean_abs_difference(model, tokenizer, task, granularity, common)
+        difference = _mean_abs_difference(model, tokenizer, task, per_logit, progress)
     difference.settings.update(
-        method=method, seed="logit_diff", task_seed="logit_diff", aggregation=aggregation, task=task_info
+        method=options.method,
+        seed="logit_diff",
+        task_seed="logit_diff",
+        aggregation=options.aggregation,
+        task=task_info,
     )
     difference.check_finite()
     return difference
 
 
 def _difference(correct: Scores, wrong: Scores, granularity: Granularity) -> Scores:
-    """Scores of the logit difference from those of its two logits (relevance is linear in the seed)."""
+    """Scores of the logit difference from those of its two logits (relevance is linear in the objective)."""
     out = Scores(
         method=correct.method,
         settings=dict(correct.settings),
@@ -281,18 +235,18 @@ def _difference(correct: Scores, wrong: Scores, granularity: Granularity) -> Sco
 
 
 def _mean_abs_difference(
-    model: nn.Module, tokenizer: Any, task: NextTokenTask, granularity: Granularity, common: dict[str, Any]
+    model: nn.Module, tokenizer: Any, task: NextTokenTask, options: ScoringOptions, progress: bool
 ) -> Scores:
     """Mean over samples of ``|R(correct) - R(wrong)|``: the engine aggregates over a batch, so one sample per pass."""
-    options = {**common, "progress": False}
+    granularity = options.components[0]
     total: Scores | None = None
     pairs = list(zip(task.samples("correct"), task.samples("wrong")))
     for correct_sample, wrong_sample in tqdm(
-        pairs, desc=f"{common['method']} |logit diff|", disable=not common["progress"], leave=False
+        pairs, desc=f"{options.method} |logit diff|", disable=not progress, leave=False
     ):
         one = _difference(
-            score(model, [correct_sample], tokenizer, seed="logit", **options),
-            score(model, [wrong_sample], tokenizer, seed="logit", **options),
+            score(model, [correct_sample], tokenizer, options, progress=False),
+            score(model, [wrong_sample], tokenizer, options, progress=False),
             granularity,
         )
         if granularity == "weights":
@@ -560,8 +514,8 @@ class Circuit:
         total = None
         if self.mask.granularity == "weights":
             total = dict(self.mask.provenance.get("module_sizes", {}))
-        return complement(
-            self.mask, provenance={"circuit_components_of": self.mask.provenance.get("circuit", {})}, total=total
+        return self.mask.complement(
+            provenance={"circuit_components_of": self.mask.provenance.get("circuit", {})}, total=total
         )
 
     def per_layer(self) -> list[int]:
@@ -618,7 +572,7 @@ def discover_circuit(
     scope: Scope = "global",
     threshold: float = 0.9,
     metric: Metric = "logit_diff",
-    seed: TaskSeed = "logit",
+    seed: TaskObjective = "logit",
     aggregation: Aggregation = "abs",
     scores: Scores | None = None,
     grid_points: int = 16,
@@ -647,7 +601,7 @@ def discover_circuit(
         scope: ``"global"`` or ``"per_layer"``.
         threshold: Fraction of the unpruned metric the circuit must keep, in ``(0, 1]``.
         metric: ``"logit_diff"`` or ``"accuracy"``.
-        seed: Relevance seed (see :func:`task_scores`).
+        seed: Relevance objective (``objective`` of :func:`task_scores`).
         aggregation: For ``lrp`` / ``gradient``.
         scores: Precomputed scores (skips attribution; not with ``reattribute``).
         grid_points: Grid points of the sweep.
@@ -686,23 +640,21 @@ def discover_circuit(
             "circuit keeps a fraction of a positive score, so the model must do the task first "
             "(check the prompts and the correct/wrong tokens)"
         )
-    score_options = dict(
+    options = ScoringOptions(
         method=method,
-        granularity=granularity,
-        seed=seed,
+        components=(granularity,),
         aggregation=aggregation,
         batch_size=batch_size,
         random_seed=random_seed,
-        progress=progress,
     )
     if scores is None:
-        scores = task_scores(model, tokenizer, task, **score_options)  # type: ignore[arg-type]
+        scores = task_scores(model, tokenizer, task, options, objective=seed, progress=progress)
     arch = resolve(model)
     total = unit_count(scores.layout, granularity, arch)
 
     def rescore(mask: Mask) -> Scores:
         with ablated(model, mask):
-            return task_scores(model, tokenizer, task, **score_options)  # type: ignore[arg-type]
+            return task_scores(model, tokenizer, task, options, objective=seed, progress=progress)
 
     pruner = _Pruner(scores, granularity, scope, rescore if reattribute else None)
     curve = PruningCurve(scores.method, granularity, scope, total, baseline)
@@ -763,3 +715,12 @@ def discover_circuit(
         mask.granularity, mask.fingerprint, mask.layout, mask.indices, {**mask.provenance, "circuit": circuit_info}
     )
     return Circuit(final, total - mask.count, total, baseline, metrics, curve, threshold, metric)
+
+
+__getattr__ = moved_names(
+    __name__,
+    {
+        "TaskSeed": "hf_lrp_surgery.circuits.tasks:TaskObjective",
+        "complement": lambda: Mask.complement,
+    },
+)

@@ -39,7 +39,9 @@ __all__ = [
     "Metric",
     "NextTokenExample",
     "NextTokenTask",
+    "TASK_OBJECTIVES",
     "TaskMetrics",
+    "TaskObjective",
     "evaluate_task",
     "ioi_sets",
     "ioi_task",
@@ -52,6 +54,11 @@ __all__ = [
 ]
 
 Metric = Literal["logit_diff", "accuracy"]
+#: What task relevance explains: the correct token's ``"logit"`` or ``"logprob"``, or the logit difference
+#: ``"logit_diff"`` (correct minus wrong).
+TaskObjective = Literal["logit", "logit_diff", "logprob"]
+#: Every task objective.
+TASK_OBJECTIVES: tuple[TaskObjective, ...] = ("logit", "logit_diff", "logprob")
 IOIOrder = Literal["ABBA", "BABA"]
 #: Directory of the shipped IOI templates and names.
 IOI_DATA = Path(__file__).resolve().parent.parent / "data" / "ioi"
@@ -102,7 +109,7 @@ class NextTokenTask:
         return all(e.wrong is not None for e in self.examples)
 
     def samples(self, target: Literal["correct", "wrong"] = "correct") -> list[ReferenceSample]:
-        """The examples as reference samples seeded at the ``correct`` (or ``wrong``) token's logit.
+        """The examples as reference samples whose target is the ``correct`` (or ``wrong``) token.
 
         Raises:
             ReferenceSetError: ``target="wrong"`` and an example has no wrong token.
@@ -110,7 +117,7 @@ class NextTokenTask:
         if target == "wrong" and not self.has_wrong:
             raise ReferenceSetError(
                 f"task {self.name!r} has examples without a wrong token; the logit-difference "
-                "seed needs one per example"
+                "objective needs one per example"
             )
         return [ReferenceSample(e.prompt, target=e.correct if target == "correct" else e.wrong) for e in self.examples]
 

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from hf_lrp_surgery.lrp.architectures import text_config_of
 from hf_lrp_surgery.references.samples import pad_rows
 
 
@@ -29,9 +30,11 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
 
 def input_device(model: nn.Module) -> torch.device:
     """The device of the input embeddings (where token ids must go, also under a device map)."""
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
-        return embeddings.weight.device
+    getter = getattr(model, "get_input_embeddings", None)
+    embeddings = getter() if callable(getter) else None
+    weight = getattr(embeddings, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight.device
     return next(model.parameters()).device
 
 
@@ -40,7 +43,7 @@ def context_length(model: nn.Module) -> int | None:
     config = getattr(model, "config", None)
     if config is None:
         return None
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text_config = text_config_of(config)
     return getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
 
 

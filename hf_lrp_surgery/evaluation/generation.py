@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -249,7 +249,10 @@ def generate(
         ):
             indices = order[start : start + settings.batch_size]
             input_ids, attention_mask = pad([encoded[i] for i in indices], pad_id, "left", device)
-            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+            # ``generate`` comes from transformers' GenerationMixin, which nn.Module's type does not know.
+            output = cast(Any, model).generate(
+                input_ids=input_ids, attention_mask=attention_mask, generation_config=config
+            )
             for row, tokens in enumerate(output[:, input_ids.shape[1] :].tolist()):
                 index = indices[row // settings.num_return_sequences]
                 ids = _until_stop(tokens, stops)

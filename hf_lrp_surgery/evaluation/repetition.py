@@ -6,7 +6,7 @@ from collections.abc import Hashable, Sequence
 
 from hf_lrp_surgery.evaluation.generation import Generation
 
-__all__ = ["distinct_n", "mean_rur", "response_uniqueness_ratio"]
+__all__ = ["distinct_n", "mean_rur", "response_uniqueness_ratio", "rur_or_unique"]
 
 
 def _plain(token_ids: Sequence[Hashable]) -> list[Hashable]:
@@ -40,11 +40,32 @@ def response_uniqueness_ratio(token_ids: Sequence[int]) -> float:
     return len(set(tokens)) / len(tokens)
 
 
+def rur_or_unique(token_ids: Sequence[int]) -> float:
+    """The Response Uniqueness Ratio of one response, where an empty response counts as fully unique (1.0).
+
+    The rule of the repetition correction, which needs a verdict for every response it judges or
+    measures: a response that ends at once does not loop. (:func:`mean_rur`, a summary statistic,
+    skips empty responses instead.)
+
+    Args:
+        token_ids: The response's tokens (the generated tokens only); a list, tensor or array.
+
+    Returns:
+        The ratio, in (0, 1]; 1.0 for an empty response.
+
+    Example:
+        >>> rur_or_unique([1, 1, 2, 3]), rur_or_unique([])
+        (0.75, 1.0)
+    """
+    return response_uniqueness_ratio(token_ids) if len(token_ids) > 0 else 1.0
+
+
 def mean_rur(generations: Sequence[Generation]) -> float:
     """The mean Response Uniqueness Ratio of generations, skipping empty ones.
 
     A continuation that ends at once (an immediate end-of-sequence token) has no tokens and no ratio;
-    it neither counts as repetitive nor as diverse.
+    here it neither counts as repetitive nor as diverse (as in the ``response_uniqueness`` evaluate
+    module). The repetition correction counts it as unique instead (:func:`rur_or_unique`).
 
     Args:
         generations: Output of :func:`~hf_lrp_surgery.evaluation.generate`.

@@ -171,7 +171,7 @@ class CallableScorer:
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")
         self.fn = fn
-        self.name = name or getattr(fn, "__name__", type(fn).__name__)
+        self.name: str = name or str(getattr(fn, "__name__", type(fn).__name__))
 
     def __call__(self, texts: Sequence[str]) -> list[float]:
         return [float(s) for s in self.fn(list(texts))]

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -26,13 +26,25 @@ __all__ = [
     "PrunableModule",
     "ResolvedArchitecture",
     "REGISTRY",
+    "parameter",
     "resolve",
+    "text_config_of",
     "supported_model_types",
     "unwrap_model",
 ]
 
 NormKind = Literal["rms", "rms_one_plus", "layernorm"]
-MLPKind = Literal["gated", "plain"]
+#: ``gated``: ``down(act(gate(x)) * up(x))`` with separate gate and up projections; ``gated_fused``: the
+#: same with gate and up the first and second half of one projection's output (Phi-3's ``gate_up_proj``);
+#: ``plain``: ``out(act(in(x)))``.
+MLPKind = Literal["gated", "gated_fused", "plain"]
+#: Output layout of a fused q/k/v projection: ``blocks`` is ``[q | k | v]`` (GPT-2's ``c_attn``, Phi-3's
+#: ``qkv_proj``); ``heads`` is ``[q_0 | k_0 | v_0 | q_1 | ...]``, one ``head_dim`` slice of each per head
+#: (GPT-NeoX's ``query_key_value``, which transformers views as ``[..., heads, 3 * head_dim]``).
+QKVLayout = Literal["blocks", "heads"]
+#: Where a tanh soft-capping ``cap * tanh(x / cap)`` sits: on the attention logits (inside the attention
+#: kernel, before the softmax) or on the final logits (after the LM head).
+SoftcapSite = Literal["attention", "logits"]
 Orientation = Literal["linear", "conv1d"]
 
 _LLAMA_STYLE_ACTS = MappingProxyType({"SiLUActivation": "silu", "SiLU": "silu"})
@@ -47,7 +59,10 @@ _GPT2_ACTS = MappingProxyType(
         "QuickGELUActivation": "quick_gelu",
     }
 )
-_LAYERNORM = MappingProxyType({"LayerNorm": "layernorm"})
+_GPT_NEOX_ACTS = MappingProxyType(
+    {"GELUActivation": "gelu", "NewGELUActivation": "gelu_tanh", "GELUTanh": "gelu_tanh", "ReLU": "relu"}
+)
+_LAYERNORM: Mapping[str, NormKind] = MappingProxyType({"LayerNorm": "layernorm"})
 
 
 @dataclass(frozen=True)
@@ -64,9 +79,11 @@ class ArchitectureSpec:
         position_embedding: Path of a learned position embedding (OPT, GPT-2), else ``None``.
         q_proj, k_proj, v_proj: Separate query/key/value projections (``None`` when fused).
         qkv_proj: A fused q|k|v projection (GPT-2's ``c_attn``), else ``None``.
+        qkv_layout: How the fused projection's output features are ordered (see :data:`QKVLayout`).
         o_proj: The attention output projection (its input holds the per-head outputs).
-        mlp_kind: ``"gated"`` (``down(act(gate(x)) * up(x))``) or ``"plain"`` (``out(act(in(x)))``).
-        mlp_in: The MLP's input projections: ``(gate, up)`` for gated, ``(in,)`` for plain.
+        mlp_kind: See :data:`MLPKind`.
+        mlp_in: The MLP's input projections: ``(gate, up)`` for gated, ``(gate_up,)`` for gated_fused,
+            ``(in,)`` for plain.
         mlp_act: The MLP's activation module.
         mlp_out: The MLP's output projection (its input holds the neurons).
         activations: Activation class name -> rule kind (a key of ``ACTIVATION_RATIOS``).
@@ -75,6 +92,11 @@ class ArchitectureSpec:
             ``Conv1D`` weights ``[in, out]``.
         unsupported_config: Config attributes that add a non-linearity the engine has no rule for;
             a non-``None`` value is refused.
+        softcapping: Config attribute -> site of a tanh soft-capping the forward applies when the
+            attribute is not ``None``. While the rules are attached every ``tanh`` the model's forward
+            runs gets the identity rule, so the entry must list every ``tanh`` of the family's forward
+            (the CP conservation test fails otherwise). Attention soft-capping is explained on the eager
+            kernel only (the others fuse it out of reach).
         module_roots: Paths of the submodules a text forward runs through, whose activation and norm
             modules get rules (``""``: the whole model). Gemma 3's multimodal model lists its language
             model and head, so that its vision tower (never run on text) does not have to be supported.
@@ -95,8 +117,10 @@ class ArchitectureSpec:
     k_proj: str | None = None
     v_proj: str | None = None
     qkv_proj: str | None = None
+    qkv_layout: QKVLayout = "blocks"
     orientation: Orientation = "linear"
     unsupported_config: tuple[str, ...] = ()
+    softcapping: Mapping[str, SoftcapSite] = field(default_factory=lambda: MappingProxyType({}))
     module_roots: tuple[str, ...] = ("",)
 
     def __post_init__(self) -> None:
@@ -106,6 +130,13 @@ class ArchitectureSpec:
         expected = 2 if self.mlp_kind == "gated" else 1
         if len(self.mlp_in) != expected:
             raise ValueError(f"{self.model_type}: a {self.mlp_kind} MLP has {expected} input projection(s)")
+        if set(self.softcapping) & set(self.unsupported_config):
+            raise ValueError(f"{self.model_type}: a config key cannot be both supported and refused")
+
+    @property
+    def gated(self) -> bool:
+        """Whether the MLP multiplies an activated gate with an up projection (fused or not)."""
+        return self.mlp_kind in ("gated", "gated_fused")
 
     @property
     def attention_projections(self) -> tuple[str, ...]:
@@ -128,6 +159,7 @@ def _llama_like(
     norm_kind: NormKind = "rms",
     prefix: str = "model",
     unsupported: tuple[str, ...] = (),
+    softcapping: Mapping[str, SoftcapSite] = MappingProxyType({}),
     module_roots: tuple[str, ...] = ("",),
 ) -> ArchitectureSpec:
     return ArchitectureSpec(
@@ -145,6 +177,7 @@ def _llama_like(
         activations=acts,
         norms=MappingProxyType({norm_class: norm_kind}),
         unsupported_config=unsupported,
+        softcapping=softcapping,
         module_roots=module_roots,
     )
 
@@ -182,7 +215,43 @@ _GPT2 = ArchitectureSpec(
     orientation="conv1d",
 )
 
+# Phi-3: fused q|k|v (blocks, with GQA) and fused gate|up (gate first: ``chunk(2)`` in Phi3MLP).
+_PHI3 = ArchitectureSpec(
+    model_type="phi3",
+    decoder_layers="model.layers",
+    token_embedding="model.embed_tokens",
+    qkv_proj="self_attn.qkv_proj",
+    o_proj="self_attn.o_proj",
+    mlp_kind="gated_fused",
+    mlp_in=("mlp.gate_up_proj",),
+    mlp_act="mlp.activation_fn",
+    mlp_out="mlp.down_proj",
+    activations=_LLAMA_STYLE_ACTS,
+    norms=MappingProxyType({"Phi3RMSNorm": "rms"}),
+)
+
+# GPT-NeoX / Pythia: fused q|k|v per head, parallel attention + MLP (two residual adds: linear), partial
+# rotary (linear in q and k), LayerNorms, biases everywhere.
+_GPT_NEOX = ArchitectureSpec(
+    model_type="gpt_neox",
+    decoder_layers="gpt_neox.layers",
+    token_embedding="gpt_neox.embed_in",
+    qkv_proj="attention.query_key_value",
+    qkv_layout="heads",
+    o_proj="attention.dense",
+    mlp_kind="plain",
+    mlp_in=("mlp.dense_h_to_4h",),
+    mlp_act="mlp.act",
+    mlp_out="mlp.dense_4h_to_h",
+    activations=_GPT_NEOX_ACTS,
+    norms=_LAYERNORM,
+)
+
 _GEMMA_SOFTCAP = ("attn_logit_softcapping", "final_logit_softcapping")
+# Gemma 2's forward runs tanh exactly at these two soft-cappings (its GELU-tanh is one F.gelu call).
+_GEMMA2_SOFTCAP: Mapping[str, SoftcapSite] = MappingProxyType(
+    {"attn_logit_softcapping": "attention", "final_logit_softcapping": "logits"}
+)
 
 #: ``config.model_type`` -> entry.
 REGISTRY: Mapping[str, ArchitectureSpec] = MappingProxyType(
@@ -190,6 +259,23 @@ REGISTRY: Mapping[str, ArchitectureSpec] = MappingProxyType(
         "llama": _llama_like("llama", norm_class="LlamaRMSNorm"),
         "qwen2": _llama_like("qwen2", norm_class="Qwen2RMSNorm"),
         "qwen3": _llama_like("qwen3", norm_class="Qwen3RMSNorm"),
+        # Sliding-window attention is a mask (additive, linear).
+        "mistral": _llama_like("mistral", norm_class="MistralRMSNorm"),
+        # NoPE layers only skip RoPE (linear).
+        "smollm3": _llama_like("smollm3", norm_class="SmolLM3RMSNorm"),
+        # Norms after attention and MLP, q/k RMSNorms over all heads: each gets the norm rule.
+        "olmo2": _llama_like("olmo2", norm_class="Olmo2RMSNorm"),
+        # Embedding, attention and residual multipliers and the logits scaling are constant factors (linear).
+        "granite": _llama_like("granite", norm_class="GraniteRMSNorm"),
+        "gemma2": _llama_like(
+            "gemma2",
+            acts=_GEMMA_ACTS,
+            norm_class="Gemma2RMSNorm",
+            norm_kind="rms_one_plus",
+            softcapping=_GEMMA2_SOFTCAP,
+        ),
+        "phi3": _PHI3,
+        "gpt_neox": _GPT_NEOX,
         "gemma3_text": _llama_like(
             "gemma3_text",
             acts=_GEMMA_ACTS,
@@ -238,7 +324,7 @@ class PrunableModule:
     @property
     def weight(self) -> torch.Tensor:
         """The module's weight parameter."""
-        return self.module.weight
+        return parameter(self.module)
 
 
 @dataclass(frozen=True)
@@ -267,6 +353,8 @@ class ResolvedArchitecture:
         num_heads, head_dim, num_kv_heads: Attention geometry (from the o_proj width and config).
         num_neurons: MLP width (neurons per block).
         max_positions: The model's context length, if the config states it.
+        softcaps: The config keys of the entry's ``softcapping`` that are set on this model (their
+            tanh gets the identity rule while the rules are attached).
     """
 
     spec: ArchitectureSpec
@@ -282,6 +370,12 @@ class ResolvedArchitecture:
     num_kv_heads: int
     num_neurons: int
     max_positions: int | None = field(default=None)
+    softcaps: tuple[str, ...] = ()
+
+    @property
+    def embedding_weight(self) -> torch.Tensor:
+        """The token embedding matrix (its device is where inputs go, its dtype the model's)."""
+        return parameter(self.token_embedding, "weight")
 
     @property
     def num_layers(self) -> int:
@@ -292,6 +386,45 @@ class ResolvedArchitecture:
         """Widths of the q, k and v outputs (the split of a fused projection)."""
         kv = self.num_kv_heads * self.head_dim
         return self.num_heads * self.head_dim, kv, kv
+
+    def qkv_roles(self) -> torch.Tensor:
+        """Per output feature of the fused q/k/v projection, whether it is a query (0), key (1) or value (2).
+
+        Returns:
+            An int64 tensor as long as the projection's output, in the entry's ``qkv_layout``.
+
+        Example:
+            >>> arch.qkv_roles()[: 3 * arch.head_dim].unique_consecutive()  # doctest: +SKIP
+            tensor([0, 1, 2])
+        """
+        q, kv, _ = self.qkv_split()
+        if self.spec.qkv_layout == "heads":  # [q_h | k_h | v_h] per head (resolve checks kv heads == heads)
+            return torch.arange(3).repeat_interleave(self.head_dim).repeat(self.num_heads)
+        return torch.cat([torch.zeros(q, dtype=torch.long), torch.ones(kv, dtype=torch.long), torch.full((kv,), 2)])
+
+    def neuron_writers(self, layer: int, neurons: torch.Tensor) -> tuple[tuple[str, torch.Tensor], ...]:
+        """The MLP input projections that write the given neurons of one block, and which of their outputs.
+
+        Pruning a neuron zeroes these output features (weight rows of a Linear, columns of a Conv1D, and
+        bias entries) as well as the neuron's input column of the MLP output projection. For a fused
+        gate|up projection (``gated_fused``) neuron ``i`` is written by outputs ``i`` (gate) and
+        ``num_neurons + i`` (up).
+
+        Args:
+            layer: The decoder block index.
+            neurons: int64 neuron indices (``0 <= i < num_neurons``).
+
+        Returns:
+            ``(module name, int64 output-feature indices)`` per MLP input projection, in ``spec.mlp_in``
+            order.
+
+        Example:
+            >>> arch.neuron_writers(0, torch.tensor([3]))  # doctest: +SKIP
+            (('model.layers.0.mlp.gate_up_proj', tensor([ 3, 35])),)
+        """
+        index = neurons.to(torch.long)
+        outputs = torch.cat([index, index + self.num_neurons]) if self.spec.mlp_kind == "gated_fused" else index
+        return tuple((f"{self.spec.decoder_layers}.{layer}.{role}", outputs) for role in self.spec.mlp_in)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -312,6 +445,23 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 def _weight_module(module: nn.Module) -> nn.Module:
     """The module that owns the weight: a PEFT layer's ``base_layer`` or the module itself."""
     return getattr(module, "base_layer", module)
+
+
+def text_config_of(config: Any) -> Any:
+    """The text part of a config (Gemma 3's multimodal config nests it), or the config itself."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def parameter(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """A parameter of a weight-owning module (through a PEFT layer's ``base_layer``), typed as a tensor.
+
+    Raises:
+        TypeError: The module has no such tensor.
+    """
+    value = getattr(_weight_module(module), name, None)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{type(module).__name__} has no tensor {name!r}")
+    return value
 
 
 def _looks_like_activation(module: nn.Module) -> bool:
@@ -348,8 +498,9 @@ def resolve(model: nn.Module) -> ResolvedArchitecture:
 
     Raises:
         UnsupportedArchitectureError: The model type has no entry; a config option adds a
-            non-linearity without a rule (e.g. Gemma logit soft-capping); or an activation or norm
-            module of a class the entry does not handle was found (the message names it).
+            non-linearity without a rule (e.g. Gemma 3 logit soft-capping); attention soft-capping is
+            set on a kernel other than eager; or an activation or norm module of a class the entry does
+            not handle was found (the message names it).
 
     Example:
         >>> arch = resolve(model)  # doctest: +SKIP
@@ -366,12 +517,21 @@ def resolve(model: nn.Module) -> ResolvedArchitecture:
             f"{', '.join(supported_model_types())}. Adding one is a new entry in "
             "hf_lrp_surgery/lrp/architectures.py with its activation and norm classes."
         )
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text_config = text_config_of(config)
     for key in spec.unsupported_config:
         if getattr(text_config, key, None) is not None:
             raise UnsupportedArchitectureError(
                 f"model_type {model_type!r} with {key}={getattr(text_config, key)!r}: the tanh soft-capping "
                 f"has no LRP rule in this engine; set config.{key} = None only if the model was trained without it"
+            )
+    softcaps = tuple(key for key in spec.softcapping if getattr(text_config, key, None) is not None)
+    kernel = getattr(text_config, "_attn_implementation", None) or "eager"
+    for key in softcaps:
+        if spec.softcapping[key] == "attention" and kernel != "eager":
+            raise UnsupportedArchitectureError(
+                f"model_type {model_type!r} with {key}={getattr(text_config, key)!r} on the {kernel!r} attention "
+                "kernel: the attention soft-capping is explained only where it runs as a tanh in eager attention; "
+                "load the model with attn_implementation='eager'"
             )
 
     activations: list[tuple[nn.Module, str]] = []
@@ -393,7 +553,7 @@ def resolve(model: nn.Module) -> ResolvedArchitecture:
     blocks = _get(model, spec.decoder_layers, spec.model_type)
     layers: list[LayerModules] = []
     prunable: list[PrunableModule] = []
-    for index, block in enumerate(blocks):
+    for index, block in enumerate(cast(nn.ModuleList, blocks)):
         act = _get(block, spec.mlp_act, spec.model_type)
         if type(act).__name__ not in spec.activations:
             raise UnsupportedArchitectureError(
@@ -424,6 +584,11 @@ def resolve(model: nn.Module) -> ResolvedArchitecture:
     o_width = _in_features(layers[0].o_proj, spec.orientation)
     head_dim = o_width // num_heads
     num_kv_heads = int(getattr(text_config, "num_key_value_heads", None) or num_heads)
+    if spec.qkv_layout == "heads" and num_kv_heads != num_heads:
+        raise UnsupportedArchitectureError(
+            f"{model_type}: a per-head fused q/k/v projection with {num_kv_heads} key/value heads for {num_heads} "
+            "query heads (grouped-query attention) is not a layout the registry entry describes"
+        )
     return ResolvedArchitecture(
         spec=spec,
         model=model,
@@ -440,9 +605,10 @@ def resolve(model: nn.Module) -> ResolvedArchitecture:
         max_positions=(
             getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
         ),
+        softcaps=softcaps,
     )
 
 
 def _in_features(module: nn.Module, orientation: Orientation) -> int:
-    weight = _weight_module(module).weight
+    weight = parameter(module)
     return int(weight.shape[1] if orientation == "linear" else weight.shape[0])

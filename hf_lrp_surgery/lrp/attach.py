@@ -5,7 +5,10 @@ Nothing is patched on a class or in a global registry. The rules live in
 * instance-level ``forward`` overrides on the activation and norm modules (removed on detach, so
   attribute lookup falls back to the class method again), and
 * forward (pre-)hooks that put gradient-scaling tensor hooks on the q/k/v projection outputs and on
-  the gated product consumed by the MLP output projection (hook handles removed on detach).
+  the gated product consumed by the MLP output projection (hook handles removed on detach), and
+* for a model with tanh soft-capping (Gemma 2), an instance-level ``forward`` override on the causal
+  LM that runs its forward under a torch-function mode giving each ``tanh`` the identity rule (the
+  mode is on this thread's stack only while that forward runs).
 
 Every forward value stays bit-identical; only the backward changes. See :mod:`.rules`.
 """
@@ -19,9 +22,10 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from hf_lrp_surgery.exceptions import RulesAlreadyAttachedError, TrainingModeError
-from hf_lrp_surgery.lrp.architectures import ResolvedArchitecture, resolve
+from hf_lrp_surgery.lrp.architectures import ResolvedArchitecture, resolve, text_config_of
 from hf_lrp_surgery.lrp.rules import activation_rule, epsilon_factor, norm_rule
 
 __all__ = ["LRPRules", "Variant", "VARIANT_FACTORS"]
@@ -62,7 +66,7 @@ def _check_no_active_dropout(model: nn.Module) -> None:
     active = [name for name, m in model.named_modules() if isinstance(m, nn.Dropout) and m.training and m.p > 0]
     if model.training:
         config = getattr(model, "config", None)
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text_config = text_config_of(config)
         active += [
             f"config.{key}={getattr(text_config, key)}"
             for key in _DROPOUT_CONFIG_KEYS
@@ -164,7 +168,7 @@ class LRPRules:
         if self.variant == "gradient":
             self._install_input_hooks()
             return
-        gated = arch.spec.mlp_kind == "gated"
+        gated = arch.spec.gated
         gate_modules = {id(layer.mlp_act) for layer in arch.layers} if gated else set()
 
         for module, kind in arch.activations:
@@ -175,17 +179,10 @@ class LRPRules:
         for module, kind in arch.norms:
             self._override_forward(module, functools.partial(_norm_forward, module=module, kind=kind))
 
-        q_width, kv_width, _ = arch.qkv_split()
+        fused_factor = torch.tensor([factors["q"], factors["k"], factors["v"]])[arch.qkv_roles()]
         for layer in arch.layers:
-            if len(layer.attention_projections) == 1:
-                factor = torch.cat(
-                    [
-                        torch.full((q_width,), factors["q"]),
-                        torch.full((kv_width,), factors["k"]),
-                        torch.full((kv_width,), factors["v"]),
-                    ]
-                )
-                self._scale_output(layer.attention_projections[0], factor)
+            if len(layer.attention_projections) == 1:  # a fused q/k/v projection: factors per output feature
+                self._scale_output(layer.attention_projections[0], fused_factor)
             else:
                 for module, key in zip(layer.attention_projections, ("q", "k", "v")):
                     self._scale_output(module, factors[key])
@@ -197,6 +194,8 @@ class LRPRules:
         if self.epsilon > 0:
             for prunable in arch.prunable:
                 self._handles.append(prunable.module.register_forward_hook(_epsilon_hook(self.epsilon)))
+        if arch.softcaps:
+            self._set_forward(arch.model, _tanh_identity_forward(arch.model.forward))
 
         self._install_input_hooks()
 
@@ -207,10 +206,11 @@ class LRPRules:
             self._handles.append(arch.position_embedding.register_forward_hook(self._input_hook("positions")))
 
     def _override_forward(self, module: nn.Module, rule_forward: Callable[..., torch.Tensor]) -> None:
-        previous = module.__dict__.get("forward")
-        original = module.forward
-        self._patched.append((module, previous))
-        module.forward = functools.partial(rule_forward, original=original)  # type: ignore[method-assign]
+        self._set_forward(module, functools.partial(rule_forward, original=module.forward))
+
+    def _set_forward(self, module: nn.Module, forward: Callable[..., Any]) -> None:
+        self._patched.append((module, module.__dict__.get("forward")))
+        module.forward = forward
 
     def _scale_output(self, module: nn.Module, factor: float | torch.Tensor) -> None:
         self._handles.append(module.register_forward_hook(_output_scale_hook(factor)))
@@ -232,7 +232,7 @@ class LRPRules:
             if previous is None:
                 module.__dict__.pop("forward", None)
             else:
-                module.forward = previous  # type: ignore[method-assign]
+                module.forward = previous
         self._patched = []
 
 
@@ -240,6 +240,42 @@ def _activation_forward(x: torch.Tensor, *, original: Callable, kind: str) -> to
     if not torch.is_grad_enabled():
         return original(x)
     return activation_rule(x, original, kind)
+
+
+class _TanhIdentityMode(TorchFunctionMode):
+    """Give every ``tanh`` run while the mode is active the identity rule (tanh soft-capping).
+
+    A soft-capping ``cap * tanh(x / cap)`` is an element-wise monotone map: AttnLRP treats it like an
+    activation, R_in = R_out (Achtibat et al. 2024, Sec. 3), i.e. the gradient times ``f(x)/x``. The
+    scalings by ``cap`` around the tanh are linear and need nothing. The attention-logit cap runs inside
+    the eager attention function, out of reach of module hooks, hence a mode around the model's forward.
+    """
+
+    def __torch_function__(
+        self, func: Callable, types: Any, args: tuple = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if (
+            func in (torch.tanh, torch.Tensor.tanh)
+            and not kwargs
+            and len(args) == 1
+            and torch.is_grad_enabled()
+            and isinstance(args[0], torch.Tensor)
+            and args[0].requires_grad
+        ):
+            return activation_rule(args[0], torch.tanh, "tanh")
+        return func(*args, **kwargs)
+
+
+def _tanh_identity_forward(original: Callable[..., Any]) -> Callable[..., Any]:
+    """The causal LM's ``forward`` run under :class:`_TanhIdentityMode` (signature kept for ``generate``)."""
+
+    @functools.wraps(original)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        with _TanhIdentityMode():
+            return original(*args, **kwargs)
+
+    return forward
 
 
 def _detached_forward(x: torch.Tensor, *, original: Callable) -> torch.Tensor:
@@ -251,7 +287,7 @@ def _norm_forward(x: torch.Tensor, *, original: Callable, module: nn.Module, kin
         return original(x)
     eps = getattr(module, "variance_epsilon", None)
     if eps is None:
-        eps = module.eps
+        eps = getattr(module, "eps")  # noqa: B009 (an attribute of the norm class, not of nn.Module)
     return norm_rule(x, getattr(module, "weight", None), getattr(module, "bias", None), original, kind, float(eps))
 
 

@@ -1,9 +1,11 @@
-"""Seeds, collectors and aggregation: relevance of inputs, neurons, heads and weights.
+"""Objectives, collectors and aggregation: relevance of inputs, neurons, heads and weights.
 
 One relevance pass is one forward and one backward pass with the rules of
-:class:`~hf_lrp_surgery.lrp.attach.LRPRules` attached. The backward is seeded with the explained
-output (a logit, a target-token logit or the teacher-forced logits of a continuation); since every
-seed is linear in the logits and samples do not interact, a batch yields each sample's relevance.
+:class:`~hf_lrp_surgery.lrp.attach.LRPRules` attached. The backward starts from the explained
+output, the *objective* (a logit, a target-token logit or the teacher-forced logits of a
+continuation, or their log-probabilities); since every objective is linear in the logits (the
+softmax of ``logprob`` is held constant) and samples do not interact, a batch yields each sample's
+relevance.
 
 Collectors are hooks that read ``input * gradient`` where it means something:
 
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hf_lrp_surgery._deprecation import moved_names, warn_deprecated
 from hf_lrp_surgery.exceptions import NonFiniteRelevanceError, ReferenceSetError
 from hf_lrp_surgery.fingerprint import fingerprint
 from hf_lrp_surgery.lrp.architectures import ResolvedArchitecture
@@ -39,21 +42,40 @@ from hf_lrp_surgery.references.samples import (
     pad_token_id,
 )
 
-__all__ = ["COMPONENTS", "SeedMode", "collect_relevance"]
+__all__ = ["COMPONENTS", "OBJECTIVES", "Objective", "collect_relevance", "renamed_seed"]
 
-SeedMode = Literal["logit", "logprob"]
+#: What a relevance pass explains: the target ``"logit"`` or its ``"logprob"``.
+Objective = Literal["logit", "logprob"]
+#: Every objective.
+OBJECTIVES: tuple[Objective, ...] = ("logit", "logprob")
 #: What :func:`collect_relevance` can collect.
 COMPONENTS = ("neurons", "heads", "weights", "inputs")
 
 
-def _seed_objective(logits: torch.Tensor, batch: Batch, seed: SeedMode) -> tuple[torch.Tensor, torch.Tensor]:
+def renamed_seed(seed: Any, *, stacklevel: int = 3) -> Any:
+    """Return the value of a deprecated ``seed=`` keyword, warning that it is now ``objective=``.
+
+    The relevance objective used to be called ``seed``, which read as a random seed.
+
+    Args:
+        seed: The value given as ``seed=``.
+        stacklevel: How far up the stack the user's call is (from the caller of this function).
+
+    Returns:
+        ``seed``, to be used as the objective.
+    """
+    warn_deprecated("seed= (the relevance objective) is deprecated; use objective=", stacklevel=stacklevel + 1)
+    return seed
+
+
+def _objective(logits: torch.Tensor, batch: Batch, objective: Objective) -> tuple[torch.Tensor, torch.Tensor]:
     """Return the scalar to differentiate and the explained value per sample (in fp64)."""
     rows = logits[batch.seed_rows, batch.seed_positions]  # [N, V]
     rows = rows if rows.dtype == torch.float64 else rows.float()
     tokens = torch.where(batch.seed_tokens == ARGMAX, rows.detach().argmax(-1), batch.seed_tokens)
     weights = torch.nn.functional.one_hot(tokens, rows.shape[-1]).to(rows.dtype)
-    if seed == "logprob":
-        # d log p_t / d logits = onehot - softmax; held constant it is a linear seed on the logits.
+    if objective == "logprob":
+        # d log p_t / d logits = onehot - softmax; held constant it is linear in the logits.
         weights = weights - rows.detach().softmax(-1)
     per_seed = (rows * weights).sum(-1)
     explained = torch.zeros(logits.shape[0], dtype=torch.float64, device=logits.device)
@@ -148,7 +170,8 @@ class _Collectors:
                 if kind == "heads":
                     relevance = relevance.unflatten(-1, (groups, -1)).sum(-1)
                 target = self.neurons if kind == "neurons" else self.heads
-                target[:, layer].add_(relevance.sum(1).to(target.device))  # type: ignore[index]
+                assert target is not None  # allocated by start_batch for every collected kind
+                target[:, layer].add_(relevance.sum(1).to(target.device))
 
             x.register_hook(grad_hook)
 
@@ -226,12 +249,13 @@ def collect_relevance(
     components: Sequence[str] = ("neurons", "heads", "inputs"),
     variant: Variant = "attnlrp",
     epsilon: float = 0.0,
-    seed: SeedMode = "logit",
+    objective: Objective = "logit",
     batch_size: int = 8,
     padding_side: Literal["left", "right"] = "right",
     per_sample_abs_weights: bool = False,
     progress: bool = True,
     description: str = "relevance",
+    seed: Objective | None = None,
 ) -> RelevanceResult:
     """Compute AttnLRP relevance over a reference set and aggregate it in fp32 (fp64 for fp64 models).
 
@@ -245,8 +269,8 @@ def collect_relevance(
         variant: ``"attnlrp"``, ``"cp"`` or ``"gradient"`` (no rules: gradient x input, and
             gradient x weight for weights; see :class:`~hf_lrp_surgery.lrp.attach.LRPRules`).
         epsilon: LRP-epsilon on the prunable linear layers (0: gradient x input).
-        seed: ``"logit"`` explains the target logits; ``"logprob"`` their log-probabilities (the seed
-            ``onehot - softmax`` on the logits, held constant).
+        objective: ``"logit"`` explains the target logits; ``"logprob"`` their log-probabilities (the
+            gradient ``onehot - softmax`` on the logits, held constant).
         batch_size: Samples per forward/backward pass.
         padding_side: Where batches are padded; pads get zero relevance either way. Right padding
             (the default) never creates fully masked attention rows, which some attention kernels
@@ -255,6 +279,7 @@ def collect_relevance(
             size of the prunable weights, and one small matmul per sample and layer).
         progress: Show a tqdm progress bar.
         description: The progress bar's label.
+        seed: Deprecated name of ``objective``.
 
     Returns:
         The aggregated :class:`~hf_lrp_surgery.lrp.result.RelevanceResult`.
@@ -273,8 +298,10 @@ def collect_relevance(
     unknown = set(components) - set(COMPONENTS)
     if unknown or not components:
         raise ValueError(f"components must be a non-empty subset of {COMPONENTS}, got {list(components)}")
-    if seed not in ("logit", "logprob"):
-        raise ValueError(f"seed must be 'logit' or 'logprob', got {seed!r}")
+    if seed is not None:
+        objective = renamed_seed(seed)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be 'logit' or 'logprob', got {objective!r}")
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     if batch_size < 1:
@@ -293,15 +320,16 @@ def collect_relevance(
             "method": "gradient" if variant == "gradient" else "lrp",
             "variant": variant,
             "epsilon": float(epsilon),
-            "seed": seed,
+            # Saved scores and model cards of earlier releases read the objective under this key.
+            "seed": objective,
             "components": sorted(wanted),
             "per_sample_abs_weights": bool(per_sample_abs_weights and "weights" in wanted),
         },
     )
-    device = arch.token_embedding.weight.device
+    device = arch.embedding_weight.device
     pad_id = pad_token_id(tokenizer, arch.model)
     explained: list[torch.Tensor] = []
-    dtype = torch.float64 if arch.token_embedding.weight.dtype == torch.float64 else torch.float32
+    dtype = torch.float64 if arch.embedding_weight.dtype == torch.float64 else torch.float32
     neuron_sums = torch.zeros(arch.num_layers, arch.num_neurons, dtype=dtype, device=device)
     neuron_abs = torch.zeros_like(neuron_sums)
     head_sums = torch.zeros(arch.num_layers, arch.num_heads, dtype=dtype, device=device)
@@ -322,11 +350,11 @@ def collect_relevance(
                 position_ids=batch.position_ids,
                 use_cache=False,
             ).logits
-            objective, batch_explained = _seed_objective(logits, batch, seed)
+            explained_sum, batch_explained = _objective(logits, batch, objective)
             leaves = [rules.inputs[key] for key in ("tokens", "positions") if key in rules.inputs]
-            grads = torch.autograd.grad(objective, leaves)
+            grads = torch.autograd.grad(explained_sum, leaves)
             collectors.end_batch()
-            del logits, objective
+            del logits, explained_sum
             explained.append(batch_explained.cpu())
             if collectors.neurons is not None:
                 neuron_sums += collectors.neurons.sum(0)
@@ -335,7 +363,9 @@ def collect_relevance(
                 head_sums += collectors.heads.sum(0)
                 head_abs += collectors.heads.abs().sum(0)
             if "inputs" in wanted:
-                token_relevance = sum((leaf.detach().to(dtype) * g.to(dtype)).sum(-1) for leaf, g in zip(leaves, grads))
+                token_relevance = torch.stack(
+                    [(leaf.detach().to(dtype) * g.to(dtype)).sum(-1) for leaf, g in zip(leaves, grads)]
+                ).sum(0)
                 mask = batch.attention_mask.bool()
                 for b in range(mask.shape[0]):
                     result.input_relevance.append(token_relevance[b][mask[b]].cpu())
@@ -359,17 +389,10 @@ def collect_relevance(
 _MOVED = {"ReferenceSample", "SampleLike", "as_samples", "encode_sample", "make_batch", "pad_token_id"}
 
 
-def __getattr__(name: str) -> object:
-    """The reference-sample helpers moved to :mod:`hf_lrp_surgery.references.samples` (kept here for one release)."""
-    if name in _MOVED:
-        import warnings
-
-        from hf_lrp_surgery.references import samples
-
-        warnings.warn(
-            f"hf_lrp_surgery.lrp.collect.{name} moved to hf_lrp_surgery.references.samples.{name}",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(samples, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = moved_names(
+    __name__,
+    {
+        "SeedMode": "hf_lrp_surgery.lrp.collect:Objective",
+        **{name: f"hf_lrp_surgery.references.samples:{name}" for name in _MOVED},
+    },
+)

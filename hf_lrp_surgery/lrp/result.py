@@ -6,19 +6,20 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from hf_lrp_surgery._deprecation import moved_names
 from hf_lrp_surgery._version import __version__
 from hf_lrp_surgery.exceptions import FingerprintMismatchError
 from hf_lrp_surgery.fingerprint import ModelFingerprint
 from hf_lrp_surgery.io import atomic_directory
+from hf_lrp_surgery.lrp.layout import Granularity
 
-__all__ = ["RelevanceResult", "Component"]
+__all__ = ["RelevanceResult"]
 
-Component = Literal["neurons", "heads", "weights"]
 
 _TENSORS_FILE = "relevance.safetensors"
 _META_FILE = "relevance.json"
@@ -63,7 +64,16 @@ class RelevanceResult:
     input_ids: list[torch.Tensor] = field(default_factory=list)
 
     # -- reading ------------------------------------------------------------------------------
-    def mean(self, component: Component, *, absolute: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
+    @overload
+    def mean(self, component: Literal["neurons", "heads"], *, absolute: bool = False) -> torch.Tensor: ...
+
+    @overload
+    def mean(self, component: Literal["weights"], *, absolute: bool = False) -> dict[str, torch.Tensor]: ...
+
+    @overload
+    def mean(self, component: Granularity, *, absolute: bool = False) -> torch.Tensor | dict[str, torch.Tensor]: ...
+
+    def mean(self, component: Granularity, *, absolute: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
         """Mean relevance per sample.
 
         Args:
@@ -129,7 +139,7 @@ class RelevanceResult:
             return a + b
 
         def add_dict(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            return {k: a[k] + b[k] if k in a and k in b else a.get(k, b.get(k)) for k in {**a, **b}}
+            return {k: a[k] + b[k] if k in a and k in b else {**b, **a}[k] for k in {**a, **b}}
 
         return RelevanceResult(
             fingerprint=self.fingerprint,
@@ -216,3 +226,6 @@ class RelevanceResult:
             input_relevance=[tensors[f"input_relevance/{i}"] for i in range(count)],
             input_ids=[tensors[f"input_ids/{i}"] for i in range(count)],
         )
+
+
+__getattr__ = moved_names(__name__, {"Component": "hf_lrp_surgery.lrp.layout:Granularity"})

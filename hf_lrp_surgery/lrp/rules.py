@@ -53,14 +53,25 @@ def _quick_gelu_ratio(x: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(1.702 * x)
 
 
-#: ``f(x) / x`` in closed form for each supported activation kind. Never computed as a division, so
-#: it is finite at ``x = 0`` and for tiny ``x`` in every precision.
+def _tanh_ratio(x: torch.Tensor) -> torch.Tensor:
+    # tanh(x)/x has no division-free closed form; the quotient of two correctly rounded values is
+    # accurate to a few ulps for every finite x != 0 (tanh(x) == x for tiny x), and the limit 1 is
+    # taken at 0. Infinite x gives 1/inf = 0, the limit.
+    safe = torch.where(x == 0, torch.ones_like(x), x)
+    return torch.where(x == 0, torch.ones_like(x), torch.tanh(safe) / safe)
+
+
+#: ``f(x) / x`` in closed form for each supported activation kind. Never computed as ``f(x) / x`` of
+#: the activation's output (tanh: an exact quotient away from 0), so it is finite at ``x = 0`` and for
+#: tiny ``x`` in every precision.
 ACTIVATION_RATIOS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": _silu_ratio,
     "gelu": _gelu_ratio,
     "gelu_tanh": _gelu_tanh_ratio,
     "relu": _relu_ratio,
     "quick_gelu": _quick_gelu_ratio,
+    # The tanh of a soft-capping cap * tanh(x / cap) (Gemma 2); the scalings around it are linear.
+    "tanh": _tanh_ratio,
 }
 
 
@@ -68,7 +79,7 @@ class _ActivationRule(torch.autograd.Function):
     """Forward runs the activation; backward sends ``grad * f(x)/x`` to the input."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, x: torch.Tensor, forward_fn: Callable[[torch.Tensor], torch.Tensor], kind: str
     ) -> torch.Tensor:
         ctx.save_for_backward(x)
@@ -76,7 +87,7 @@ class _ActivationRule(torch.autograd.Function):
         return forward_fn(x)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (x,) = ctx.saved_tensors
         compute = torch.promote_types(x.dtype, torch.float32)
         ratio = ACTIVATION_RATIOS[ctx.kind](x.to(compute))
@@ -112,7 +123,7 @@ class _NormRule(torch.autograd.Function):
     """Forward runs the norm; backward differentiates it with the normaliser held constant."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: torch.Tensor,
         weight: torch.Tensor | None,
@@ -132,7 +143,7 @@ class _NormRule(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, inv, out = ctx.saved_tensors
         kind = ctx.kind
         g = grad.to(inv.dtype)

@@ -66,6 +66,23 @@ def pad_rows(
     return input_ids.to(device), attention_mask.to(device), offsets
 
 
+def _is_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_text_or_ids(value: object, field: str, prompt: object) -> None:
+    """Refuse a prompt or continuation that is neither text nor a sequence of token ids (e.g. ``5`` or ``None``)."""
+    if isinstance(value, str):
+        return
+    if isinstance(value, torch.Tensor) and not value.is_floating_point() and value.dim() == 1:
+        return
+    if isinstance(value, Sequence) and all(_is_id(x) for x in value):
+        return
+    raise ReferenceSetError(
+        f"sample {prompt!r}: the {field} must be text or a list of token ids, got {type(value).__name__} {value!r}"
+    )
+
+
 @dataclass(frozen=True)
 class ReferenceSample:
     """One sample to explain.
@@ -95,6 +112,14 @@ class ReferenceSample:
     focus: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
+        _check_text_or_ids(self.prompt, "prompt", self.prompt)
+        if self.continuation is not None:
+            _check_text_or_ids(self.continuation, "continuation", self.prompt)
+        if self.target is not None and not isinstance(self.target, str) and not _is_id(self.target):
+            raise ReferenceSetError(
+                f"sample {self.prompt!r}: the target must be a token id or a one-token string, got "
+                f"{type(self.target).__name__} {self.target!r}"
+            )
         if self.continuation is not None and self.target is not None:
             raise ReferenceSetError(f"sample {self.prompt!r}: give a continuation or a target, not both")
         if self.focus is not None and (self.continuation is None or not self.focus):
@@ -129,7 +154,7 @@ def as_samples(items: Iterable[SampleLike]) -> list[ReferenceSample]:
             samples.append(
                 ReferenceSample(item["prompt"], item.get("continuation"), item.get("target"), item.get("focus"))
             )
-        elif isinstance(item, tuple) and len(item) == 2 and all(isinstance(x, str) for x in item):
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], str):
             samples.append(ReferenceSample(item[0], item[1]))
         elif isinstance(item, torch.Tensor) and not item.is_floating_point() and item.dim() == 1:
             samples.append(ReferenceSample(item.tolist()))

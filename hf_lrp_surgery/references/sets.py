@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,24 +23,33 @@ _TEXT_COLUMNS = ("prompt", "text")
 _SUFFIXES = (".txt", ".json", ".jsonl")
 
 
-def _from_records(records: Iterable[Any], origin: str) -> list[ReferenceSample]:
-    samples: list[SampleLike] = []
-    for i, record in enumerate(records):
-        if isinstance(record, dict):
-            prompt = next((record[c] for c in _TEXT_COLUMNS if c in record), None)
-            if prompt is None:
-                raise ReferenceSetError(
-                    f"{origin}: record {i} has none of the columns {_TEXT_COLUMNS} (it has "
-                    f"{sorted(record)}); rename the prompt column to 'prompt'"
-                )
-            samples.append(
-                {"prompt": prompt, "continuation": record.get("continuation"), "target": record.get("target")}
+def _as_sample_like(record: Any, i: int, origin: str) -> SampleLike:
+    if isinstance(record, dict):
+        column = next((c for c in _TEXT_COLUMNS if c in record), None)
+        if column is None:
+            raise ReferenceSetError(
+                f"{origin}: record {i} has none of the columns {_TEXT_COLUMNS} (it has "
+                f"{sorted(record)}); rename the prompt column to 'prompt'"
             )
-        elif isinstance(record, list) and len(record) == 2 and all(isinstance(x, str) for x in record):
-            samples.append((record[0], record[1]))  # a JSON (prompt, continuation) pair
-        else:
-            samples.append(record)
-    return as_samples(samples)
+        if record[column] is None:
+            raise ReferenceSetError(f"{origin}: record {i} has an empty (null) {column!r}; give its text")
+        return {"prompt": record[column], "continuation": record.get("continuation"), "target": record.get("target")}
+    if isinstance(record, list) and len(record) == 2 and all(isinstance(x, str) for x in record):
+        return (record[0], record[1])  # a JSON (prompt, continuation) pair
+    return record
+
+
+def _from_records(records: Iterable[Any], origin: str) -> list[ReferenceSample]:
+    samples: list[ReferenceSample] = []
+    for i, record in enumerate(records):
+        try:
+            samples += as_samples([_as_sample_like(record, i, origin)])
+        except ReferenceSetError as err:
+            message = str(err)
+            raise ReferenceSetError(
+                message if message.startswith(origin) else f"{origin}: record {i}: {message}"
+            ) from err
+    return samples
 
 
 def _from_columns(columns: Mapping[str, Any]) -> list[ReferenceSample]:
@@ -56,20 +66,57 @@ def _from_columns(columns: Mapping[str, Any]) -> list[ReferenceSample]:
     return _from_records([{key: columns[key][i] for key in columns} for i in range(length)], "the column mapping")
 
 
-def _from_file(path: Path) -> list[ReferenceSample]:
+def _read_text(path: Path) -> str:
+    if path.is_dir():
+        raise ReferenceSetError(f"{path} is a directory; give a .txt, .json or .jsonl file")
     if not path.is_file():
         raise FileNotFoundError(f"reference set file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    if path.suffix not in _SUFFIXES:
+        raise ReferenceSetError(
+            f"{path}: unsupported file type {path.suffix or '(none)'}; give a .txt (one prompt per line), .json or "
+            ".jsonl file, or load it with datasets and pass the Dataset"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ReferenceSetError(f"{path} is not UTF-8 text (byte {err.start}); re-encode it as UTF-8") from err
+    if not text.strip():
+        raise ReferenceSetError(f"{path} is empty; give at least one sample")
+    return text
+
+
+def _json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ReferenceSetError(f"{where} is not valid JSON: {err.msg} (column {err.colno})") from err
+
+
+def _from_file(path: Path) -> list[ReferenceSample]:
+    text = _read_text(path)
     if path.suffix == ".jsonl":
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        records = [
+            _json(line, f"{path}, line {number}")
+            for number, line in enumerate(text.splitlines(), start=1)
+            if line.strip()
+        ]
     elif path.suffix == ".json":
-        data = json.loads(text)
-        records = data.get("samples", data.get("prompts")) if isinstance(data, dict) else data
-        if not isinstance(records, list):
+        data = _json(text, str(path))
+        found = data.get("samples", data.get("prompts")) if isinstance(data, dict) else data
+        if not isinstance(found, list):
             raise ReferenceSetError(f"{path}: expected a JSON list, or an object with a 'samples' or 'prompts' list")
+        records = found
     else:
         records = [line for line in text.splitlines() if line.strip()]
     return _from_records(records, str(path))
+
+
+def _looks_like_path(text: str) -> bool:
+    """A string names a file if it exists or ends like one (``x.csv`` is a path, not a prompt)."""
+    return "\n" not in text and (Path(text).suffix in _SUFFIXES or Path(text).exists() or bool(_FILE_LIKE.match(text)))
+
+
+_FILE_LIKE = re.compile(r"^\S+\.[A-Za-z0-9]{1,8}$")
 
 
 def load_reference_set(
@@ -87,21 +134,26 @@ def load_reference_set(
             * a ``datasets.Dataset`` (or any iterable of mappings), or a column mapping such as
               ``{"prompt": [...], "continuation": [...]}``, with a ``prompt`` or ``text`` column and
               optional ``continuation`` / ``target`` columns (a ``DatasetDict``: pick a split).
-        limit: Keep only the first ``limit`` samples.
+        limit: Keep only the first ``limit`` samples (a count >= 0).
         min_samples: Fewest samples the caller needs.
 
     Returns:
         The samples.
 
     Raises:
-        ReferenceSetError: The set is empty, smaller than ``min_samples``, or a record has no prompt.
+        ReferenceSetError: The set is empty, smaller than ``min_samples``, or a record has no prompt;
+            a file is not UTF-8, not valid JSON (the message names the file and line), of an
+            unsupported type, or a directory; ``limit`` is negative.
         FileNotFoundError: A path does not exist.
 
     Example:
         >>> load_reference_set(["You are", ("Hello", " world")])  # doctest: +SKIP
         >>> load_reference_set("toxic.jsonl", limit=64)  # doctest: +SKIP
     """
-    if isinstance(source, os.PathLike) or (isinstance(source, str) and Path(source).suffix in _SUFFIXES):
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        # A negative limit would silently drop samples from the end (Python slicing).
+        raise ReferenceSetError(f"limit must be a number of samples >= 0, got {limit!r}")
+    if isinstance(source, os.PathLike) or (isinstance(source, str) and _looks_like_path(source)):
         samples = _from_file(Path(source))
         origin = str(source)
     elif isinstance(source, str):

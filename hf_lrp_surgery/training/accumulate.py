@@ -60,7 +60,8 @@ class RelevanceAccumulator:
     Attributes:
         layout: Where the components live in the model.
         components: The component kinds accumulated (``"neurons"``, ``"heads"``, ``"weights"``).
-        settings: How each pass computes relevance (variant, seed, ...); recorded in the scores.
+        settings: How each pass computes relevance (variant, the objective under its recorded key ``seed``,
+            ...); recorded in the scores.
         sums: Set name -> sum name (``neurons``, ``neurons_abs``, ``heads``, ``heads_abs``,
             ``weights/<module>``, ``weights_abs/<module>``) -> fp64 running sum.
         counts: Set name -> explained samples over all passes.

@@ -11,7 +11,7 @@ contrast, selection or carrier code of its own:
   contrast and the next candidates for pruning;
 * **surgery** at the end of training, or at every checkpoint: :func:`~hf_lrp_surgery.scoring.contrast`
   of the accumulated relevance, :func:`~hf_lrp_surgery.masks.select`, then
-  :func:`~hf_lrp_surgery.apply.apply_masks` and :func:`~hf_lrp_surgery.apply.save_corrected`
+  :func:`~hf_lrp_surgery.carriers.apply_masks` and :func:`~hf_lrp_surgery.carriers.save_corrected`
   next to the checkpoint, and an optional push;
 * **masks enforced while training** (:class:`MaskEnforcer`): a mask given up front, or made at a
   checkpoint, stays exactly in place until training ends;
@@ -37,17 +37,17 @@ import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from hf_lrp_surgery.apply import Carrier, apply_masks
+from hf_lrp_surgery.carriers import CarrierName, apply_masks
 from hf_lrp_surgery.exceptions import ReferenceSetError, TrainingSetupError, TrainingStateError
 from hf_lrp_surgery.fingerprint import ModelFingerprint, fingerprint
 from hf_lrp_surgery.io import atomic_directory, write_json_atomic
 from hf_lrp_surgery.lrp.architectures import unwrap_model
-from hf_lrp_surgery.lrp.attach import Variant
-from hf_lrp_surgery.lrp.collect import SeedMode, collect_relevance
-from hf_lrp_surgery.masks import Granularity, Mask, Scope, select
+from hf_lrp_surgery.lrp.collect import collect_relevance
+from hf_lrp_surgery.masks import Mask, select
+from hf_lrp_surgery.options import ContrastOptions, ScoringOptions, SelectionOptions, reject_unknown
 from hf_lrp_surgery.references import ReferenceSource, load_reference_set
 from hf_lrp_surgery.references.samples import ReferenceSample
-from hf_lrp_surgery.scoring import Aggregation, Normalization, Scores, contrast
+from hf_lrp_surgery.scoring import Scores, contrast
 from hf_lrp_surgery.training.accumulate import SETS, RelevanceAccumulator, distributed_rank_and_size
 from hf_lrp_surgery.training.enforce import MaskEnforcer
 
@@ -79,13 +79,15 @@ class LRPSurgeryCallback(TrainerCallback):
             the corrected model.
         masks: Masks to enforce from the first step (at most one per granularity), built for the
             model being trained (the fingerprint is checked on a fresh run).
-        granularity: What surgery prunes: ``"neurons"``, ``"heads"`` or ``"weights"``.
         budget: Units each surgery prunes in addition to those already pruned (a count, or a
             fraction of the eligible units), as in :func:`~hf_lrp_surgery.masks.select`.
-        scope, modules, layers: Selection options of :func:`~hf_lrp_surgery.masks.select`.
-        method: ``"lrp"`` (AttnLRP) or ``"gradient"`` (gradient x input, no rules).
-        normalize, protect_top: Contrast options of :func:`~hf_lrp_surgery.scoring.contrast`.
-        aggregation, seed, variant, epsilon: Relevance options of :func:`~hf_lrp_surgery.scoring.score`.
+        scoring_options: How relevance passes score (:class:`~hf_lrp_surgery.options.ScoringOptions`):
+            ``method`` ``"lrp"`` (AttnLRP) or ``"gradient"`` (gradient x input, no rules),
+            ``aggregation``, ``objective``, ``variant``, ``epsilon``, ``batch_size``; the scored
+            components are the selection's granularity.
+        contrast_options: :class:`~hf_lrp_surgery.options.ContrastOptions` of the surgery's contrast.
+        selection_options: What surgery prunes (:class:`~hf_lrp_surgery.options.SelectionOptions`):
+            ``granularity`` (``"neurons"``, ``"heads"`` or ``"weights"``), ``scope``, ``modules``, ``layers``.
         every_n_steps: Run a relevance pass every this many optimizer steps (``None``: never).
         on_evaluate: Also run one after every evaluation.
         at_end: Also run one at the last step (before surgery at the end), when relevance is used at all.
@@ -102,14 +104,17 @@ class LRPSurgeryCallback(TrainerCallback):
             ``hf_lrp_surgery.hub.push_to_hub``). A failed push is a warning (with the directory
             to retry from), never the end of a training run; failures are kept in ``push_errors``.
         push_kwargs: Extra keyword arguments of ``push_fn`` (e.g. ``private=True``, ``base_model=``).
-        batch_size: Samples per relevance batch.
         limit: Use at most this many samples of each set.
         top_k: Pruning candidates written to the logs.
         progress: Show progress bars during relevance passes.
+        **keywords: Fields of the three options classes (``granularity``, ``scope``, ``method``,
+            ``normalize``, ``aggregation``, ``objective``, ``batch_size``, ...), replacing theirs;
+            ``seed`` is a deprecated name of ``objective``.
 
     Raises:
         ReferenceSetError: A relevance schedule or surgery is asked for without both reference sets.
         ValueError: An option is out of range, or ``carrier="adapter"`` with weight masks.
+        TypeError: A keyword is not an option.
 
     Example:
         >>> callback = LRPSurgeryCallback(undesired=toxic_pairs, general=clean_pairs, granularity="neurons",
@@ -126,35 +131,32 @@ class LRPSurgeryCallback(TrainerCallback):
         *,
         tokenizer: Any = None,
         masks: Mask | Sequence[Mask] | None = None,
-        granularity: Granularity = "neurons",
         budget: int | float = 50,
-        scope: Scope = "global",
-        modules: Sequence[str] | str | None = None,
-        layers: Sequence[int] | None = None,
-        method: Literal["lrp", "gradient"] = "lrp",
-        normalize: Normalization = "total",
-        protect_top: float = 0.05,
-        aggregation: Aggregation = "signed",
-        seed: SeedMode = "logit",
-        variant: Variant = "attnlrp",
-        epsilon: float = 0.0,
+        scoring_options: ScoringOptions | None = None,
+        contrast_options: ContrastOptions | None = None,
+        selection_options: SelectionOptions | None = None,
         every_n_steps: int | None = None,
         on_evaluate: bool = False,
         at_end: bool = True,
         surgery: Literal["end", "save"] | None = "end",
-        carrier: Carrier = "bake",
+        carrier: CarrierName = "bake",
         output_dir: str | os.PathLike[str] | None = None,
         base_model_name_or_path: str | None = None,
         push_to_hub: str | None = None,
         push_fn: PushFn | None = None,
         push_kwargs: dict[str, Any] | None = None,
-        batch_size: int = 8,
         limit: int | None = None,
         top_k: int = 3,
         progress: bool = False,
+        **keywords: Any,
     ) -> None:
-        if granularity not in ("neurons", "heads", "weights"):
-            raise ValueError(f"granularity must be 'neurons', 'heads' or 'weights', got {granularity!r}")
+        self.selection = SelectionOptions.take(selection_options, keywords)
+        granularity = self.selection.granularity
+        self.contrast_options = ContrastOptions.take(contrast_options, keywords)
+        keywords.setdefault("components", (granularity,))
+        self.scoring = ScoringOptions.take(scoring_options, keywords)
+        reject_unknown(keywords, "LRPSurgeryCallback")
+        method = self.scoring.method
         if surgery not in ("end", "save", None):
             raise ValueError(f"surgery must be 'end', 'save' or None, got {surgery!r}")
         if carrier not in ("bake", "adapter"):
@@ -163,8 +165,8 @@ class LRPSurgeryCallback(TrainerCallback):
             raise ValueError(f"method must be 'lrp' or 'gradient' (relevance needs samples), got {method!r}")
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1 or None, got {every_n_steps}")
-        if batch_size < 1 or top_k < 0:
-            raise ValueError(f"batch_size must be >= 1 and top_k >= 0, got {batch_size} and {top_k}")
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {top_k}")
         mask_list = [masks] if isinstance(masks, Mask) else list(masks or [])
         if len({m.granularity for m in mask_list}) != len(mask_list):
             raise ValueError(f"give at most one mask per granularity, got {[m.granularity for m in mask_list]}")
@@ -189,34 +191,18 @@ class LRPSurgeryCallback(TrainerCallback):
                 self.samples[name] = load_reference_set(source, limit=limit)
         self.tokenizer = tokenizer
         self.initial_masks = mask_list
-        self.selection = {
-            "granularity": granularity,
-            "budget": budget,
-            "scope": scope,
-            "modules": modules,
-            "layers": layers,
-        }
-        self.contrast_options = {"normalize": normalize, "protect_top": protect_top}
-        self.aggregation = aggregation
-        self.relevance_options = {
-            "variant": "gradient" if method == "gradient" else variant,
-            "epsilon": 0.0 if method == "gradient" else float(epsilon),
-            "seed": seed,
-            "per_sample_abs_weights": granularity == "weights" and aggregation == "abs",
-        }
-        self.method = method
+        self.budget = budget
         self.every_n_steps = every_n_steps
         self.on_evaluate_pass = on_evaluate
         self.at_end = at_end
         self.surgery = surgery
-        self.carrier: Carrier = carrier
+        self.carrier: CarrierName = carrier
         self.output_dir = output_dir
         self.base_model_name_or_path = base_model_name_or_path
         self.push_to_hub = push_to_hub
         self.push_fn = push_fn
         self.push_kwargs = dict(push_kwargs or {})
         self.push_errors: list[str] = []
-        self.batch_size = batch_size
         self.top_k = top_k
         self.progress = progress
         self.enforcer: MaskEnforcer | None = None
@@ -258,7 +244,7 @@ class LRPSurgeryCallback(TrainerCallback):
     # -- checks -------------------------------------------------------------------------------
     def _check_setup(self, args: TrainingArguments, model: nn.Module) -> None:
         weight_masks = any(m.granularity == "weights" for m in self.initial_masks) or (
-            self.surgery is not None and self.selection["granularity"] == "weights"
+            self.surgery is not None and self.selection.granularity == "weights"
         )
         fsdp = bool(getattr(args, "fsdp", None)) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
         if fsdp or any(type(p).__name__ in ("FlatParameter", "DTensor") for p in model.parameters()):
@@ -311,8 +297,8 @@ class LRPSurgeryCallback(TrainerCallback):
         layout = self.enforcer.layout
         self.accumulator = RelevanceAccumulator(
             layout=layout,
-            components=(self.selection["granularity"],),
-            settings={"method": self.method, **self.relevance_options, "components": [self.selection["granularity"]]},
+            components=self.scoring.components,
+            settings={**self._relevance_settings(), "components": list(self.scoring.components)},
         )
         self.surgery_steps, self.saved, self._pending_logs = [], [], {}
         resumed = state.global_step > 0
@@ -428,6 +414,17 @@ class LRPSurgeryCallback(TrainerCallback):
             self.enforcer.remove()
 
     # -- relevance ----------------------------------------------------------------------------
+    def _relevance_settings(self) -> dict[str, Any]:
+        """How each pass computes relevance, under the keys of earlier releases' checkpoints (``seed``)."""
+        gradient = self.scoring.method == "gradient"
+        return {
+            "method": self.scoring.method,
+            "variant": "gradient" if gradient else self.scoring.variant,
+            "epsilon": 0.0 if gradient else float(self.scoring.epsilon),
+            "seed": self.scoring.objective,
+            "per_sample_abs_weights": self.selection.granularity == "weights" and self.scoring.aggregation == "abs",
+        }
+
     def _pass_due(self, step: int) -> bool:
         return bool(self.samples) and (self.accumulator is None or step not in self.accumulator.steps)
 
@@ -442,6 +439,7 @@ class LRPSurgeryCallback(TrainerCallback):
             p.grad = None  # anything written during the pass lands in fresh tensors, discarded below
         model.eval()  # no dropout; transformers' gradient checkpointing only acts in training mode
         try:
+            settings = self._relevance_settings()
             results = {}
             for name in SETS:
                 shard = self.samples[name][rank::world]
@@ -451,10 +449,13 @@ class LRPSurgeryCallback(TrainerCallback):
                         shard,
                         self.tokenizer,
                         components=self.accumulator.components,
-                        batch_size=self.batch_size,
+                        variant=settings["variant"],
+                        epsilon=settings["epsilon"],
+                        objective=settings["seed"],
+                        per_sample_abs_weights=settings["per_sample_abs_weights"],
+                        batch_size=self.scoring.batch_size,
                         progress=self.progress,
                         description=f"relevance ({name}, step {step})",
-                        **self.relevance_options,
                     )
                     if shard
                     else None
@@ -474,18 +475,19 @@ class LRPSurgeryCallback(TrainerCallback):
         """The contrast of the accumulated relevance (attributed to ``current``), pruned units made ineligible."""
         assert self.accumulator is not None and self.enforcer is not None
         current = current or fingerprint(model)  # for logs the cached fingerprint is enough
+        aggregation = self.scoring.aggregation
         scores = contrast(
-            self.accumulator.scores("general", current, self.aggregation),
-            self.accumulator.scores("undesired", current, self.aggregation),
-            **self.contrast_options,
+            self.accumulator.scores("general", current, aggregation),
+            self.accumulator.scores("undesired", current, aggregation),
+            self.contrast_options,
         )
-        pruned = self.enforcer.masks.get(self.selection["granularity"])
-        return scores if pruned is None else _exclude(scores, pruned)
+        pruned = self.enforcer.masks.get(self.selection.granularity)
+        return scores if pruned is None else scores.excluding(pruned)
 
     def _summary(self, model: nn.Module) -> dict[str, float]:
         """Log entries: passes, samples, undesired mass per layer, and the next pruning candidates."""
         assert self.accumulator is not None
-        granularity = self.selection["granularity"]
+        granularity = self.selection.granularity
         scores = self._scores(model)
         values = scores.get(granularity)
         logs: dict[str, float] = {f"{_LOG_PREFIX}passes": float(self.accumulator.passes)}
@@ -518,9 +520,16 @@ class LRPSurgeryCallback(TrainerCallback):
         assert self.enforcer is not None and self.accumulator is not None
         if self._pass_due(step) and self.accumulator.passes == 0:
             self._relevance_pass(model, step)
-        selection = {k: v for k, v in self.selection.items() if k != "granularity" and k != "budget"}
         scores = self._scores(model, fingerprint(model))
-        mask = select(scores, self.selection["granularity"], self.selection["budget"], **selection)
+        selection = self.selection
+        mask = select(
+            scores,
+            selection.granularity,
+            self.budget,
+            scope=selection.scope,
+            modules=selection.modules,
+            layers=selection.layers,
+        )
         mask = _broadcast_mask(mask)
         mask = replace(
             mask,
@@ -576,8 +585,8 @@ class LRPSurgeryCallback(TrainerCallback):
         return {
             "format_version": 1,
             "samples_sha256": _samples_digest(self.samples),
-            "selection": {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in self.selection.items()},
-            "relevance": {"method": self.method, **self.relevance_options, "aggregation": self.aggregation},
+            "selection": {**self.selection.to_dict(), "budget": self.budget},
+            "relevance": {**self._relevance_settings(), "aggregation": self.scoring.aggregation},
             "surgery": self.surgery,
             "surgery_steps": self.surgery_steps,
             "masks": sorted(self.enforcer.masks) if self.enforcer else [],
@@ -653,22 +662,6 @@ def _lowest(row: torch.Tensor, k: int) -> tuple[list[float], list[int]]:
         return [], []
     top = torch.topk(values, count, largest=False)
     return top.values.tolist(), top.indices.tolist()
-
-
-def _exclude(scores: Scores, mask: Mask) -> Scores:
-    """A copy of ``scores`` in which the units of ``mask`` score ``+inf`` (never selected again)."""
-    out = replace(
-        scores,
-        weights={k: v.clone() for k, v in scores.weights.items()},
-        neurons=None if scores.neurons is None else scores.neurons.clone(),
-        heads=None if scores.heads is None else scores.heads.clone(),
-    )
-    for name, index in mask.indices.items():
-        if mask.granularity == "weights":
-            out.weights[name].view(-1)[index] = torch.inf
-        else:
-            getattr(out, mask.granularity)[mask.layer_of(name), index] = torch.inf
-    return out
 
 
 def _broadcast_mask(mask: Mask) -> Mask:

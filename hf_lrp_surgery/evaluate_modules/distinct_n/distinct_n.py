@@ -6,7 +6,7 @@ Load it offline with ``evaluate.load(hf_lrp_surgery.evaluation.evaluate_module_p
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import datasets
 import evaluate
@@ -35,6 +35,8 @@ Args:
 Returns:
     distinct_<n>: Distinct n-grams / n-grams (0.0 when no response has n items).
 Examples:
+    >>> import evaluate
+    >>> from hf_lrp_surgery.evaluation import evaluate_module_path
     >>> metric = evaluate.load(evaluate_module_path("distinct_n"))
     >>> metric.compute(predictions=["a b a b", "a b c"], n=2)
     {'distinct_2': 0.6}
@@ -59,4 +61,5 @@ class DistinctN(evaluate.Metric):
         )
 
     def _compute(self, predictions: Sequence[Sequence[int] | str], n: int = 2) -> dict[str, Any]:
-        return {f"distinct_{n}": distinct_n(predictions, n)}
+        # One column type per call (the two feature sets above): all strings or all token-id lists.
+        return {f"distinct_{n}": distinct_n(cast(Sequence[str], predictions), n)}

@@ -39,6 +39,8 @@ Returns:
 Raises:
     ValueError: Every response is empty.
 Examples:
+    >>> import evaluate
+    >>> from hf_lrp_surgery.evaluation import evaluate_module_path
     >>> rur = evaluate.load(evaluate_module_path("response_uniqueness"))
     >>> rur.compute(predictions=[[1, 1, 2, 3], [4, 5]])
     {'rur': 0.875, 'rur_per_prediction': [0.75, 1.0]}

@@ -45,6 +45,8 @@ Returns:
     threshold: The threshold used.
     scorer: The scorer's name.
 Examples:
+    >>> import evaluate
+    >>> from hf_lrp_surgery.evaluation import evaluate_module_path
     >>> metric = evaluate.load(evaluate_module_path("toxicity"))
     >>> metric.compute(predictions=["have a nice day"])["toxicity_rate"]
     0.0

@@ -1,0 +1,72 @@
+"""Checks shared by the carriers: the mask list, wrapped models, and zeros where the masks should be."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from hf_lrp_surgery.exceptions import MaskVerificationError
+from hf_lrp_surgery.lrp.architectures import resolve, unwrap_model
+from hf_lrp_surgery.masks.geometry import input_units, zeroed_entries
+from hf_lrp_surgery.masks.mask import Mask
+
+
+def mask_list(masks: Mask | Sequence[Mask]) -> list[Mask]:
+    """One mask or several as a list, refusing none and two of one granularity."""
+    out = [masks] if isinstance(masks, Mask) else list(masks)
+    if not out:
+        raise ValueError("give at least one mask")
+    granularities = [m.granularity for m in out]
+    if len(set(granularities)) != len(granularities):
+        raise ValueError(f"give at most one mask per granularity, got {granularities}")
+    return out
+
+
+def refuse_wrapped(model: nn.Module) -> None:
+    """Refuse a model that already carries a PEFT adapter (masks are computed on plain weights)."""
+    if unwrap_model(model) is not model or any(hasattr(m, "ia3_l") or hasattr(m, "lora_A") for m in model.modules()):
+        raise ValueError(
+            "the model already carries a PEFT adapter; merge it first (peft_model.merge_and_unload()) "
+            "and compute the mask on the merged model"
+        )
+
+
+def active_scaling(module: nn.Module) -> torch.Tensor | None:
+    """The product of the active IA3 vectors of an IA3 layer, or ``None`` when it scales nothing."""
+    if not hasattr(module, "ia3_l") or getattr(module, "disable_adapters", False) or getattr(module, "merged", False):
+        return None
+    vectors = [module.ia3_l[a].detach().flatten() for a in module.active_adapters if a in module.ia3_l]
+    if not vectors:
+        return None
+    return torch.stack(vectors).prod(0)
+
+
+def check_zeros(model: nn.Module, masks: Sequence[Mask]) -> None:
+    """Every masked unit is zero where the model keeps it: in an active IA3 vector, else in the weights.
+
+    Only the carried entries are read (the carrier's input side, or weight elements): a merged
+    adapter zeroes those alone, so the writer rows of a baked neuron prove nothing more.
+
+    Raises:
+        MaskVerificationError: Some masked unit is not zero.
+    """
+    arch = resolve(model)
+    for mask in masks:
+        for entry in zeroed_entries(mask, arch):
+            if not entry.carried:
+                continue
+            # IA3 vectors scale a carrier's inputs; weight elements are only ever in the weights.
+            module = unwrap_model(model).get_submodule(entry.module)
+            scaling = active_scaling(module) if mask.granularity != "weights" else None
+            if scaling is not None:
+                values, where = scaling[input_units(mask, entry.module, arch).to(scaling.device)], "the IA3 vector"
+            else:
+                param, index = entry.locate(model)
+                values, where = param.detach()[index], "weights"
+            if bool(values.ne(0).any()):
+                raise MaskVerificationError(
+                    f"{entry.module}: {int(values.ne(0).sum())} of the values in {where} that the "
+                    f"{mask.granularity} mask sets to zero are not zero: the model does not carry the mask"
+                )

@@ -1,0 +1,86 @@
+"""The bake carrier: zero exactly what the mask says in the weights; the result is an ordinary checkpoint.
+
+For a neuron: the column of the MLP output projection that reads it (``down_proj`` / ``fc2`` /
+``c_proj``) and the rows (and biases) of the input projections that write it, so the weights show
+the pruning; for a head: the columns of the attention output projection that read it; for weights:
+the elements (see :func:`~hf_lrp_surgery.masks.geometry.zeroed_entries`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hf_lrp_surgery.carriers._check import mask_list
+from hf_lrp_surgery.carriers.registry import Carrier, LoadOptions
+from hf_lrp_surgery.lrp.architectures import resolve
+from hf_lrp_surgery.masks.geometry import zeroed_entries
+from hf_lrp_surgery.masks.mask import Mask
+
+__all__ = ["BakeCarrier", "bake"]
+
+
+def bake(model: nn.Module, masks: Mask | Sequence[Mask]) -> nn.Module:
+    """Zero the masked units in the weights of ``model``, in place.
+
+    Args:
+        model: The base model the masks were built for.
+        masks: One mask or one per granularity.
+
+    Returns:
+        ``model`` (same object), now carrying the masks in its weights.
+
+    Raises:
+        FingerprintMismatchError: A mask was built for another model (the check runs before any
+            weight is touched).
+
+    Example:
+        >>> bake(model, mask).save_pretrained("runs/baked")  # doctest: +SKIP
+    """
+    masks = mask_list(masks)
+    for mask in masks:
+        mask.check_model(model)
+    return _bake(model, masks)
+
+
+@torch.no_grad()
+def _bake(model: nn.Module, masks: Sequence[Mask]) -> nn.Module:
+    """:func:`bake` without the fingerprint check (done by the caller on the original model)."""
+    arch = resolve(model)
+    for mask in masks:
+        for entry in zeroed_entries(mask, arch):
+            param, index = entry.locate(model)
+            param[index] = 0
+    return model
+
+
+class BakeCarrier(Carrier):
+    """Masks as zeros in the weights: a plain checkpoint that any ``from_pretrained`` loads."""
+
+    name = "bake"
+    model_files = (
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "model-*.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model*.bin",
+        "pytorch_model.bin.index.json",
+    )
+
+    def apply(self, model: nn.Module, masks: Sequence[Mask], *, adapter_name: str) -> nn.Module:
+        """Zero the masked entries of ``model``'s weights in place."""
+        return _bake(model, masks)
+
+    def save(self, model: nn.Module, directory: Path, *, base_model_name_or_path: str | None) -> None:
+        """``save_pretrained`` into ``directory``."""
+        model.save_pretrained(str(directory))
+
+    def load(self, directory: Path, options: LoadOptions) -> nn.Module:
+        """``AutoModelForCausalLM.from_pretrained(directory)``."""
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(str(directory), **options.from_pretrained_kwargs())

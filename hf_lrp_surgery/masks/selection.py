@@ -1,0 +1,171 @@
+"""Selecting a mask from scores: the lowest-scoring components within a budget, scope and module groups."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+
+from hf_lrp_surgery.exceptions import BudgetError, ModuleGroupError
+from hf_lrp_surgery.lrp.layout import Granularity, Layout
+from hf_lrp_surgery.masks.mask import Mask
+from hf_lrp_surgery.scoring import Scores
+
+__all__ = ["Scope", "select"]
+
+#: How a budget is ranked: over the whole model, or spread over layers (matrices for weights).
+Scope = Literal["global", "per_layer"]
+
+
+def _budget_count(budget: int | float, eligible: int, what: str) -> int:
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise BudgetError(f"budget must be a count (int >= 1) or a fraction (float in (0, 1]), got {budget!r}")
+    if isinstance(budget, float):
+        if not 0.0 < budget <= 1.0:
+            raise BudgetError(f"a fractional budget must be in (0, 1], got {budget}; give an int for a count")
+        count = round(budget * eligible)
+        if count == 0:
+            raise BudgetError(f"a budget of {budget} of {eligible} {what} rounds to 0; give a larger fraction")
+        return count
+    if budget <= 0:
+        raise BudgetError(f"budget must be >= 1, got {budget}")
+    if budget > eligible:
+        raise BudgetError(
+            f"budget {budget} exceeds the {eligible} {what} that may be pruned (protected components "
+            "and modules outside the chosen groups do not count); lower it"
+        )
+    return int(budget)
+
+
+def _match_groups(layout: Layout, modules: Sequence[str] | None) -> list[str]:
+    """Weight modules whose role (``mlp.down_proj``), last name (``down_proj``) or full name matches a group."""
+    names = list(layout.weight_modules)
+    if modules is None:
+        return names
+    if isinstance(modules, str):
+        modules = [modules]
+    roles = sorted({role for _, role in layout.weight_modules.values()})
+    chosen: list[str] = []
+    for pattern in modules:
+        hits = [
+            n
+            for n in names
+            if any(
+                fnmatch.fnmatchcase(key, pattern)
+                for key in (layout.weight_modules[n][1], layout.weight_modules[n][1].rsplit(".", 1)[-1], n)
+            )
+        ]
+        if not hits:
+            raise ModuleGroupError(
+                f"module group {pattern!r} matches no prunable module; the model's groups are "
+                f"{roles} (glob patterns such as 'mlp.*' work)"
+            )
+        chosen += [n for n in hits if n not in chosen]
+    return [n for n in names if n in chosen]
+
+
+def _lowest(values: torch.Tensor, count: int) -> torch.Tensor:
+    """Flat indices of the ``count`` lowest finite values (ties broken by position)."""
+    order = torch.sort(values.flatten().double(), stable=True).indices
+    return order[:count]
+
+
+def _spread(total: int, sizes: Sequence[int]) -> list[int]:
+    """Split ``total`` over groups in proportion to their sizes (largest remainders first)."""
+    whole = sum(sizes)
+    exact = [total * s / whole for s in sizes]
+    counts = [int(e) for e in exact]
+    for i in sorted(range(len(sizes)), key=lambda i: counts[i] - exact[i])[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def select(
+    scores: Scores,
+    granularity: Granularity,
+    budget: int | float,
+    *,
+    scope: Scope = "global",
+    modules: Sequence[str] | str | None = None,
+    layers: Sequence[int] | None = None,
+) -> Mask:
+    """Select the lowest-scoring components into a mask.
+
+    Args:
+        scores: Scores of the components (higher = keep); ``+inf`` marks protected components.
+        granularity: ``"neurons"``, ``"heads"`` or ``"weights"``.
+        budget: How many to prune: a count (``int``) or a fraction (``float`` in (0, 1]) of the
+            eligible components.
+        scope: ``"global"`` ranks all eligible components together; ``"per_layer"`` spreads the
+            budget over layers in proportion to their eligible components (each decoder block for
+            neurons and heads, each weight matrix for weights) and ranks within each.
+        modules: For weights: module groups to restrict to, as glob patterns on the block-relative
+            path or its last part (``"mlp.*"``, ``"fc1"``, ``"down_proj"``). Default: every prunable
+            weight.
+        layers: Decoder blocks to restrict to (default: all).
+
+    Returns:
+        The :class:`Mask`.
+
+    Raises:
+        BudgetError: The budget is not positive or exceeds the eligible components.
+        ModuleGroupError: A module group matches nothing.
+        NonFiniteScoreError: A score is NaN.
+        KeyError: The scores hold no components of this granularity.
+
+    Example:
+        >>> mask = select(scores, "weights", 7000, modules=["fc1"])  # doctest: +SKIP
+    """
+    if scope not in ("global", "per_layer"):
+        raise ValueError(f"scope must be 'global' or 'per_layer', got {scope!r}")
+    if modules is not None and granularity != "weights":
+        raise ValueError("modules= restricts weight masks; neuron and head masks live on fixed modules")
+    scores.check_finite()
+    layout = scores.layout
+    chosen_layers = set(range(layout.num_layers)) if layers is None else set(layers)
+    if not chosen_layers or not chosen_layers <= set(range(layout.num_layers)):
+        raise ValueError(f"layers must be a non-empty subset of 0..{layout.num_layers - 1}, got {layers}")
+    value = scores.get(granularity)
+    if isinstance(value, dict):
+        groups = {n: value[n] for n in _match_groups(layout, modules) if layout.weight_modules[n][0] in chosen_layers}
+    else:
+        carriers = layout.carriers(granularity)
+        groups = {carriers[i]: value[i] for i in sorted(chosen_layers)}
+    finite = {n: torch.isfinite(v.flatten()) for n, v in groups.items()}
+    eligible = sum(int(f.sum()) for f in finite.values())
+    what = f"{granularity} in {len(groups)} {'modules' if granularity == 'weights' else 'layers'}"
+    count = _budget_count(budget, eligible, what)
+
+    indices: dict[str, torch.Tensor] = {}
+    if scope == "global":
+        names = list(groups)
+        flat = torch.cat([groups[n].flatten().double() for n in names])
+        offsets = torch.tensor([0] + [groups[n].numel() for n in names]).cumsum(0)
+        picked = _lowest(flat, count)  # protected (+inf) sort last and count <= eligible
+        for i, name in enumerate(names):
+            local = picked[(picked >= offsets[i]) & (picked < offsets[i + 1])] - offsets[i]
+            if local.numel():
+                indices[name] = local.sort().values
+    else:
+        names = list(groups)
+        for name, share in zip(names, _spread(count, [int(finite[n].sum()) for n in names])):
+            if share:
+                indices[name] = _lowest(groups[name], share).sort().values
+    provenance: dict[str, Any] = {
+        "scores": {"method": scores.method, "settings": scores.settings, "num_samples": scores.num_samples},
+        "selection": {
+            "granularity": granularity,
+            "budget": budget,
+            "count": count,
+            "scope": scope,
+            "modules": list(modules) if isinstance(modules, (list, tuple)) else modules,
+            "layers": sorted(chosen_layers) if layers is not None else None,
+        },
+    }
+    if granularity == "weights":
+        provenance["module_sizes"] = {name: int(groups[name].numel()) for name in groups}
+    return Mask(
+        granularity=granularity, fingerprint=scores.fingerprint, layout=layout, indices=indices, provenance=provenance
+    )
