@@ -119,3 +119,29 @@ class OutputExistsError(SurgeryError, FileExistsError):
 
 class DeviceError(SurgeryError, ValueError):
     """A device name torch does not know, or a device this machine does not have."""
+
+
+class MaskManifestError(SurgeryError, ValueError):
+    """A mask does not hold together, or does not fit the model it meets.
+
+    Raised when its indices are negative, repeated, unsorted or beyond the module's units; when
+    ``mask.json`` (count, per-layer or per-module counts, granularity) disagrees with
+    ``mask.safetensors``; when a file cannot be read; or when its layout or matrix sizes are not the
+    model's. The message names what differs; re-select the mask on the model, or re-save it.
+    """
+
+
+class SavedModelError(SurgeryError, ValueError):
+    """A saved corrected-model directory is incomplete, damaged or mixed.
+
+    Raised when a file is missing or truncated, when ``surgery/check.json`` is unreadable or names a
+    mask directory outside ``surgery/``, or when the parts (masks, adapter config, weights) were not
+    saved together. Re-save the corrected model, or download it again.
+
+    Attributes:
+        path: The file or directory at fault.
+    """
+
+    def __init__(self, message: str, *, path: Path) -> None:
+        super().__init__(message)
+        self.path = path

@@ -18,13 +18,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args
 
 from hf_lrp_surgery.lrp.attach import VARIANT_FACTORS, Variant
 from hf_lrp_surgery.lrp.collect import OBJECTIVES, Objective, renamed_seed
 from hf_lrp_surgery.lrp.layout import GRANULARITIES, Granularity
 
+if TYPE_CHECKING:  # a layer up: only for annotations
+    from hf_lrp_surgery.masks.mask import Mask
+    from hf_lrp_surgery.scoring.scores import Scores
+
 __all__ = [
+    "AGGREGATIONS",
+    "NORMALIZATIONS",
+    "SCOPES",
     "Aggregation",
     "ContrastOptions",
     "Normalization",
@@ -38,6 +45,10 @@ __all__ = [
 Aggregation = Literal["signed", "abs"]
 Normalization = Literal["none", "total", "max", "layer"]
 Scope = Literal["global", "per_layer"]
+#: The values of :data:`Aggregation`, :data:`Normalization` and :data:`Scope` (for checks and CLI choices).
+AGGREGATIONS: tuple[Aggregation, ...] = get_args(Aggregation)
+NORMALIZATIONS: tuple[Normalization, ...] = get_args(Normalization)
+SCOPES: tuple[Scope, ...] = get_args(Scope)
 
 _Self = TypeVar("_Self", bound="_Options")
 
@@ -199,3 +210,21 @@ class SelectionOptions(_Options):
             object.__setattr__(self, "modules", tuple(self.modules))
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(self.layers))
+
+    def select(self, scores: Scores, budget: int | float) -> Mask:
+        """The mask of the ``budget`` lowest-scoring components these options allow.
+
+        Args:
+            scores: What to select from (higher = keep).
+            budget: A count, or a fraction of the eligible components.
+
+        Returns:
+            The :class:`~hf_lrp_surgery.masks.Mask` (see :func:`hf_lrp_surgery.masks.select`).
+
+        Raises:
+            BudgetError: The budget is not positive or exceeds the eligible components.
+        """
+        # Selection sits a layer up (masks import these options): imported when a mask is selected.
+        from hf_lrp_surgery.masks.selection import select
+
+        return select(scores, self.granularity, budget, scope=self.scope, modules=self.modules, layers=self.layers)

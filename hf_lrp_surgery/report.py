@@ -102,16 +102,17 @@ class RelevanceReport:
             },
         }
 
-    def save(self, directory: str | os.PathLike[str]) -> Path:
+    def save(self, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
         """Write ``report.json``, ``report.txt``, ``relevance_per_layer.png`` and ``relevance/``, atomically.
 
         Args:
-            directory: Destination (replaced if it exists).
+            directory: Destination (an existing non-empty one is replaced only with ``overwrite``).
+            overwrite: Replace an existing non-empty directory.
 
         Returns:
             The directory.
         """
-        with atomic_directory(directory) as tmp:
+        with atomic_directory(directory, overwrite=overwrite) as tmp:
             (tmp / "report.json").write_text(json.dumps(self.to_json(), indent=2) + "\n")
             (tmp / "report.txt").write_text(self.to_text() + "\n")
             self.relevance.save(tmp / "relevance")

@@ -11,7 +11,7 @@ from torch import nn
 
 from hf_lrp_surgery.carriers import CarrierName, CorrectedModel, apply_masks
 from hf_lrp_surgery.lrp.architectures import resolve
-from hf_lrp_surgery.masks import Granularity, Mask, select
+from hf_lrp_surgery.masks import Granularity, Mask
 from hf_lrp_surgery.options import ContrastOptions, ScoringOptions, SelectionOptions, reject_unknown
 from hf_lrp_surgery.references import ReferenceSource, load_reference_set
 from hf_lrp_surgery.scoring import Scores, contrast, get_scorer, score
@@ -163,9 +163,7 @@ class Surgeon:
             keywords["granularity"] = granularity
         options = SelectionOptions.take(options, keywords)
         reject_unknown(keywords, "Surgeon.select")
-        return select(
-            scores, options.granularity, budget, scope=options.scope, modules=options.modules, layers=options.layers
-        )
+        return options.select(scores, budget)
 
     def apply(
         self, masks: Mask | Sequence[Mask], carrier: CarrierName = "adapter", *, inplace: bool = False
@@ -184,16 +182,29 @@ class Surgeon:
         *,
         corrected: CorrectedModel | None = None,
         base_model_name_or_path: str | None = None,
+        overwrite: bool = False,
     ) -> Path:
         """Save the last corrected model (or ``corrected``) with the tokenizer, masks and check record.
 
+        Args:
+            directory: Destination (an existing non-empty one is replaced only with ``overwrite``).
+            corrected: What to save (default: the result of the last :meth:`apply`).
+            base_model_name_or_path: For adapters: where the base model loads from.
+            overwrite: Replace an existing non-empty directory.
+
+        Returns:
+            The directory.
+
         Raises:
             ValueError: Nothing was applied yet.
+            OutputExistsError: ``directory`` is not empty and ``overwrite`` is false, or is a file.
         """
         target = corrected or self.corrected
         if target is None:
             raise ValueError("nothing to save: call apply() first")
-        return target.save(directory, tokenizer=self.tokenizer, base_model_name_or_path=base_model_name_or_path)
+        return target.save(
+            directory, tokenizer=self.tokenizer, base_model_name_or_path=base_model_name_or_path, overwrite=overwrite
+        )
 
     def push_to_hub(
         self,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hf_lrp_surgery.circuits.cli import register
+from hf_lrp_surgery.cli.circuits import register
 from hf_lrp_surgery.exceptions import SurgeryError
 
 

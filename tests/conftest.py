@@ -1,10 +1,15 @@
-"""Shared fixtures: fixed prompts, and a guard that no test leaves a process-wide module hook behind."""
+"""Shared fixtures: tiny models and tokenizers, fixed prompts, and a guard against process-wide module hooks."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.modules.module as module_globals
+from tiny_models import tiny_model
+from tiny_tokenizer import WORDS, tiny_tokenizer
+from transformers import PreTrainedTokenizerFast
 
 _GLOBAL_HOOK_DICTS = (
     "_global_forward_hooks",
@@ -49,3 +54,21 @@ def padded():
         return input_ids, (input_ids != 0).long()
 
     return make
+
+
+@pytest.fixture
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """The whitespace word-level tokenizer of ``tests/tiny_tokenizer.py`` (built locally)."""
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def text_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama whose vocabulary is the word tokenizer's, saved with it: a directory that
+    ``load_model``, ``from_pretrained`` and the CLI's ``--model`` read like a real checkpoint."""
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_model("llama", dtype=torch.float32)
+    model.resize_token_embeddings(len(WORDS))
+    model.save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory

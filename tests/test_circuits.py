@@ -382,7 +382,7 @@ def test_pruning_curve_and_comparison_report(model, tokenizer, tmp_path) -> None
 def test_circuit_command_on_a_saved_model(model, tokenizer, tmp_path, capsys) -> None:
     import argparse
 
-    from hf_lrp_surgery.circuits.cli import register
+    from hf_lrp_surgery.cli.circuits import register
 
     checkpoint = tmp_path / "tiny"
     model.to(torch.float32).save_pretrained(checkpoint)

@@ -6,26 +6,13 @@ import json
 
 import pytest
 import torch
-from tiny_models import tiny_model
-from tiny_tokenizer import WORDS, tiny_tokenizer
 
 from hf_lrp_surgery.cli import main
 from hf_lrp_surgery.lrp import ReferenceSample, RelevanceResult, collect_relevance
 from hf_lrp_surgery.report import default_report_prompts
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    model = tiny_model("llama", dtype=torch.float32)
-    model.config.vocab_size = len(WORDS)
-    model.resize_token_embeddings(len(WORDS))
-    model.save_pretrained(directory)
-    tiny_tokenizer().save_pretrained(directory)
-    return directory
-
-
-def test_report_command_on_a_local_checkpoint(tiny_checkpoint, tmp_path, capsys) -> None:
+def test_report_command_on_a_local_checkpoint(text_checkpoint, tmp_path, capsys) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("the cat sat on the\n\nthe capital of france is\n")
     out = tmp_path / "report"
@@ -33,7 +20,7 @@ def test_report_command_on_a_local_checkpoint(tiny_checkpoint, tmp_path, capsys)
         [
             "report",
             "--model",
-            str(tiny_checkpoint),
+            str(text_checkpoint),
             "--prompts",
             str(prompts),
             "--max-new-tokens",

@@ -1,4 +1,4 @@
-"""The Surgeon API and the attribute / correct / apply / inspect commands, on a tiny checkpoint and on SmolLM2."""
+"""The Surgeon API and the attribute / correct / apply / inspect commands, on a tiny text_checkpoint and on SmolLM2."""
 
 from __future__ import annotations
 
@@ -29,16 +29,6 @@ GENERAL = [
 ]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    model = tiny_model("llama", dtype=torch.float32)
-    model.resize_token_embeddings(len(WORDS))
-    model.save_pretrained(directory)
-    tiny_tokenizer().save_pretrained(directory)
-    return directory
-
-
 def _write_jsonl(path: Path, pairs: list[tuple[str, str]]) -> Path:
     path.write_text("".join(json.dumps({"prompt": p, "continuation": c}) + "\n" for p, c in pairs))
     return path
@@ -49,8 +39,8 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
         return model(input_ids=torch.tensor([[1, 4, 5, 9, 10, 11, 12]])).logits
 
 
-def test_surgeon_steps_return_values_that_save_and_load(checkpoint: Path, tmp_path: Path) -> None:
-    model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+def test_surgeon_steps_return_values_that_save_and_load(text_checkpoint: Path, tmp_path: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(text_checkpoint).eval()
     surgeon = Surgeon(model, tiny_tokenizer(), progress=False)
     general = surgeon.attribute(GENERAL, components=("neurons", "heads"))
     assert general.method == "lrp" and general.num_samples == 4 and general.neurons.shape == (2, 48)
@@ -75,10 +65,10 @@ def test_surgeon_steps_return_values_that_save_and_load(checkpoint: Path, tmp_pa
     assert (tmp_path / "adapter" / "tokenizer.json").is_file()
 
 
-def test_surgeon_reference_sets_from_files_and_datasets(checkpoint: Path, tmp_path: Path) -> None:
+def test_surgeon_reference_sets_from_files_and_datasets(text_checkpoint: Path, tmp_path: Path) -> None:
     from datasets import Dataset
 
-    model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    model = AutoModelForCausalLM.from_pretrained(text_checkpoint).eval()
     surgeon = Surgeon(model, tiny_tokenizer(), progress=False)
     from_list = surgeon.attribute(UNDESIRED)
     from_file = surgeon.attribute(_write_jsonl(tmp_path / "u.jsonl", UNDESIRED))
@@ -88,8 +78,8 @@ def test_surgeon_reference_sets_from_files_and_datasets(checkpoint: Path, tmp_pa
     assert surgeon.attribute(UNDESIRED, limit=1).num_samples == 1
 
 
-def test_surgeon_baselines_and_errors(checkpoint: Path) -> None:
-    model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+def test_surgeon_baselines_and_errors(text_checkpoint: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(text_checkpoint).eval()
     surgeon = Surgeon(model, tiny_tokenizer(), progress=False)
     for method in ("gradient", "activation", "wanda"):
         scores = surgeon.contrast(undesired=UNDESIRED, general=GENERAL, method=method)
@@ -104,10 +94,12 @@ def test_surgeon_baselines_and_errors(checkpoint: Path) -> None:
         surgeon.attribute([])
 
 
-def test_cli_attribute_correct_apply_inspect(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_attribute_correct_apply_inspect(
+    text_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     undesired = _write_jsonl(tmp_path / "undesired.jsonl", UNDESIRED)
     general = _write_jsonl(tmp_path / "general.jsonl", GENERAL)
-    common = ["--model", str(checkpoint), "--no-progress"]
+    common = ["--model", str(text_checkpoint), "--no-progress"]
 
     assert (
         main(
@@ -158,7 +150,7 @@ def test_cli_attribute_correct_apply_inspect(checkpoint: Path, tmp_path: Path, c
     stock = AutoModelForCausalLM.from_pretrained(out / "adapter").eval()
     assert (_logits(stock) - _logits(baked)).abs().max() <= 1e-5
     set_adapter_enabled(stock, False)
-    assert torch.equal(_logits(stock), _logits(AutoModelForCausalLM.from_pretrained(checkpoint)))
+    assert torch.equal(_logits(stock), _logits(AutoModelForCausalLM.from_pretrained(text_checkpoint)))
     assert (out / "mask_per_layer.png").stat().st_size > 5_000
 
     assert (
@@ -178,7 +170,7 @@ def test_cli_attribute_correct_apply_inspect(checkpoint: Path, tmp_path: Path, c
     assert carrier == "adapter" and masks[0].count == 5
 
 
-def test_cli_weights_are_baked_by_default(checkpoint: Path, tmp_path: Path) -> None:
+def test_cli_weights_are_baked_by_default(text_checkpoint: Path, tmp_path: Path) -> None:
     undesired = _write_jsonl(tmp_path / "undesired.jsonl", UNDESIRED)
     general = _write_jsonl(tmp_path / "general.jsonl", GENERAL)
     out = tmp_path / "weights"
@@ -187,7 +179,7 @@ def test_cli_weights_are_baked_by_default(checkpoint: Path, tmp_path: Path) -> N
             [
                 "correct",
                 "--model",
-                str(checkpoint),
+                str(text_checkpoint),
                 "--no-progress",
                 "--undesired",
                 str(undesired),
@@ -219,14 +211,14 @@ def test_cli_weights_are_baked_by_default(checkpoint: Path, tmp_path: Path) -> N
     ],
 )
 def test_cli_errors_are_one_line(
-    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture, extra: list[str], message: str
+    text_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture, extra: list[str], message: str
 ) -> None:
     undesired = _write_jsonl(tmp_path / "undesired.jsonl", UNDESIRED)
     status = main(
         [
             "correct",
             "--model",
-            str(checkpoint),
+            str(text_checkpoint),
             "--no-progress",
             "--undesired",
             str(undesired),
@@ -242,13 +234,15 @@ def test_cli_errors_are_one_line(
     assert not (tmp_path / "out" / "adapter").exists()
 
 
-def test_cli_apply_refuses_another_models_mask(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_apply_refuses_another_models_mask(
+    text_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     other = tmp_path / "other"
     model = tiny_model("llama", dtype=torch.float32, seed=3)
     model.resize_token_embeddings(len(WORDS))
     model.save_pretrained(other)
     tiny_tokenizer().save_pretrained(other)
-    surgeon = Surgeon(AutoModelForCausalLM.from_pretrained(checkpoint), tiny_tokenizer(), progress=False)
+    surgeon = Surgeon(AutoModelForCausalLM.from_pretrained(text_checkpoint), tiny_tokenizer(), progress=False)
     surgeon.select(surgeon.attribute(GENERAL), "neurons", 3).save(tmp_path / "mask")
     assert (
         main(["apply", "--model", str(other), "--mask", str(tmp_path / "mask"), "--output", str(tmp_path / "out")]) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,6 +25,17 @@ def mask_list(masks: Mask | Sequence[Mask]) -> list[Mask]:
     return out
 
 
+def validate_masks(model: nn.Module, masks: Sequence[Mask]) -> None:
+    """Refuse masks that do not fit ``model`` (layout, index ranges) before anything reads or changes it.
+
+    Raises:
+        MaskManifestError: See :meth:`~hf_lrp_surgery.masks.Mask.validate`.
+    """
+    arch = resolve(model)
+    for mask in masks:
+        mask.validate(arch)
+
+
 def refuse_wrapped(model: nn.Module) -> None:
     """Refuse a model that already carries a PEFT adapter (masks are computed on plain weights)."""
     if unwrap_model(model) is not model or any(hasattr(m, "ia3_l") or hasattr(m, "lora_A") for m in model.modules()):
@@ -35,9 +47,10 @@ def refuse_wrapped(model: nn.Module) -> None:
 
 def active_scaling(module: nn.Module) -> torch.Tensor | None:
     """The product of the active IA3 vectors of an IA3 layer, or ``None`` when it scales nothing."""
-    if not hasattr(module, "ia3_l") or getattr(module, "disable_adapters", False) or getattr(module, "merged", False):
+    layer: Any = module  # a peft IA3 layer: its attributes are not typed
+    if not hasattr(layer, "ia3_l") or getattr(layer, "disable_adapters", False) or getattr(layer, "merged", False):
         return None
-    vectors = [module.ia3_l[a].detach().flatten() for a in module.active_adapters if a in module.ia3_l]
+    vectors = [layer.ia3_l[a].detach().flatten() for a in layer.active_adapters if a in layer.ia3_l]
     if not vectors:
         return None
     return torch.stack(vectors).prod(0)

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
-from hf_lrp_surgery.carriers._check import mask_list
+from hf_lrp_surgery.carriers._check import mask_list, validate_masks
 from hf_lrp_surgery.carriers.registry import Carrier, LoadOptions
 from hf_lrp_surgery.lrp.architectures import resolve
 from hf_lrp_surgery.masks.geometry import zeroed_entries
 from hf_lrp_surgery.masks.mask import Mask
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = ["BakeCarrier", "bake"]
 
@@ -36,6 +40,7 @@ def bake(model: nn.Module, masks: Mask | Sequence[Mask]) -> nn.Module:
     Raises:
         FingerprintMismatchError: A mask was built for another model (the check runs before any
             weight is touched).
+        MaskManifestError: A mask does not fit the model's layout or matrices (checked first too).
 
     Example:
         >>> bake(model, mask).save_pretrained("runs/baked")  # doctest: +SKIP
@@ -43,6 +48,7 @@ def bake(model: nn.Module, masks: Mask | Sequence[Mask]) -> nn.Module:
     masks = mask_list(masks)
     for mask in masks:
         mask.check_model(model)
+    validate_masks(model, masks)
     return _bake(model, masks)
 
 
@@ -77,7 +83,7 @@ class BakeCarrier(Carrier):
 
     def save(self, model: nn.Module, directory: Path, *, base_model_name_or_path: str | None) -> None:
         """``save_pretrained`` into ``directory``."""
-        model.save_pretrained(str(directory))
+        cast("PreTrainedModel", model).save_pretrained(str(directory))
 
     def load(self, directory: Path, options: LoadOptions) -> nn.Module:
         """``AutoModelForCausalLM.from_pretrained(directory)``."""

@@ -6,6 +6,13 @@ corrected model on a fixed probe). :func:`verify` proves a loaded model carries 
 where the manifest says, an active adapter where there should be one, and probe logits that match
 the corrected model. A silently dropped adapter is a
 :class:`~hf_lrp_surgery.exceptions.MaskVerificationError`, not a no-op.
+
+The directory is built in one staging directory and swapped in whole; ``check.json`` is written
+last and records the saved files (see :mod:`~hf_lrp_surgery.carriers._files`), so that loading
+refuses a directory with a missing, truncated or foreign part
+(:class:`~hf_lrp_surgery.exceptions.SavedModelError`) before any weight is read. Names in it are
+relative to the directory; the one path kept as given is the adapter's base model (a Hub id, or a
+local path that a push replaces by the Hub id).
 """
 
 from __future__ import annotations
@@ -73,12 +80,15 @@ def verify(
     Raises:
         MaskVerificationError: Some masked unit is not zero, an adapter is missing or disabled, or
             the probe logits differ.
+        MaskManifestError: A mask does not fit the model (another layout, indices beyond a matrix);
+            checked before anything else.
         ValueError: An unregistered carrier.
 
     Example:
         >>> verify(model, masks, carrier="adapter", probe=probe)  # doctest: +SKIP
     """
     masks = mask_list(masks)
+    validate_masks(model, masks)
     if carrier is None:
         check_zeros(model, masks)
     else:
@@ -110,10 +120,21 @@ class CorrectedModel:
         verify(self.model, self.masks, carrier=self.carrier, probe=self.probe)
 
     def save(
-        self, directory: str | os.PathLike[str], *, tokenizer: Any = None, base_model_name_or_path: str | None = None
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        tokenizer: Any = None,
+        base_model_name_or_path: str | None = None,
+        overwrite: bool = False,
     ) -> Path:
-        """Save the corrected model, atomically; see :func:`save_corrected`."""
-        return save_corrected(self, directory, tokenizer=tokenizer, base_model_name_or_path=base_model_name_or_path)
+        """Save the corrected model, atomically; see :func:`save_corrected`.
+
+        Example:
+            >>> corrected.save("runs/detox-adapter", tokenizer=tokenizer)  # doctest: +SKIP
+        """
+        return save_corrected(
+            self, directory, tokenizer=tokenizer, base_model_name_or_path=base_model_name_or_path, overwrite=overwrite
+        )
 
 
 def apply_masks(
@@ -140,6 +161,7 @@ def apply_masks(
 
     Raises:
         FingerprintMismatchError: A mask was built for another model.
+        MaskManifestError: A mask does not fit the model (another layout, indices beyond a matrix).
         ValueError: An unregistered carrier, or a granularity the carrier does not carry (a weight
             mask with ``carrier="adapter"``).
 
@@ -152,7 +174,7 @@ def apply_masks(
     chosen.check(model, masks)
     input_ids, vocab_ids = LogitsProbe.positions(model)
     original = probe_logits(model, input_ids, vocab_ids)
-    dtype = str(resolve(model).token_embedding.weight.dtype)
+    dtype = str(resolve(model).embedding_weight.dtype)
     base_path = getattr(model, "name_or_path", None) or None
     target = model if inplace else copy.deepcopy(model)
     corrected_model = chosen.apply(target, masks, adapter_name=adapter_name)
@@ -163,119 +185,7 @@ def apply_masks(
     return result
 
 
-def save_corrected(
-    corrected: CorrectedModel,
-    directory: str | os.PathLike[str],
-    *,
-    tokenizer: Any = None,
-    base_model_name_or_path: str | None = None,
-) -> Path:
-    """Save a corrected model so that ``from_pretrained`` loads it, with its masks and check record.
-
-    Baked: a normal checkpoint. Adapter: a PEFT adapter directory whose ``adapter_config.json``
-    points at ``base_model_name_or_path``. Both get ``surgery/`` (the masks and ``check.json``).
-    The directory appears complete or not at all.
-
-    Args:
-        corrected: The result of :func:`apply_masks`.
-        directory: Destination (replaced if it exists).
-        tokenizer: Saved alongside, so the directory is self-contained for generation.
-        base_model_name_or_path: For adapters: the Hub id or path of the base model, as users will
-            load it (default: where the base model was loaded from).
-
-    Returns:
-        The directory.
-
-    Raises:
-        ValueError: The carrier is not persistent (``"hooks"``), or an adapter has no base model path.
-
-    Example:
-        >>> save_corrected(corrected, "runs/detox-adapter", tokenizer=tokenizer)  # doctest: +SKIP
-    """
-    carrier = get_carrier(corrected.carrier)
-    if not carrier.persistent:
-        raise ValueError(
-            f"the {carrier.name!r} carrier acts on a model in memory only and cannot be saved; apply the masks "
-            f"with one of {[n for n, c in CARRIERS.items() if c.persistent]}"
-        )
-    base_path = base_model_name_or_path or corrected.base_model_name_or_path
-    record = {
-        "carrier": corrected.carrier,
-        "base_model_name_or_path": base_path,
-        "granularities": [m.granularity for m in corrected.masks],
-        "probe": asdict(corrected.probe),
-    }
-    with atomic_directory(directory) as tmp:
-        carrier.save(corrected.model, tmp, base_model_name_or_path=base_path)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        for mask in corrected.masks:
-            (tmp / SURGERY_DIR / mask.granularity).mkdir(parents=True)
-            mask.write_into(tmp / SURGERY_DIR / mask.granularity)
-        (tmp / SURGERY_DIR / CHECK_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    return Path(directory)
-
-
-def read_surgery(directory: str | os.PathLike[str]) -> tuple[list[Mask], CarrierName, LogitsProbe, str | None]:
-    """Read the masks, carrier, probe and base model path saved with a corrected model.
-
-    Raises:
-        FileNotFoundError: ``directory`` holds no ``surgery/check.json``.
-
-    Example:
-        >>> masks, carrier, probe, base = read_surgery("runs/detox-adapter")  # doctest: +SKIP
-    """
-    root = Path(directory) / SURGERY_DIR
-    if not (root / CHECK_FILE).is_file():
-        raise FileNotFoundError(f"{directory} holds no {SURGERY_DIR}/{CHECK_FILE}; it was not saved by hf_lrp_surgery")
-    record = json.loads((root / CHECK_FILE).read_text())
-    masks = [Mask.load(root / granularity) for granularity in record["granularities"]]
-    return masks, record["carrier"], LogitsProbe(**record["probe"]), record.get("base_model_name_or_path")
-
-
-def load_corrected(
-    directory: str | os.PathLike[str],
-    *,
-    via: Literal["peft", "transformers"] = "peft",
-    base_model: str | None = None,
-    adapter_enabled: bool = True,
-    dtype: torch.dtype | None = None,
-) -> nn.Module:
-    """Load a saved corrected model and verify that it carries its masks.
-
-    Args:
-        directory: A directory written by :func:`save_corrected`.
-        via: For adapters: ``"peft"`` (``PeftModel.from_pretrained`` on the base model; returns a
-            ``PeftModel``) or ``"transformers"`` (transformers' integrated adapter loading; returns
-            the base model class with the adapter injected).
-        base_model: For adapters: load the base from here instead of the saved
-            ``base_model_name_or_path``.
-        adapter_enabled: Return the adapter switched on (default) or off (the original model);
-            carriers that live in the weights cannot be switched off and ignore it.
-        dtype: Load in this dtype (default: as saved).
-
-    Returns:
-        The model, in eval mode.
-
-    Raises:
-        MaskVerificationError: The loaded model does not carry the masks (e.g. the adapter was
-            silently dropped).
-        FingerprintMismatchError: The adapter's base model is not the one the masks were built for.
-        ModelLoadError: The base model could not be loaded.
-        ValueError: The saved carrier is not registered.
-
-    Example:
-        >>> model = load_corrected("runs/detox-adapter")  # doctest: +SKIP
-    """
-    masks, name, probe, saved_base = read_surgery(directory)
-    carrier = get_carrier(name)
-    options = LoadOptions(masks=masks, base_model=base_model or saved_base, via=via, dtype=dtype)
-    model = carrier.load(Path(directory), options)
-    model.eval()
-    verify(model, masks, carrier=name, probe=probe)
-    if not adapter_enabled:
-        carrier.set_enabled(model, False)
-    return model
+@@NEW@@
 
 
 def set_adapter_enabled(model: nn.Module, enabled: bool) -> int:

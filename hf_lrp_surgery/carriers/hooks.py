@@ -21,7 +21,7 @@ from torch import nn
 
 from hf_lrp_surgery.carriers.registry import Carrier
 from hf_lrp_surgery.exceptions import MaskVerificationError
-from hf_lrp_surgery.lrp.architectures import ResolvedArchitecture, resolve, unwrap_model
+from hf_lrp_surgery.lrp.architectures import ResolvedArchitecture, parameter, resolve, unwrap_model
 from hf_lrp_surgery.masks.geometry import input_units
 from hf_lrp_surgery.masks.mask import Mask
 
@@ -59,13 +59,15 @@ class MaskHooks:
 
         Raises:
             ValueError: A weight mask (weights are not a carrier's inputs).
+            MaskManifestError: The mask does not fit the model's layout.
         """
         if mask.granularity == "weights":
             raise ValueError("forward pre-hooks carry neuron and head masks; zero weight masks in the weights")
+        mask.validate(self.arch)
         conv1d = self.arch.spec.orientation == "conv1d"
         for name in mask.indices:
             module = unwrap_model(self.model).get_submodule(name)
-            width = getattr(module, "base_layer", module).weight.shape[0 if conv1d else 1]
+            width = parameter(module).shape[0 if conv1d else 1]
             dropped = self._dropped.get(name, torch.zeros(width, dtype=torch.bool)).clone()
             dropped[input_units(mask, name, self.arch)] = True
             self._dropped[name] = dropped

@@ -9,21 +9,25 @@ switched off with ``disable_adapter()``. Weight masks have no exact IA3 form and
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from hf_lrp_surgery.carriers._check import active_scaling, check_zeros, mask_list
-from hf_lrp_surgery.carriers.corrected import set_adapter_enabled
+from hf_lrp_surgery.carriers._check import active_scaling, check_zeros, mask_list, validate_masks
+from hf_lrp_surgery.carriers.corrected import SURGERY_DIR, set_adapter_enabled
 from hf_lrp_surgery.carriers.registry import Carrier, LoadOptions
-from hf_lrp_surgery.exceptions import MaskVerificationError, ModelLoadError
+from hf_lrp_surgery.exceptions import MaskVerificationError, ModelLoadError, SavedModelError
 from hf_lrp_surgery.lrp.architectures import resolve, unwrap_model
 from hf_lrp_surgery.masks.geometry import input_units
 from hf_lrp_surgery.masks.mask import Mask
 
 __all__ = ["AdapterCarrier", "to_adapter"]
+
+_ADAPTER_CONFIG = "adapter_config.json"
 
 
 def to_adapter(model: nn.Module, masks: Mask | Sequence[Mask], *, adapter_name: str = "default") -> nn.Module:
@@ -89,7 +93,8 @@ class AdapterCarrier(Carrier):
         base = unwrap_model(peft_model)
         for mask in masks:
             for name in mask.indices:
-                vector = base.get_submodule(name).ia3_l[adapter_name]
+                layer: Any = base.get_submodule(name)  # a peft IA3 layer: its attributes are not typed
+                vector = layer.ia3_l[adapter_name]
                 vector.view(-1)[input_units(mask, name, arch).to(vector.device)] = 0
         return peft_model
 
@@ -118,10 +123,36 @@ class AdapterCarrier(Carrier):
         """
         if not base_model_name_or_path:
             raise ValueError("an adapter needs base_model_name_or_path: the Hub id or path its base model loads from")
-        for config in model.peft_config.values():
+        peft_model: Any = model  # a peft.PeftModel
+        for config in peft_model.peft_config.values():
             config.base_model_name_or_path = base_model_name_or_path
         # The adapter never touches the embeddings; without this peft looks the base up on the Hub.
-        model.save_pretrained(str(directory), save_embedding_layers=False)
+        peft_model.save_pretrained(str(directory), save_embedding_layers=False)
+
+    def check_saved(self, directory: Path, masks: Sequence[Mask]) -> None:
+        """The saved ``adapter_config.json`` is an IA3 adapter on exactly the masks' carrier modules.
+
+        Raises:
+            SavedModelError: The config is missing, unreadable, not IA3, or targets other modules
+                (the adapter and the masks come from different saves).
+        """
+        path = directory / _ADAPTER_CONFIG
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise SavedModelError(
+                f"{path} is missing or unreadable ({err}); save the corrected model again, or download it again",
+                path=path,
+            ) from err
+        targets = config.get("target_modules") if isinstance(config, dict) else None
+        expected = sorted({name for mask in masks for name in mask.indices})
+        if config.get("peft_type") != "IA3" or not isinstance(targets, list) or sorted(targets) != expected:
+            raise SavedModelError(
+                f"{path} does not describe the adapter of the masks in {directory / SURGERY_DIR} (it targets "
+                f"{sorted(targets) if isinstance(targets, list) else targets!r}, the masks prune {expected}): the "
+                "directory mixes parts of different saves. Save the corrected model again",
+                path=path,
+            )
 
     def load(self, directory: Path, options: LoadOptions) -> nn.Module:
         """Load the base model, check it is the masks' model, and put the adapter on it ``via`` peft or transformers.
@@ -129,10 +160,16 @@ class AdapterCarrier(Carrier):
         Raises:
             ModelLoadError: The base model could not be loaded.
             FingerprintMismatchError: The base model is not the one the masks were built for.
+            MaskManifestError: A mask does not fit the base model's layout.
             ValueError: An unknown ``via``.
         """
         from transformers import AutoModelForCausalLM
 
+        if not options.base_model:
+            raise ModelLoadError(
+                f"{directory} records no base model for its adapter; pass base_model= with a path or Hub id of the "
+                "model the mask was built for"
+            )
         try:
             base = AutoModelForCausalLM.from_pretrained(options.base_model, **options.from_pretrained_kwargs())
         except (OSError, ValueError) as err:
@@ -142,6 +179,7 @@ class AdapterCarrier(Carrier):
             ) from err
         for mask in options.masks:
             mask.check_model(base)
+        validate_masks(base, options.masks)
         if options.via == "peft":
             from peft import PeftModel
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from hf_lrp_surgery.exceptions import MaskVerificationError
-from hf_lrp_surgery.lrp.architectures import resolve, unwrap_model
+from hf_lrp_surgery.lrp.architectures import parameter, resolve, unwrap_model
 
 __all__ = ["LogitsProbe", "probe_logits"]
 
@@ -18,13 +19,14 @@ _PROBE_VOCAB = 128
 
 # -- probe ------------------------------------------------------------------------------------
 def _vocab_size(model: nn.Module) -> int:
-    return int(unwrap_model(model).get_output_embeddings().weight.shape[0])
+    lm: Any = unwrap_model(model)  # a PreTrainedModel
+    return int(parameter(lm.get_output_embeddings()).shape[0])
 
 
 @torch.no_grad()
 def probe_logits(model: nn.Module, input_ids: list[int], vocab_ids: list[int]) -> torch.Tensor:
     """The logits of ``model`` at every probe position for the kept vocabulary entries, as float64 on the CPU."""
-    device = resolve(model).token_embedding.weight.device
+    device = resolve(model).embedding_weight.device
     ids = torch.tensor([input_ids], device=device)
     logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[0]
     return logits[:, vocab_ids].double().cpu()
@@ -72,7 +74,7 @@ class LogitsProbe:
         to_corrected = float((logits - corrected).abs().max())
         to_original = float((logits - original).abs().max())
         half = ("torch.bfloat16", "torch.float16")
-        low_precision = self.dtype in half or str(resolve(model).token_embedding.weight.dtype) in half
+        low_precision = self.dtype in half or str(resolve(model).embedding_weight.dtype) in half
         tolerance = (0.05 if low_precision else 1e-4) * (1.0 + float(corrected.abs().max()))
         if to_corrected > tolerance or (to_original < to_corrected and self.original != self.corrected):
             raise MaskVerificationError(

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from hf_lrp_surgery.carriers._check import check_zeros, refuse_wrapped
+from hf_lrp_surgery.carriers._check import check_zeros, refuse_wrapped, validate_masks
 from hf_lrp_surgery.lrp.layout import GRANULARITIES, Granularity
 from hf_lrp_surgery.masks.mask import Mask
 
@@ -39,7 +39,8 @@ class LoadOptions:
         masks: The masks saved with the model.
         base_model: Where the base model loads from (carriers saved on top of one), if known.
         via: ``"peft"`` or ``"transformers"``, for carriers that both can load.
-        dtype: Load in this dtype (``None``: as saved).
+        dtype: Load in this dtype (``None``: as ``from_pretrained`` decides;
+            :func:`~hf_lrp_surgery.carriers.load_corrected` passes the dtype the model was corrected in).
     """
 
     masks: Sequence[Mask]
@@ -79,6 +80,7 @@ class Carrier:
         Raises:
             ValueError: A granularity it does not carry, or a model that already carries a PEFT adapter.
             FingerprintMismatchError: A mask was built for another model.
+            MaskManifestError: A mask does not fit the model's layout or matrices.
         """
         refused = sorted({m.granularity for m in masks} - self.granularities)
         if refused:
@@ -89,6 +91,7 @@ class Carrier:
         refuse_wrapped(model)
         for mask in masks:
             mask.check_model(model)
+        validate_masks(model, masks)
 
     def apply(self, model: nn.Module, masks: Sequence[Mask], *, adapter_name: str) -> nn.Module:
         """Make ``model`` (already a copy, or the caller's own with ``inplace=True``) carry ``masks``.
@@ -113,6 +116,15 @@ class Carrier:
             ValueError: The model lacks what it needs to be loaded back.
         """
         raise NotImplementedError
+
+    def check_saved(self, directory: Path, masks: Sequence[Mask]) -> None:
+        """Refuse a saved directory whose carrier files disagree with its masks (default: nothing to compare).
+
+        Runs in :func:`~hf_lrp_surgery.carriers.read_surgery`, before any weight is loaded.
+
+        Raises:
+            SavedModelError: The carrier's files describe other masks (parts of different saves).
+        """
 
     def load(self, directory: Path, options: LoadOptions) -> nn.Module:
         """Load a model saved by :meth:`save` (not yet verified; :func:`load_corrected` does that).

@@ -38,7 +38,7 @@ from hf_lrp_surgery.circuits.discovery import (
     unit_count,
 )
 from hf_lrp_surgery.circuits.tasks import Metric, NextTokenTask, TaskObjective, evaluate_task
-from hf_lrp_surgery.io import write_json_atomic
+from hf_lrp_surgery.io import atomic_directory, write_json_atomic
 from hf_lrp_surgery.lrp.architectures import resolve
 from hf_lrp_surgery.lrp.collect import renamed_seed
 from hf_lrp_surgery.masks import Granularity, Scope, select
@@ -207,27 +207,31 @@ class CircuitComparison:
             }
         return {"settings": self.settings, "total": self.total, "grid": self.grid, "methods": methods}
 
-    def save(self, directory: str | os.PathLike[str], *, save_circuits: bool = True) -> Path:
+    def save(self, directory: str | os.PathLike[str], *, save_circuits: bool = True, overwrite: bool = False) -> Path:
         """Write ``report.json``, ``report.txt``, ``curves.png``, ``circuit_sizes.png``, ``composition.png``
-        and (with ``save_circuits``) ``circuits/<method>/set<i>/``.
+        and (with ``save_circuits``) ``circuits/<method>/set<i>/``, all at once (atomically).
+
+        Args:
+            directory: Destination (an existing non-empty one is replaced only with ``overwrite``).
+            save_circuits: Also save every circuit's masks.
+            overwrite: Replace an existing non-empty directory.
 
         Returns:
             The directory.
         """
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         report = self.to_dict()
-        write_json_atomic(directory / "report.json", report)
-        (directory / "report.txt").write_text(self.table() + "\n")
-        _plot_curves(report, self.settings, directory / "curves.png")
-        _plot_sizes(report, self.settings, directory / "circuit_sizes.png")
-        _plot_composition(report, self.settings, directory / "composition.png")
-        if save_circuits:
-            for method, result in self.results.items():
-                for i, circuit in enumerate(result.circuits):
-                    if circuit is not None:
-                        circuit.save(directory / "circuits" / method / f"set{i}")
-        return directory
+        with atomic_directory(directory, overwrite=overwrite) as tmp:
+            write_json_atomic(tmp / "report.json", report)
+            (tmp / "report.txt").write_text(self.table() + "\n")
+            _plot_curves(report, self.settings, tmp / "curves.png")
+            _plot_sizes(report, self.settings, tmp / "circuit_sizes.png")
+            _plot_composition(report, self.settings, tmp / "composition.png")
+            if save_circuits:
+                for method, result in self.results.items():
+                    for i, circuit in enumerate(result.circuits):
+                        if circuit is not None:
+                            circuit.save(tmp / "circuits" / method / f"set{i}")
+        return Path(directory)
 
 
 def _nanmean(values: Sequence[float]) -> float:

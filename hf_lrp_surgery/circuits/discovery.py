@@ -546,13 +546,17 @@ class Circuit:
             "curve": self.curve.to_dict(),
         }
 
-    def save(self, directory: str | os.PathLike[str]) -> Path:
+    def save(self, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
         """Save ``mask/`` (the pruning mask with its manifest), ``components/`` and ``circuit.json``, atomically.
+
+        Args:
+            directory: Destination (an existing non-empty one is replaced only with ``overwrite``).
+            overwrite: Replace an existing non-empty directory.
 
         Returns:
             The directory.
         """
-        with atomic_directory(directory) as tmp:
+        with atomic_directory(directory, overwrite=overwrite) as tmp:
             (tmp / "mask").mkdir()
             self.mask.write_into(tmp / "mask")
             (tmp / "components").mkdir()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 from torch import nn
 
@@ -17,12 +18,15 @@ from hf_lrp_surgery.correction.behaviours import Behaviour, BehaviourMetadata
 from hf_lrp_surgery.correction.paired import paired_contrast_sets
 from hf_lrp_surgery.correction.search import FrontierPoint, GeneralBaseline, GeneralLimits, budget_search
 from hf_lrp_surgery.evaluation import generate
-from hf_lrp_surgery.io import atomic_directory
-from hf_lrp_surgery.lrp.layout import Granularity
-from hf_lrp_surgery.masks import Mask, select
+from hf_lrp_surgery.exceptions import BudgetError
+from hf_lrp_surgery.io import atomic_directory, check_output
+from hf_lrp_surgery.lrp.architectures import resolve
+from hf_lrp_surgery.lrp.layout import Granularity, Layout
+from hf_lrp_surgery.masks import Mask
+from hf_lrp_surgery.options import ContrastOptions, ScoringOptions, SelectionOptions, reject_unknown
 from hf_lrp_surgery.plots import plot_frontier, plot_mask_per_layer
 from hf_lrp_surgery.references import shipped_set
-from hf_lrp_surgery.scoring import Method, Scores
+from hf_lrp_surgery.scoring import Scores
 from hf_lrp_surgery.surgeon import Surgeon
 
 __all__ = ["RecipeResult", "recipe_split", "run_recipe"]
@@ -91,21 +95,18 @@ def run_recipe(
     output: str | os.PathLike[str],
     *,
     budgets: Sequence[int] | None = None,
-    granularity: Granularity | None = None,
-    method: Method = "lrp",
-    normalize: str = "total",
-    protect_top: float = 0.05,
-    seed: str = "logit",
+    scoring: ScoringOptions | None = None,
+    contrast: ContrastOptions | None = None,
+    selection: SelectionOptions | None = None,
     focus: bool = True,
     limits: GeneralLimits = _DEFAULT_LIMITS,
     validation_share: float = 0.4,
-    scope: Literal["global", "per_layer"] = "global",
-    modules: Sequence[str] | None = None,
     base_model_name_or_path: str | None = None,
     model_name: str | None = None,
     prompts: Mapping[str, Sequence[str]] | None = None,
-    batch_size: int = 8,
+    overwrite: bool = False,
     progress: bool = True,
+    **keywords: Any,
 ) -> RecipeResult:
     """Attribute, search the budget, apply and save, then measure once on the held-out split.
 
@@ -115,29 +116,34 @@ def run_recipe(
         behaviour: A registered behaviour, e.g. :func:`detox_behaviour` or :func:`repetition_behaviour`.
         output: Directory for ``scores/``, ``mask/``, ``adapter/`` (neuron/head masks), ``baked/``,
             ``report.json`` and the plots.
-        budgets: Budgets to try (default: ``behaviour.budgets``).
-        granularity: ``"neurons"``, ``"heads"`` or ``"weights"`` (default: ``behaviour.granularity``).
-        method: Scoring method (``"lrp"`` or a baseline).
-        normalize, protect_top: Contrast options.
-        seed: Relevance seed (``"logit"`` or ``"logprob"``).
+        budgets: Budgets to try (default: ``behaviour.budgets``), checked against the model's
+            component count before anything runs.
+        scoring: How to score (method, objective, batch size, ...; the components are the selection's
+            granularity).
+        contrast: How to contrast the undesired and the desired set.
+        selection: What to prune (default granularity: ``behaviour.granularity``).
         focus: Explain only the tokens that carry the behaviour in the undesired continuations (see
             :func:`paired_contrast_sets`).
         limits: General-behaviour limits for the budget search.
         validation_share: Share of the train prompts kept for the budget search.
-        scope, modules: Selection options.
         base_model_name_or_path: Written into the adapter's config.
         model_name: How the model was named when loaded (an embedded name, a path or a Hub id),
             recorded in the report so that the run can be repeated (default: the model's
             ``name_or_path``).
         prompts: ``{"train": [...], "heldout": [...]}`` to use instead of the behaviour's shipped
             prompt set (e.g. :func:`~hf_lrp_surgery.references.hub_set` where the Hub is reachable).
-        batch_size: Relevance batch size.
+        overwrite: Replace a non-empty ``output`` (checked before anything runs).
         progress: Show progress bars.
+        **keywords: The fields of the three options (``method=``, ``objective=``, ``normalize=``,
+            ``protect_top=``, ``granularity=``, ``scope=``, ``modules=``, ``batch_size=``, ...), which
+            replace those of ``scoring`` / ``contrast`` / ``selection``.
 
     Returns:
         The :class:`RecipeResult` (also written to ``output/report.json``).
 
     Raises:
+        OutputExistsError: ``output`` would replace something (see :func:`~hf_lrp_surgery.io.check_output`).
+        BudgetError: A budget is not positive or exceeds the model's components of that granularity.
         ReferenceSetError: No attribution prompt got both an undesired and a desired continuation.
         MissingChatTemplateError: The behaviour uses the chat template and the tokenizer has none.
 
@@ -147,7 +153,14 @@ def run_recipe(
         >>> result.chosen_budget, result.heldout["after"]["toxicity_rate"]  # doctest: +SKIP
     """
     budgets = tuple(behaviour.budgets if budgets is None else budgets)
-    granularity = granularity or behaviour.granularity
+    if keywords.get("granularity") is None:
+        keywords.pop("granularity", None)
+    selection = SelectionOptions.take(selection, keywords, granularity=behaviour.granularity)
+    scoring = replace(ScoringOptions.take(scoring, keywords), components=(selection.granularity,))
+    contrast = ContrastOptions.take(contrast, keywords)
+    reject_unknown(keywords, "run_recipe")
+    check_output(output, overwrite=overwrite)
+    _check_budgets(model, budgets, selection.granularity)
     timer = time.perf_counter
     seconds: dict[str, float] = {}
     start = timer()
@@ -163,17 +176,8 @@ def run_recipe(
     seconds["reference_sets"] = timer() - start
 
     start = timer()
-    surgeon = Surgeon(model, tokenizer, batch_size=batch_size, progress=progress)
-    components = ("weights",) if granularity == "weights" else (granularity,)
-    scores = surgeon.contrast(
-        undesired=undesired,
-        general=desired,
-        method=method,
-        components=components,
-        normalize=normalize,
-        protect_top=protect_top,
-        objective=seed,
-    )
+    surgeon = Surgeon(model, tokenizer, batch_size=scoring.batch_size, progress=progress)
+    scores = surgeon.contrast(undesired=undesired, general=desired, options=scoring, contrast_options=contrast)
     seconds["attribution"] = timer() - start
 
     start = timer()
@@ -186,10 +190,8 @@ def run_recipe(
         general_prompts=shipped_set("neutral_prompts", "train"),
         general_texts=shipped_set("general_text", "train"),
         budgets=budgets,
-        granularity=granularity,
+        selection=selection,
         limits=limits,
-        scope=scope,
-        modules=modules,
         progress=progress,
     )
     seconds["budget_search"] = timer() - start
@@ -204,7 +206,7 @@ def run_recipe(
     mask: Mask | None = None
     baked: CorrectedModel | None = None
     if chosen.budget > 0:
-        mask = select(scores, granularity, chosen.budget, scope=scope, modules=modules)
+        mask = selection.select(scores, chosen.budget)
         baked = apply_masks(model, mask, "bake")
         after = behaviour.measure(
             generate(baked.model, tokenizer, heldout_prompts, behaviour.decoding, progress=progress)
@@ -217,16 +219,12 @@ def run_recipe(
         "model": model_name or getattr(model, "name_or_path", None),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "budgets": list(budgets),
-        "granularity": granularity,
-        "method": method,
-        "normalize": normalize,
-        "protect_top": protect_top,
-        "seed": seed,
+        **{key: value for key, value in selection.to_dict().items() if key != "layers"},
+        **{key: value for key, value in scoring.to_dict().items() if key != "components"},
+        **contrast.to_dict(),
         "focus": focus,
         "limits": asdict(limits),
         "validation_share": validation_share,
-        "scope": scope,
-        "modules": list(modules) if modules else None,
         "prompts": "shipped" if prompts is None else "given",
         "decoding": behaviour.decoding.to_dict(),
         "sampling": behaviour.sampling.to_dict(),
@@ -242,8 +240,19 @@ def run_recipe(
         seconds,
         behaviour.metadata,
     )
-    _save(result, output, scores, mask, baked, model, tokenizer, base_model_name_or_path, behaviour)
+    _save(result, output, scores, mask, baked, model, tokenizer, base_model_name_or_path, behaviour, overwrite)
     return result
+
+
+def _check_budgets(model: nn.Module, budgets: Sequence[int], granularity: Granularity) -> None:
+    """Refuse budgets the model cannot have before the expensive steps (the selection checks them again)."""
+    arch = resolve(model)
+    units = Layout.of(arch).units(granularity, arch)
+    for value in budgets:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 < int(value) <= units:
+            raise BudgetError(
+                f"budget {value!r} is not a count in 1..{units} (the model's {granularity}); give budgets in that range"
+            )
 
 
 def _save(
@@ -256,8 +265,9 @@ def _save(
     tokenizer: Any,
     base_model_name_or_path: str | None,
     behaviour: Behaviour,
+    overwrite: bool,
 ) -> None:
-    with atomic_directory(output) as tmp:
+    with atomic_directory(output, overwrite=overwrite) as tmp:
         scores.save(tmp / "scores")
         (tmp / "report.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
         plot_frontier(result.frontier, behaviour.primary, tmp / "effect_vs_budget.png", chosen=result.chosen_budget)

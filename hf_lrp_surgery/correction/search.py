@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from torch import nn
 from tqdm.auto import tqdm
@@ -17,8 +17,7 @@ from tqdm.auto import tqdm
 from hf_lrp_surgery.carriers import apply_masks
 from hf_lrp_surgery.correction.behaviours import Behaviour, Metric
 from hf_lrp_surgery.evaluation import generate, next_token_kl, perplexity
-from hf_lrp_surgery.lrp.layout import Granularity
-from hf_lrp_surgery.masks import select
+from hf_lrp_surgery.options import SelectionOptions, reject_unknown
 from hf_lrp_surgery.scoring import Scores
 
 __all__ = ["GENERAL_METRICS", "FrontierPoint", "GeneralBaseline", "GeneralLimits", "budget_search"]
@@ -138,11 +137,10 @@ def budget_search(
     general_prompts: Sequence[str],
     general_texts: Sequence[str],
     budgets: Sequence[int],
-    granularity: Granularity = "neurons",
+    selection: SelectionOptions | None = None,
     limits: GeneralLimits = GeneralLimits(),
-    scope: Literal["global", "per_layer"] = "global",
-    modules: Sequence[str] | None = None,
     progress: bool = True,
+    **keywords: Any,
 ) -> tuple[list[FrontierPoint], FrontierPoint]:
     """Measure effect and cost at each budget; the chosen point is the best effect within the limits.
 
@@ -155,9 +153,11 @@ def budget_search(
         general_prompts: Neutral prompts for the KL.
         general_texts: General text for perplexity.
         budgets: Budgets to try, ascending.
-        granularity, scope, modules: Selection options.
+        selection: What to prune (default: neurons, global).
         limits: The general-behaviour limits.
         progress: Show a progress bar.
+        **keywords: Fields of :class:`~hf_lrp_surgery.options.SelectionOptions` (``granularity=``,
+            ``scope=``, ``modules=``), replacing those of ``selection``.
 
     Returns:
         The frontier (one point per budget, plus budget 0 first) and the chosen point (budget 0 if no
@@ -170,11 +170,13 @@ def budget_search(
         >>> points, chosen = budget_search(model, tokenizer, scores, repetition_behaviour(),  # doctest: +SKIP
         ...     validation_prompts=prompts, general_prompts=neutral, general_texts=texts, budgets=[2, 5])
     """
+    selection = SelectionOptions.take(selection, keywords)
+    reject_unknown(keywords, "budget_search")
     general = GeneralBaseline.of(model, tokenizer, general_prompts, general_texts)
     base_effect = behaviour.measure(generate(model, tokenizer, validation_prompts, behaviour.decoding, progress=False))
     points = [FrontierPoint(0, base_effect, 0.0, general.perplexity, 0.0, True)]
     for budget in tqdm(sorted(budgets), desc="budget search", unit="budget", disable=not progress, leave=False):
-        mask = select(scores, granularity, int(budget), scope=scope, modules=modules)
+        mask = selection.select(scores, int(budget))
         candidate = apply_masks(model, mask, "bake").model
         effect = behaviour.measure(
             generate(candidate, tokenizer, validation_prompts, behaviour.decoding, progress=False)

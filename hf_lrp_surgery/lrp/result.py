@@ -170,11 +170,12 @@ class RelevanceResult:
             tensors[f"input_ids/{i}"] = ids
         return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
-    def save(self, directory: str | os.PathLike[str]) -> Path:
+    def save(self, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
         """Save as ``relevance.safetensors`` + ``relevance.json``, atomically.
 
         Args:
-            directory: Destination directory (replaced if it exists).
+            directory: Destination directory (an existing non-empty one is replaced only with ``overwrite``).
+            overwrite: Replace an existing non-empty directory.
 
         Returns:
             The directory.
@@ -190,7 +191,7 @@ class RelevanceResult:
             "settings": self.settings,
             "num_samples": self.num_samples,
         }
-        with atomic_directory(directory) as tmp:
+        with atomic_directory(directory, overwrite=overwrite) as tmp:
             save_file(self._tensors(), str(tmp / _TENSORS_FILE), metadata={"format": "pt"})
             (tmp / _META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         return Path(directory)

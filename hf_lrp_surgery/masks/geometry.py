@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from hf_lrp_surgery.lrp.architectures import ResolvedArchitecture, unwrap_model
+from hf_lrp_surgery.lrp.architectures import ResolvedArchitecture, parameter, unwrap_model
 from hf_lrp_surgery.masks.mask import Mask
 
 __all__ = ["ZeroedEntry", "input_units", "zeroed_entries"]
@@ -91,16 +91,20 @@ def zeroed_entries(mask: Mask, arch: ResolvedArchitecture) -> list[ZeroedEntry]:
         Per carrier module in the mask, its carried entry first, then (neurons) the writer rows and
         biases of that block's MLP input projections.
 
+    Raises:
+        MaskManifestError: The mask does not fit the model (see :meth:`Mask.validate`).
+
     Example:
         >>> for entry in zeroed_entries(mask, resolve(model)):  # doctest: +SKIP
         ...     param, index = entry.locate(model)
     """
+    mask.validate(arch)
     # Linear stores [out, in]; GPT-2's Conv1D [in, out]: the input axis is the second or the first.
     conv1d = arch.spec.orientation == "conv1d"
     entries: list[ZeroedEntry] = []
     for name, index in mask.indices.items():
         if mask.granularity == "weights":
-            shape = _owner(arch, name).weight.shape
+            shape = parameter(arch.model.get_submodule(name)).shape
             entries.append(ZeroedEntry(name, "weight", torch.unravel_index(index, shape), carried=True))
             continue
         units = input_units(mask, name, arch)

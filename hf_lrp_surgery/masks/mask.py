@@ -6,13 +6,18 @@ the input of the attention output projection, for weights the flat indices into 
 (in the order the module stores it). It records the model it was built for (a fingerprint of config
 and weights), the method and options that produced it, and counts per layer. It saves as
 ``mask.safetensors`` + ``mask.json`` and refuses to be applied to another model.
+
+A mask is validated when built (indices unique, sorted, non-negative and within the layout's units),
+when loaded (``mask.json`` agrees with the tensors) and when it meets a model (:meth:`Mask.validate`:
+the layout is the model's, weight indices lie inside their matrices), so that an edited or damaged
+mask raises :class:`~hf_lrp_surgery.exceptions.MaskManifestError` instead of pruning other units.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -22,8 +27,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from hf_lrp_surgery._version import __version__
+from hf_lrp_surgery.exceptions import MaskManifestError
 from hf_lrp_surgery.fingerprint import ModelFingerprint, check_fingerprint
 from hf_lrp_surgery.io import atomic_directory
+from hf_lrp_surgery.lrp.architectures import ResolvedArchitecture
 from hf_lrp_surgery.lrp.layout import GRANULARITIES, Granularity, Layout
 
 __all__ = ["Mask"]
@@ -46,6 +53,12 @@ class Mask:
         provenance: The scores' method and settings and the selection options.
         created: UTC creation time (ISO 8601).
 
+    Raises:
+        MaskManifestError: An unknown granularity, a module the layout lacks, indices that are not
+            1-D int64, or indices that are negative, repeated, unsorted or beyond the module's units
+            (neurons and heads: the layout's counts; weights: ``provenance["module_sizes"]`` when
+            recorded).
+
     Example:
         >>> mask = select(scores, "neurons", 100)  # doctest: +SKIP
         >>> mask.count, mask.per_layer()[:3]  # doctest: +SKIP
@@ -61,16 +74,23 @@ class Mask:
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be 'neurons', 'heads' or 'weights', got {self.granularity!r}")
+            raise MaskManifestError(f"granularity must be 'neurons', 'heads' or 'weights', got {self.granularity!r}")
         known = set(self.carriers())
         unknown = sorted(set(self.indices) - known)
         if unknown:
-            raise ValueError(f"mask names modules the layout does not have for {self.granularity}: {unknown[:3]}")
+            raise MaskManifestError(
+                f"mask names modules the layout does not have for {self.granularity}: {unknown[:3]}; build the "
+                "mask on the layout of the model it prunes"
+            )
+        sizes = self.provenance.get("module_sizes") if self.granularity == "weights" else None
+        per_module = self.layout.units_per_module(self.granularity)
         for name, idx in self.indices.items():
             if idx.dtype != torch.int64 or idx.dim() != 1:
-                raise ValueError(
+                raise MaskManifestError(
                     f"mask indices of {name} must be a 1-D int64 tensor, got {idx.dtype} {tuple(idx.shape)}"
                 )
+            limit = per_module if per_module is not None else _recorded_size(sizes, name)
+            _check_index_values(self.granularity, name, idx, limit)
 
     # -- reading ------------------------------------------------------------------------------
     def carriers(self) -> tuple[str, ...]:
@@ -160,9 +180,12 @@ class Mask:
             >>> circuit = mask.complement()  # doctest: +SKIP
         """
         per_module = self.layout.units_per_module(self.granularity)
-        if per_module is None and total is None:
+        if total is not None:
+            sizes = total
+        elif per_module is not None:
+            sizes = dict.fromkeys(self.carriers(), per_module)
+        else:
             raise ValueError("the complement of a weight mask needs total= (module name -> number of elements)")
-        sizes = total if total is not None else dict.fromkeys(self.carriers(), per_module)
         indices = {}
         for name in self.carriers():
             kept = (~self.dense(name, sizes[name])).nonzero().flatten()
@@ -177,12 +200,59 @@ class Mask:
         )
 
     def check_model(self, model: nn.Module) -> None:
-        """Refuse a model other than the one this mask was built for.
+        """Refuse a model other than the one this mask was built for (its fingerprint).
+
+        The fingerprint identifies the config and the weights; where the mask's units sit in that
+        model (its :class:`~hf_lrp_surgery.lrp.layout.Layout`) is compared by :meth:`validate`,
+        which every carrier runs next to this check.
+
+        Args:
+            model: The model the mask is about to be used with.
 
         Raises:
             FingerprintMismatchError: Different architecture or weights.
+
+        Example:
+            >>> mask.check_model(model)  # doctest: +SKIP
         """
         check_fingerprint(self.fingerprint, model, what=f"this {self.granularity} mask")
+
+    def validate(self, arch: ResolvedArchitecture) -> None:
+        """Refuse a mask that does not fit a model: its layout must be the model's, its weight indices in range.
+
+        Runs wherever a mask meets a model (applying, baking, hooks, verification, loading), so that a
+        ``mask.json`` whose layout was edited (e.g. a reversed ``neuron_modules``) is never applied.
+
+        Args:
+            arch: The resolved architecture of the model (plain or PEFT-wrapped).
+
+        Raises:
+            MaskManifestError: The layouts differ, a weight index is beyond its matrix, or the matrix
+                sizes recorded by the selection are not the model's.
+
+        Example:
+            >>> mask.validate(resolve(model))  # doctest: +SKIP
+        """
+        model_layout = Layout.of(arch)
+        if model_layout != self.layout:
+            differ = [f.name for f in fields(Layout) if getattr(model_layout, f.name) != getattr(self.layout, f.name)]
+            raise MaskManifestError(
+                f"this {self.granularity} mask's layout is not the model's (different {', '.join(differ)}): the "
+                "mask's units would land on other modules. The mask.json was edited or made for another model or "
+                "library version; select the mask again on this model"
+            )
+        if self.granularity != "weights":
+            return
+        sizes = {p.name: p.weight.numel() for p in arch.prunable}
+        recorded = self.provenance.get("module_sizes")
+        for name, idx in self.indices.items():
+            expected = _recorded_size(recorded, name)
+            if expected is not None and expected != sizes[name]:
+                raise MaskManifestError(
+                    f"the weights mask was selected on a {name} of {expected} elements, this model's has "
+                    f"{sizes[name]}; select the mask again on this model"
+                )
+            _check_index_values(self.granularity, name, idx, sizes[name])
 
     def summary(self) -> str:
         """A per-layer table of pruned units, with the method that chose them."""
@@ -214,16 +284,25 @@ class Mask:
         }
 
     # -- persistence --------------------------------------------------------------------------
-    def save(self, directory: str | os.PathLike[str]) -> Path:
+    def save(self, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
         """Save as ``mask.safetensors`` + ``mask.json``, atomically (a directory appears complete or not at all).
 
         Args:
-            directory: Destination directory (replaced if it exists).
+            directory: Destination directory (new, or empty).
+            overwrite: Replace an existing non-empty directory.
 
         Returns:
             The directory.
+
+        Raises:
+            OutputExistsError: ``directory`` is not empty and ``overwrite`` is false, or is a file,
+                the working directory or one of its parents.
+
+        Example:
+            >>> mask.save("runs/mask")  # doctest: +SKIP
+            PosixPath('runs/mask')
         """
-        with atomic_directory(directory) as tmp:
+        with atomic_directory(directory, overwrite=overwrite) as tmp:
             self.write_into(tmp)
         return Path(directory)
 
@@ -235,28 +314,101 @@ class Mask:
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> Mask:
-        """Load a mask saved with :meth:`save`.
+        """Load a mask saved with :meth:`save`, checking that its two files agree.
+
+        Args:
+            directory: A directory written by :meth:`save` (or :meth:`write_into`).
+
+        Returns:
+            The mask (its indices validated as in the constructor).
 
         Raises:
             FileNotFoundError: The directory holds no mask.
-            ValueError: The files are from an unknown format version or inconsistent.
+            MaskManifestError: A file is unreadable, the format version unknown, or ``mask.json``
+                (granularity, count, per-layer or per-module counts) disagrees with the tensors.
+
+        Example:
+            >>> mask = Mask.load("runs/mask")  # doctest: +SKIP
         """
         directory = Path(directory)
-        if not (directory / _META_FILE).is_file() or not (directory / _TENSORS_FILE).is_file():
+        meta_path, tensors_path = directory / _META_FILE, directory / _TENSORS_FILE
+        if not meta_path.is_file() or not tensors_path.is_file():
             raise FileNotFoundError(f"{directory} does not hold a saved mask ({_META_FILE} + {_TENSORS_FILE})")
-        meta = json.loads((directory / _META_FILE).read_text())
+        meta = _read_manifest(meta_path)
         if meta.get("format_version") != _FORMAT_VERSION:
-            raise ValueError(f"{directory}: unknown mask format version {meta.get('format_version')!r}")
-        mask = cls(
-            granularity=meta["granularity"],
-            fingerprint=ModelFingerprint.from_dict(meta["fingerprint"]),
-            layout=Layout.from_dict(meta["layout"]),
-            indices=load_file(str(directory / _TENSORS_FILE)),
-            provenance=meta.get("provenance", {}),
-            created=meta.get("created", ""),
-        )
-        if mask.count != meta["count"]:
-            raise ValueError(
-                f"{directory}: the manifest says {meta['count']} pruned units, the tensors hold {mask.count}"
+            raise MaskManifestError(f"{directory}: unknown mask format version {meta.get('format_version')!r}")
+        try:
+            indices = load_file(str(tensors_path))
+        except Exception as err:  # safetensors raises its own error type for a damaged file
+            raise MaskManifestError(
+                f"{tensors_path} cannot be read ({err}); it is truncated or damaged: save the mask again"
+            ) from err
+        try:
+            mask = cls(
+                granularity=meta["granularity"],
+                fingerprint=ModelFingerprint.from_dict(meta["fingerprint"]),
+                layout=Layout.from_dict(meta["layout"]),
+                indices=indices,
+                provenance=meta.get("provenance", {}),
+                created=meta.get("created", ""),
             )
+        except (KeyError, TypeError, AttributeError) as err:
+            raise MaskManifestError(f"{meta_path} lacks or garbles {err}; save the mask again") from err
+        except MaskManifestError as err:
+            raise MaskManifestError(f"{directory}: {err}") from err
+        _check_counts(mask, meta, directory)
         return mask
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MaskManifestError(f"{path} cannot be read as JSON ({err}); save the mask again") from err
+    if not isinstance(meta, dict):
+        raise MaskManifestError(f"{path} holds no JSON object; save the mask again")
+    return meta
+
+
+def _check_counts(mask: Mask, meta: dict[str, Any], directory: Path) -> None:
+    """Refuse a manifest whose counts disagree with the tensors (keys older manifests lack are skipped)."""
+    if mask.count != meta.get("count"):
+        raise MaskManifestError(
+            f"{directory}: the manifest says {meta.get('count')} pruned units, the tensors hold {mask.count}; "
+            "the files were edited or come from different saves: save the mask again"
+        )
+    actual = {"per_layer": mask.per_layer(), "per_module": {k: v for k, v in mask.per_module().items() if v}}
+    actual["units_per_module"] = mask.layout.units_per_module(mask.granularity)
+    for key, value in actual.items():
+        if key in meta and meta[key] != value:
+            raise MaskManifestError(
+                f"{directory}: the manifest's {key} ({meta[key]}) disagrees with the tensors ({value}); the files "
+                "were edited or come from different saves: save the mask again"
+            )
+
+
+def _recorded_size(sizes: Any, name: str) -> int | None:
+    """The element count the selection recorded for a weight matrix (``provenance["module_sizes"]``), if any."""
+    if isinstance(sizes, dict) and isinstance(sizes.get(name), int):
+        return int(sizes[name])
+    return None
+
+
+def _check_index_values(granularity: str, name: str, idx: torch.Tensor, limit: int | None) -> None:
+    """Refuse negative, repeated, unsorted, or (given the module's ``limit``) out-of-range indices."""
+    if idx.numel() == 0:
+        return
+    problem = None
+    if int(idx.min()) < 0:
+        problem = f"negative indices ({idx[idx < 0][:3].tolist()})"
+    elif idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+        unique = int(idx.unique().numel())
+        problem = f"repeated indices ({idx.numel() - unique} repeats)" if unique < idx.numel() else "unsorted indices"
+    elif limit is not None and int(idx.max()) >= limit:
+        problem = f"indices beyond its {limit} {granularity} ({idx[idx >= limit][:3].tolist()})"
+    if problem is not None:
+        bound = "" if limit is None else f" below {limit}"
+        raise MaskManifestError(
+            f"the {granularity} mask of {name} has {problem}; indices must be unique, sorted, non-negative and{bound}"
+            " (no unit twice). The mask was edited or damaged: select it again, or load an intact copy"
+        )

@@ -131,11 +131,12 @@ class Scores:
             )
 
     # -- persistence --------------------------------------------------------------------------
-    def save(self, directory: str | os.PathLike[str]) -> Path:
+    def save(self, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
         """Save as ``scores.safetensors`` + ``scores.json``, atomically.
 
         Args:
-            directory: Destination directory (replaced if it exists).
+            directory: Destination directory (an existing non-empty one is replaced only with ``overwrite``).
+            overwrite: Replace an existing non-empty directory.
 
         Returns:
             The directory.
@@ -156,7 +157,7 @@ class Scores:
             "layout": self.layout.to_dict(),
             "num_samples": self.num_samples,
         }
-        with atomic_directory(directory) as tmp:
+        with atomic_directory(directory, overwrite=overwrite) as tmp:
             save_file(
                 {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                 str(tmp / _TENSORS_FILE),

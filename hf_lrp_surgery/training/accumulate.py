@@ -17,13 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from hf_lrp_surgery._version import __version__
+from hf_lrp_surgery.exceptions import TrainingStateError
 from hf_lrp_surgery.fingerprint import ModelFingerprint
 from hf_lrp_surgery.io import atomic_directory
+from hf_lrp_surgery.lrp.layout import GRANULARITIES
 from hf_lrp_surgery.lrp.result import RelevanceResult
 from hf_lrp_surgery.scoring import Aggregation, Layout, Scores
+from hf_lrp_surgery.training._state_files import damaged, entry, read_json_object, read_tensors
 
 __all__ = ["RelevanceAccumulator", "SETS", "distributed_rank_and_size"]
 
@@ -80,13 +83,17 @@ class RelevanceAccumulator:
         """Number of relevance passes accumulated."""
         return len(self.steps)
 
-    def _zeros(self, weight_shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    def _sum_shapes(self, weight_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        """The name and shape of every running sum of one set."""
         shapes = dict(_shapes(self.layout, self.components))
         if "weights" in self.components:
             shapes.update({f"weights/{name}": shape for name, shape in weight_shapes.items()})
             if self.settings.get("per_sample_abs_weights"):
                 shapes.update({f"weights_abs/{name}": shape for name, shape in weight_shapes.items()})
-        return {key: torch.zeros(shape, dtype=torch.float64) for key, shape in shapes.items()}
+        return shapes
+
+    def _zeros(self, weight_shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        return {key: torch.zeros(shape, dtype=torch.float64) for key, shape in self._sum_shapes(weight_shapes).items()}
 
     def add_pass(
         self,
@@ -196,27 +203,65 @@ class RelevanceAccumulator:
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> RelevanceAccumulator:
-        """Load sums saved with :meth:`save`.
+        """Load sums saved with :meth:`save`, checking that the two files are complete and agree.
+
+        Args:
+            directory: A directory written by :meth:`save` (``<checkpoint>/lrp_surgery/relevance``).
+
+        Returns:
+            The accumulator.
 
         Raises:
-            FileNotFoundError: ``directory`` holds no accumulated relevance.
-            ValueError: Unknown format version.
+            TrainingStateError: A file is missing, truncated or does not parse, an entry is missing or
+                of the wrong type, the tensors are not those of the recorded components and sets, or the
+                format version is unknown; the message names the file.
+
+        Example:
+            >>> accumulator = RelevanceAccumulator.load("out/checkpoint-4/lrp_surgery/relevance")  # doctest: +SKIP
         """
         directory = Path(directory)
-        if not (directory / _META_FILE).is_file() or not (directory / _TENSORS_FILE).is_file():
-            raise FileNotFoundError(f"{directory} holds no accumulated relevance ({_META_FILE} + {_TENSORS_FILE})")
-        meta = json.loads((directory / _META_FILE).read_text())
-        if meta.get("format_version") != _FORMAT_VERSION:
-            raise ValueError(f"{directory}: unknown accumulated-relevance format {meta.get('format_version')!r}")
+        meta_path, tensors_path = directory / _META_FILE, directory / _TENSORS_FILE
+        meta = read_json_object(meta_path)
+        version = entry(meta, "format_version", int, meta_path)
+        if version != _FORMAT_VERSION:
+            raise TrainingStateError(
+                f"{meta_path} is accumulated-relevance format {version}, which hf_lrp_surgery {__version__} does not "
+                "read; resume with the release that wrote it, or start the run again without resume_from_checkpoint"
+            )
+        try:
+            layout = Layout.from_dict(entry(meta, "layout", dict, meta_path))
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise damaged(meta_path, f"has a 'layout' entry that is not a model layout ({err!r})") from err
         sums: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in load_file(str(directory / _TENSORS_FILE)).items():
-            name, rest = key.split("/", 1)
+        for key, value in read_tensors(tensors_path).items():
+            name, _, rest = key.partition("/")
             sums.setdefault(name, {})[rest] = value
-        return cls(
-            layout=Layout.from_dict(meta["layout"]),
-            components=tuple(meta["components"]),
-            settings=meta["settings"],
+        accumulator = cls(
+            layout=layout,
+            components=tuple(entry(meta, "components", list, meta_path, items=str)),
+            settings=entry(meta, "settings", dict, meta_path),
             sums=sums,
-            counts={k: int(v) for k, v in meta["counts"].items()},
-            steps=[int(s) for s in meta["steps"]],
+            counts=dict(entry(meta, "counts", dict, meta_path, items=int)),
+            steps=list(entry(meta, "steps", list, meta_path, items=int)),
         )
+        accumulator._check_loaded(meta_path, tensors_path)
+        return accumulator
+
+    def _check_loaded(self, meta_path: Path, tensors_path: Path) -> None:
+        """Refuse loaded sums that are not exactly those :meth:`add_pass` keeps for the recorded components."""
+        if not self.components or not set(self.components) <= set(GRANULARITIES):
+            raise damaged(meta_path, f"records the components {list(self.components)}, not neurons, heads or weights")
+        if sorted(self.counts) != sorted(SETS):
+            raise damaged(meta_path, f"counts the sets {sorted(self.counts)}, not {list(SETS)}")
+        if not self.steps:
+            return
+        expected = self._sum_shapes({name: () for name in self.layout.weight_modules})
+        if sorted(self.sums) != sorted(SETS):
+            raise damaged(tensors_path, f"holds sums of the sets {sorted(self.sums)}, not {list(SETS)}")
+        for name, sums in self.sums.items():
+            if sorted(sums) != sorted(expected):
+                raise damaged(tensors_path, f"holds the {name} sums {sorted(sums)}, not {sorted(expected)}")
+            for key, shape in expected.items():
+                found = tuple(sums[key].shape)
+                if not key.startswith("weights") and found != shape:
+                    raise damaged(tensors_path, f"has a {name}/{key} sum of shape {found}, not {shape}")

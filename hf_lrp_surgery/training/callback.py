@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
+import operator
 import os
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, SupportsIndex, cast
 
 import torch
 from torch import nn
@@ -41,13 +44,16 @@ from hf_lrp_surgery.carriers import CarrierName, apply_masks
 from hf_lrp_surgery.exceptions import ReferenceSetError, TrainingSetupError, TrainingStateError
 from hf_lrp_surgery.fingerprint import ModelFingerprint, fingerprint
 from hf_lrp_surgery.io import atomic_directory, write_json_atomic
-from hf_lrp_surgery.lrp.architectures import unwrap_model
+from hf_lrp_surgery.lrp.architectures import ResolvedArchitecture, unwrap_model
 from hf_lrp_surgery.lrp.collect import collect_relevance
+from hf_lrp_surgery.lrp.layout import GRANULARITIES
 from hf_lrp_surgery.masks import Mask, select
+from hf_lrp_surgery.masks.selection import _budget_count, _match_groups
 from hf_lrp_surgery.options import ContrastOptions, ScoringOptions, SelectionOptions, reject_unknown
 from hf_lrp_surgery.references import ReferenceSource, load_reference_set
-from hf_lrp_surgery.references.samples import ReferenceSample
+from hf_lrp_surgery.references.samples import ARGMAX, ReferenceSample, encode_sample
 from hf_lrp_surgery.scoring import Scores, contrast
+from hf_lrp_surgery.training._state_files import UNREADABLE, damaged, entry, read_json_object
 from hf_lrp_surgery.training.accumulate import SETS, RelevanceAccumulator, distributed_rank_and_size
 from hf_lrp_surgery.training.enforce import MaskEnforcer
 
@@ -58,6 +64,7 @@ STATE_DIR = "lrp_surgery"
 #: Sub-directory of a Trainer checkpoint (or of ``args.output_dir`` at the end) with the corrected model.
 CORRECTED_DIR = "corrected"
 _STATE_FILE = "state.json"
+_STATE_FORMAT = 1
 _LOG_PREFIX = "lrp/"
 
 PushFn = Callable[[Path, str], Any]
@@ -79,8 +86,9 @@ class LRPSurgeryCallback(TrainerCallback):
             the corrected model.
         masks: Masks to enforce from the first step (at most one per granularity), built for the
             model being trained (the fingerprint is checked on a fresh run).
-        budget: Units each surgery prunes in addition to those already pruned (a count, or a
-            fraction of the eligible units), as in :func:`~hf_lrp_surgery.masks.select`.
+        budget: Units each surgery prunes in addition to those already pruned (a count, numpy integers
+            included, or a fraction of the eligible units), as in :func:`~hf_lrp_surgery.masks.select`.
+            Checked here, and against the model's component count before the first training step.
         scoring_options: How relevance passes score (:class:`~hf_lrp_surgery.options.ScoringOptions`):
             ``method`` ``"lrp"`` (AttnLRP) or ``"gradient"`` (gradient x input, no rules),
             ``aggregation``, ``objective``, ``variant``, ``epsilon``, ``batch_size``; the scored
@@ -113,8 +121,13 @@ class LRPSurgeryCallback(TrainerCallback):
 
     Raises:
         ReferenceSetError: A relevance schedule or surgery is asked for without both reference sets.
+        BudgetError: ``budget`` is not a count >= 1 or a fraction in (0, 1].
         ValueError: An option is out of range, or ``carrier="adapter"`` with weight masks.
         TypeError: A keyword is not an option.
+
+    Before the first training step (:meth:`on_train_begin`) the callback also checks what needs the
+    model: the budget against its component count, the tokenizer against its vocabulary, every
+    reference sample's encoding, and on resume the checkpoint's state (see :meth:`on_train_begin`).
 
     Example:
         >>> callback = LRPSurgeryCallback(undesired=toxic_pairs, general=clean_pairs, granularity="neurons",
@@ -131,7 +144,7 @@ class LRPSurgeryCallback(TrainerCallback):
         *,
         tokenizer: Any = None,
         masks: Mask | Sequence[Mask] | None = None,
-        budget: int | float = 50,
+        budget: int | float | SupportsIndex = 50,
         scoring_options: ScoringOptions | None = None,
         contrast_options: ContrastOptions | None = None,
         selection_options: SelectionOptions | None = None,
@@ -167,6 +180,7 @@ class LRPSurgeryCallback(TrainerCallback):
             raise ValueError(f"every_n_steps must be >= 1 or None, got {every_n_steps}")
         if top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {top_k}")
+        self.budget = _as_budget(budget)
         mask_list = [masks] if isinstance(masks, Mask) else list(masks or [])
         if len({m.granularity for m in mask_list}) != len(mask_list):
             raise ValueError(f"give at most one mask per granularity, got {[m.granularity for m in mask_list]}")
@@ -191,7 +205,6 @@ class LRPSurgeryCallback(TrainerCallback):
                 self.samples[name] = load_reference_set(source, limit=limit)
         self.tokenizer = tokenizer
         self.initial_masks = mask_list
-        self.budget = budget
         self.every_n_steps = every_n_steps
         self.on_evaluate_pass = on_evaluate
         self.at_end = at_end
@@ -274,6 +287,74 @@ class LRPSurgeryCallback(TrainerCallback):
         if not resumed or not fingerprint(model).same_architecture(mask.fingerprint):
             mask.check_model(model)  # raises, naming what differs
 
+    def _check_references(self, arch: ResolvedArchitecture) -> None:
+        """Tokenise every reference sample once and check its ids (and the tokenizer's) against the vocabulary.
+
+        Args:
+            arch: The resolved model being trained.
+
+        Raises:
+            TrainingSetupError: The tokenizer has more tokens than the model's embedding has rows.
+            ReferenceSetError: A sample does not encode (text without a tokenizer, empty, too long, ...)
+                or holds a token id outside the vocabulary; the message names the set and the sample.
+        """
+        embedding = arch.token_embedding
+        rows = int(getattr(embedding, "num_embeddings", None) or arch.embedding_weight.shape[0])
+        size = len(self.tokenizer) if hasattr(self.tokenizer, "__len__") else None
+        if size is not None and size > rows:
+            raise TrainingSetupError(
+                f"the tokenizer has {size} tokens but the model's embedding only {rows} rows, so ids {rows} and up "
+                "have no embedding; resize it before training (model.resize_token_embeddings(len(tokenizer))) or "
+                "pass this model's own tokenizer"
+            )
+        for name, samples in self.samples.items():
+            for index, sample in enumerate(samples):
+                try:
+                    encoded = encode_sample(sample, index, self.tokenizer, arch.max_positions)
+                except ReferenceSetError as err:
+                    raise type(err)(f"the {name} reference set: {err}") from err
+                ids = encoded.ids + [token for _, token in encoded.seeds if token != ARGMAX]
+                outside = [i for i in ids if not 0 <= i < rows]
+                if outside:
+                    raise ReferenceSetError(
+                        f"sample {index} of the {name} reference set has token id {outside[0]}, outside the model's "
+                        f"vocabulary of {rows} (ids 0..{rows - 1}); encode it with this model's tokenizer"
+                    )
+
+    def _check_budget(self) -> None:
+        """Refuse a budget the first surgery cannot meet, before training rather than when it ends.
+
+        The eligible units counted here are those in the chosen layers (and module groups) that no
+        mask in force holds yet; units the contrast protects are known only at surgery, so this is
+        an upper bound and a budget that passes can still be refused then.
+
+        Raises:
+            BudgetError: The budget exceeds the eligible units, or a fraction of them rounds to 0.
+            ModuleGroupError: A module group matches no prunable module.
+            ValueError: ``layers`` is not a subset of the model's blocks.
+        """
+        assert self.enforcer is not None
+        if self.surgery is None:
+            return
+        layout, granularity, layers = self.enforcer.layout, self.selection.granularity, self.selection.layers
+        chosen = set(range(layout.num_layers)) if layers is None else set(layers)
+        if not chosen or not chosen <= set(range(layout.num_layers)):
+            raise ValueError(f"layers must be a non-empty subset of 0..{layout.num_layers - 1}, got {layers}")
+        if granularity == "weights":
+            sizes = {p.name: p.weight.numel() for p in self.enforcer.arch.prunable}
+            matched = _match_groups(layout, self.selection.modules)
+            groups = {n: sizes[n] for n in matched if layout.weight_modules[n][0] in chosen}
+        else:
+            per_module = layout.units_per_module(granularity) or 0
+            groups = {layout.carriers(granularity)[layer]: per_module for layer in chosen}
+        in_force = self.enforcer.masks.get(granularity)
+        held = in_force.indices if in_force is not None else {}
+        pruned = sum(int(index.numel()) for name, index in held.items() if name in groups)
+        what = f"{granularity} in {len(groups)} {'modules' if granularity == 'weights' else 'layers'}"
+        if pruned:
+            what += f" ({pruned} more are masked already)"
+        _budget_count(self.budget, sum(groups.values()) - pruned, what)
+
     # -- events -------------------------------------------------------------------------------
     def on_train_begin(
         self,
@@ -285,7 +366,32 @@ class LRPSurgeryCallback(TrainerCallback):
         processing_class: Any = None,
         **kwargs: Any,
     ) -> None:
-        """Check the set-up, restore a resumed run's state and start enforcing the masks."""
+        """Check the set-up, restore a resumed run's state and start enforcing the masks.
+
+        Everything that can fail is checked here, before the first training step: the set-up, the
+        tokenizer against the model's vocabulary, every reference sample's encoding, the masks, a
+        resumed checkpoint's state, and the budget against the model's component count. When a check
+        fails, the enforcement hooks come off again.
+
+        Args:
+            args: The Trainer's arguments.
+            state: The Trainer's state (``global_step > 0`` when it resumed from a checkpoint).
+            control: The Trainer's control flags.
+            model: The model being trained.
+            optimizer: The optimizer whose state is cleared at pruned weights.
+            processing_class: The Trainer's tokenizer or processor (used when ``tokenizer=`` was not given).
+            **kwargs: Further Trainer objects (unused).
+
+        Raises:
+            TrainingSetupError: FSDP, DeepSpeed beyond activation masks, surgery on a PEFT model, no
+                model, or a tokenizer larger than the model's vocabulary.
+            ReferenceSetError: A reference sample does not encode, or holds ids outside the vocabulary.
+            BudgetError: The budget exceeds the units the first surgery may prune.
+            TrainingStateError: A resumed checkpoint's callback state is missing, damaged or from another set-up.
+
+        Example:
+            >>> trainer.train()  # calls on_train_begin before step 1  # doctest: +SKIP
+        """
         if model is None:
             raise TrainingSetupError("the Trainer passed no model to the callback")
         self._check_setup(args, model)
@@ -294,6 +400,7 @@ class LRPSurgeryCallback(TrainerCallback):
         if self.push_to_hub and self.push_fn is None:
             self.push_fn = _default_push()
         self.enforcer = MaskEnforcer(model)
+        self._check_references(self.enforcer.arch)
         layout = self.enforcer.layout
         self.accumulator = RelevanceAccumulator(
             layout=layout,
@@ -304,10 +411,15 @@ class LRPSurgeryCallback(TrainerCallback):
         resumed = state.global_step > 0
         for mask in self.initial_masks:  # all checked before a weight mask changes the fingerprint
             self._check_initial_mask(mask, model, resumed)
-        for mask in self.initial_masks:
-            self.enforcer.add(mask, optimizer)
-        if resumed:
-            self._restore(args, state, model, optimizer)
+        try:
+            for mask in self.initial_masks:
+                self.enforcer.add(mask, optimizer)
+            if resumed:
+                self._restore(args, state, model, optimizer)
+            self._check_budget()  # against the units no mask in force (given or restored) holds yet
+        except Exception:
+            self.enforcer.remove()  # a run that does not start leaves no hooks on the model
+            raise
 
     def on_optimizer_step(
         self,
@@ -408,7 +520,7 @@ class LRPSurgeryCallback(TrainerCallback):
             if self.surgery == "end":
                 self._surgery(model, optimizer, step)
             if self.enforcer.masks and state.is_world_process_zero:
-                directory = Path(self.output_dir or Path(args.output_dir) / CORRECTED_DIR)
+                directory = Path(self.output_dir or _output_dir(args) / CORRECTED_DIR)
                 self._save_corrected(model, directory, base=self.base_model_name_or_path)
         finally:
             self.enforcer.remove()
@@ -461,9 +573,7 @@ class LRPSurgeryCallback(TrainerCallback):
                     else None
                 )
             weight_shapes = {p.name: tuple(p.weight.shape) for p in self.enforcer.arch.prunable}
-            self.accumulator.add_pass(
-                step, results, weight_shapes, device=self.enforcer.arch.token_embedding.weight.device
-            )
+            self.accumulator.add_pass(step, results, weight_shapes, device=self.enforcer.arch.embedding_weight.device)
         finally:
             for module, training in modes:
                 module.training = training
@@ -555,7 +665,7 @@ class LRPSurgeryCallback(TrainerCallback):
         if self.carrier == "adapter" and base is None:
             base_dir = Path(f"{directory}-base")
             with atomic_directory(base_dir) as tmp:
-                model.save_pretrained(str(tmp))
+                cast(Any, model).save_pretrained(str(tmp))  # a PreTrainedModel (or PEFT model)
                 if self.tokenizer is not None:
                     self.tokenizer.save_pretrained(str(tmp))
             base = str(base_dir.resolve())
@@ -579,17 +689,19 @@ class LRPSurgeryCallback(TrainerCallback):
     # -- state --------------------------------------------------------------------------------
     @staticmethod
     def _checkpoint_dir(args: TrainingArguments, state: TrainerState) -> Path:
-        return Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        return _output_dir(args) / f"checkpoint-{state.global_step}"
 
     def _state_record(self) -> dict[str, Any]:
         return {
-            "format_version": 1,
+            "format_version": _STATE_FORMAT,
             "samples_sha256": _samples_digest(self.samples),
             "selection": {**self.selection.to_dict(), "budget": self.budget},
             "relevance": {**self._relevance_settings(), "aggregation": self.scoring.aggregation},
             "surgery": self.surgery,
             "surgery_steps": self.surgery_steps,
             "masks": sorted(self.enforcer.masks) if self.enforcer else [],
+            # A resumed run checks that relevance/ holds these passes (and refuses when it is gone).
+            "relevance_steps": list(self.accumulator.steps) if self.accumulator else [],
         }
 
     def _save_state(self, directory: Path) -> None:
@@ -602,7 +714,12 @@ class LRPSurgeryCallback(TrainerCallback):
             write_json_atomic(tmp / _STATE_FILE, self._state_record())
 
     def _restore(self, args: TrainingArguments, state: TrainerState, model: nn.Module, optimizer: Any) -> None:
-        """Load the accumulated relevance and the masks saved in the checkpoint being resumed."""
+        """Load the accumulated relevance and the masks saved in the checkpoint being resumed.
+
+        Raises:
+            TrainingStateError: No state was saved, a state file is missing, damaged or disagrees with
+                another, or the state was made with other reference sets, options or model.
+        """
         assert self.accumulator is not None and self.enforcer is not None
         candidates = [Path(p) / STATE_DIR for p in (getattr(args, "resume_from_checkpoint", None),) if p]
         candidates.append(self._checkpoint_dir(args, state) / STATE_DIR)
@@ -613,30 +730,88 @@ class LRPSurgeryCallback(TrainerCallback):
                 f"{', '.join(str(c.parent) for c in candidates)}: the checkpoint was saved without LRPSurgeryCallback "
                 "(or by another output_dir). Resume from a checkpoint written with the callback, or start a new run"
             )
-        record = json.loads((directory / _STATE_FILE).read_text())
+        path = directory / _STATE_FILE
+        record = read_json_object(path)
+        version = entry(record, "format_version", int, path)
+        if version != _STATE_FORMAT:
+            raise TrainingStateError(
+                f"{path} is callback-state format {version}, which this release does not read; resume with the "
+                "release that wrote it, or start the run again without resume_from_checkpoint"
+            )
         expected = self._state_record()
-        for key in ("samples_sha256", "selection", "relevance", "surgery"):
-            if record.get(key) != expected[key]:
+        compared = (("samples_sha256", str), ("selection", dict), ("relevance", dict), ("surgery", (str, type(None))))
+        for key, kind in compared:
+            if entry(record, key, kind, path) != expected[key]:
                 raise TrainingStateError(
                     f"the checkpoint's callback state was made with other {key.replace('_sha256', '')} "
                     f"({record.get(key)!r} vs now {expected[key]!r}); resume with the callback configured as in the "
                     "interrupted run, or start a new run"
                 )
-        if (directory / "relevance").is_dir():
-            loaded = RelevanceAccumulator.load(directory / "relevance")
+        surgery_steps = entry(record, "surgery_steps", list, path, items=int)
+        granularities = entry(record, "masks", list, path, items=str)
+        if not set(granularities) <= set(GRANULARITIES):
+            raise damaged(path, f"lists masks {granularities}, not granularities of {list(GRANULARITIES)}")
+        # Checkpoints of earlier releases have no relevance_steps: their relevance/ is loaded when present.
+        steps = entry(record, "relevance_steps", list, path, items=int) if "relevance_steps" in record else None
+        relevance = directory / "relevance"
+        if steps and not relevance.is_dir():
+            raise damaged(
+                relevance,
+                f"is missing, but {_STATE_FILE} records relevance passes at steps {steps} (resuming would silently "
+                "restart the accumulation)",
+            )
+        if steps or (steps is None and relevance.is_dir()):
+            loaded = RelevanceAccumulator.load(relevance)
+            if steps is not None and loaded.steps != steps:
+                raise damaged(relevance, f"holds passes at steps {loaded.steps}, but {_STATE_FILE} records {steps}")
             if loaded.layout != self.accumulator.layout:
                 raise TrainingStateError("the checkpoint's accumulated relevance is for another model layout")
             self.accumulator = loaded
-        self.surgery_steps = [int(s) for s in record.get("surgery_steps", [])]
+        self.surgery_steps = list(surgery_steps)
         current = fingerprint(model)
-        for granularity in record.get("masks", []):
-            mask = Mask.load(directory / "masks" / granularity)
+        for granularity in granularities:
+            mask_dir = directory / "masks" / granularity
+            try:
+                mask = Mask.load(mask_dir)
+            except UNREADABLE as err:
+                raise damaged(mask_dir, f"does not hold a readable {granularity} mask ({err})") from err
             if not current.same_architecture(mask.fingerprint):
                 mask.check_model(model)
             self.enforcer.add(mask, optimizer)
 
 
 # -- helpers ------------------------------------------------------------------------------------
+def _as_budget(budget: object) -> int | float:
+    """The budget as a plain ``int`` (numpy integers too) or ``float``, checked as far as it can be without a model.
+
+    Args:
+        budget: A count >= 1 or a fraction in (0, 1].
+
+    Returns:
+        The budget (JSON-serialisable, as checkpoints record it).
+
+    Raises:
+        BudgetError: ``budget`` is a bool, not a number, below 1 as a count, or outside (0, 1] as a fraction.
+
+    Example:
+        >>> _as_budget(np.int64(5))  # doctest: +SKIP
+        5
+    """
+    if isinstance(budget, numbers.Integral) and not isinstance(budget, bool):
+        budget = operator.index(budget)
+    elif isinstance(budget, numbers.Real) and not isinstance(budget, bool):
+        budget = float(budget)
+    # No upper bound yet: the component count is known in on_train_begin (_check_budget).
+    _budget_count(budget, sys.maxsize, "components")  # type: ignore[arg-type]
+    return budget  # type: ignore[return-value]
+
+
+def _output_dir(args: TrainingArguments) -> Path:
+    """The Trainer's output directory (``TrainingArguments`` fills in a default when none is given)."""
+    assert args.output_dir is not None
+    return Path(args.output_dir)
+
+
 def _default_push() -> PushFn:
     try:
         from hf_lrp_surgery.hub import push_to_hub

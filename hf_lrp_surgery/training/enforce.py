@@ -34,7 +34,7 @@ from hf_lrp_surgery.masks.mask import Mask
 __all__ = ["MaskEnforcer", "merge_masks"]
 
 # A parameter and the index that selects the frozen entries of it (and of optimizer state shaped like it).
-_Entries = tuple[nn.Parameter, tuple[Any, ...]]
+_Entries = tuple[torch.Tensor, tuple[Any, ...]]
 
 
 def merge_masks(old: Mask, new: Mask) -> Mask:

@@ -1,0 +1,144 @@
+"""The correction recipes, one command per registered behaviour (``detox``, ``fix-repetition``, ...)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import TYPE_CHECKING, Any
+
+from hf_lrp_surgery.cli._common import (
+    add_model_arguments,
+    add_objective_argument,
+    add_output_arguments,
+    checked_output,
+    load,
+    positive_int,
+)
+from hf_lrp_surgery.lrp.layout import GRANULARITIES
+
+if TYPE_CHECKING:  # the commands import their modules when they run
+    from hf_lrp_surgery.correction import RegisteredBehaviour
+
+__all__ = ["register"]
+
+# How a behaviour option's value is parsed from the command line (see ``CommandOption.kind``).
+_OPTION_TYPES = {"str": str, "float": float}
+
+
+def _recipe(args: argparse.Namespace) -> int:
+    from hf_lrp_surgery.correction import GeneralLimits, run_recipe
+
+    output = checked_output(args)
+    entry = args.behaviour
+    options = entry.metadata.options
+    behaviour = entry.factory(**{o.parameter: o.from_command_line(getattr(args, o.dest)) for o in options})
+    limits = GeneralLimits(args.max_kl, args.max_perplexity_increase)
+    model, tokenizer = load(args)
+    result = run_recipe(
+        model,
+        tokenizer,
+        behaviour,
+        output,
+        budgets=args.budgets,
+        granularity=args.granularity,
+        method=args.method,
+        normalize=args.normalize,
+        protect_top=args.protect_top,
+        objective=args.objective,
+        focus=not args.no_focus,
+        limits=limits,
+        scope=args.scope,
+        modules=args.modules,
+        base_model_name_or_path=args.base_model_id,
+        model_name=args.model,
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    print(
+        f"{result.behaviour}: {result.reference_sizes['undesired']} undesired / {result.reference_sizes['desired']} "
+        "desired reference continuations"
+    )
+    print(f"{'budget':>7} {behaviour.primary:>14} {'KL':>8} {'ppl +%':>8}  within limits")
+    for point in result.frontier:
+        print(
+            f"{point.budget:>7} {point.effect[behaviour.primary]:>14.4f} {point.kl:>8.4f} "
+            f"{100 * point.perplexity_increase:>8.2f}  {point.within_limits}"
+        )
+    print(f"chosen budget: {result.chosen_budget}")
+    print("held-out:", json.dumps(result.heldout))
+    print(
+        f"saved to {output} (report.json, effect_vs_budget.png, scores/, and mask/, adapter/, baked/ when a "
+        "budget was chosen)"
+    )
+    return 0
+
+
+def _recipe_parser(subparsers: Any, entry: RegisteredBehaviour) -> argparse.ArgumentParser:
+    """The recipe command of a registered behaviour, with the behaviour's own options."""
+    from hf_lrp_surgery.options import NORMALIZATIONS, SCOPES
+    from hf_lrp_surgery.scoring import METHODS
+
+    metadata = entry.metadata
+    name = metadata.command
+    defaults = f"{' '.join(map(str, metadata.budgets))} {metadata.granularity}"
+    parser = subparsers.add_parser(name, help=metadata.summary, description=metadata.description)
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--budgets",
+        nargs="+",
+        type=positive_int,
+        help=f"budgets to search, in units of --granularity (default: {defaults})",
+    )
+    parser.add_argument("--granularity", choices=GRANULARITIES, help=f"what to prune (default: {defaults.split()[-1]})")
+    parser.add_argument("--method", choices=METHODS, default="lrp", help="scoring method (lrp)")
+    parser.add_argument(
+        "--normalize",
+        choices=NORMALIZATIONS,
+        default="total",
+        help="per-set normalisation before the difference (total)",
+    )
+    parser.add_argument(
+        "--protect-top",
+        type=float,
+        default=0.05,
+        help="fraction most relevant to the general set that is never pruned (0.05)",
+    )
+    add_objective_argument(
+        parser, choices=("logit", "logprob"), default="logit", old="--seed", help="what the relevance pass explains"
+    )
+    parser.add_argument(
+        "--no-focus",
+        action="store_true",
+        help="explain whole undesired continuations, not only their toxic / repeated tokens",
+    )
+    parser.add_argument("--scope", choices=SCOPES, default="global", help="selection scope (global)")
+    parser.add_argument("--modules", nargs="+", help="weights: module groups, e.g. 'mlp.*' (all)")
+    parser.add_argument("--max-kl", type=float, default=0.02, help="general-behaviour limit on KL (0.02)")
+    parser.add_argument(
+        "--max-perplexity-increase",
+        type=float,
+        default=0.03,
+        help="general-behaviour limit on the relative perplexity increase (0.03)",
+    )
+    parser.add_argument("--base-model-id", help="Hub id written into the adapter's config (default: --model's path)")
+    add_output_arguments(parser, f"runs/{name}")
+    for option in metadata.options:
+        if option.kind == "switch":
+            parser.add_argument(option.flag, action="store_true", help=option.help)
+        else:
+            parser.add_argument(option.flag, type=_OPTION_TYPES[option.kind], default=option.default, help=option.help)
+    parser.set_defaults(handler=_recipe, behaviour=entry)
+    return parser
+
+
+def register(subparsers: Any) -> None:
+    """Add one recipe command per registered behaviour.
+
+    Args:
+        subparsers: What ``ArgumentParser.add_subparsers()`` returned.
+    """
+    from hf_lrp_surgery.correction import BEHAVIOURS
+
+    for entry in BEHAVIOURS.values():
+        _recipe_parser(subparsers, entry)
