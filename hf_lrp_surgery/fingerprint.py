@@ -4,6 +4,12 @@ A fingerprint is the model type, a hash of the architecture-defining config and 
 weights. The weight hash is taken over every tensor of the state dict rendered in bfloat16, so the
 fp32, bf16 and device copies of one checkpoint share a fingerprint, while any real change to the
 weights (fine-tuning, pruning, another checkpoint) changes it.
+
+A fingerprint does not cover an artefact's :class:`~hf_lrp_surgery.lrp.layout.Layout` (where its units
+sit in the model): the layout is derived from the config and the architecture registry, so it is
+compared explicitly, with the model's own, wherever a mask meets a model
+(:meth:`~hf_lrp_surgery.masks.Mask.validate`, run by every carrier next to the fingerprint check).
+Saved fingerprints therefore stay valid, and an edited layout is refused by name.
 """
 
 from __future__ import annotations

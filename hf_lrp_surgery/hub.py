@@ -4,9 +4,14 @@
 :class:`~hf_lrp_surgery.carriers.CorrectedModel` first) with its ``surgery/`` directory (masks,
 manifest, check record) and a model card (:mod:`hf_lrp_surgery.modelcard`). The endpoint and
 token come from the standard environment (``HF_ENDPOINT``, ``HF_TOKEN``, or a saved login) or from
-arguments (``HfApi(endpoint=..., token=...)``); nothing is hard-coded. A failed push (network,
-authentication, conflict, rejected metadata) leaves the local copy as it was and raises
-:class:`PushError`, whose message says what went wrong and the exact command that retries it.
+arguments (``HfApi(endpoint=..., token=...)``); nothing is hard-coded. The upload is built in a
+staging copy next to the local directory (hard links, so GB-size weights are not copied; only the
+small files that change are rewritten): the card, the adapter's Hub base and the public names of
+local paths are written there, and the local directory is never written, whether the push fails or
+succeeds. Nothing uploaded names a local absolute path: the base model's path becomes its Hub id
+(``base_model``), any other one its bare name (``./name``). A failed push (network, authentication,
+conflict, rejected metadata) raises :class:`PushError`, whose message says what went wrong and the
+exact command that retries it.
 
 :func:`load_from_hub` downloads a published model (``snapshot_download``), the adapter's base model
 from the same endpoint, and loads it with :func:`~hf_lrp_surgery.carriers.load_corrected`, which proves
@@ -16,12 +21,14 @@ the mask is carried. Stock ``AutoModelForCausalLM.from_pretrained(repo_id)`` loa
 
 from __future__ import annotations
 
+import contextlib
 import json
-import logging
 import os
+import re
 import shlex
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,12 +39,10 @@ from torch import nn
 
 from hf_lrp_surgery.carriers import CHECK_FILE, SURGERY_DIR, CorrectedModel, load_corrected, model_files, read_surgery
 from hf_lrp_surgery.exceptions import ModelLoadError, PublishError, PushError
-from hf_lrp_surgery.io import write_json_atomic
+from hf_lrp_surgery.io import staging_directory, write_json_atomic, write_text_atomic
 from hf_lrp_surgery.modelcard import is_hub_id, write_card
 
-__all__ = ["PublishError", "PushError", "load_from_hub", "push_or_warn", "push_to_hub"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["PublishError", "PushError", "load_from_hub", "push_to_hub"]
 
 
 def _model_files() -> list[str]:
@@ -54,24 +59,140 @@ PushReason = Literal["network", "offline", "auth", "conflict", "rejected", "unkn
 
 
 # -- push -------------------------------------------------------------------------------------
-def _prepare_adapter_base(directory: Path, carrier: str, saved_base: str | None, base_model: str | None) -> None:
-    """Make sure a pushed adapter points at a base model others can load (a Hub id), writing it if given."""
+_ADAPTER_CONFIG = "adapter_config.json"
+_BASE_KEY = "base_model_name_or_path"
+# A local absolute path inside a string: "/..." or "~/..." at the start or after a space, "=", a quote,
+# a backquote or "(" (so URLs and repo-relative paths such as "surgery/x.png" never match).
+_LOCAL_PATH = re.compile(r"(?<![^\s='\"`(])~?/[^\s'\"`()]+")
+
+
+def _hub_base(directory: Path, carrier: str, saved_base: str | None, base_model: str | None) -> str | None:
+    """The Hub id that names the base model in the upload; refuses an adapter whose base is a local path.
+
+    Args:
+        directory: The local corrected model (only read).
+        carrier: Its carrier's name.
+        saved_base: The base model recorded in ``surgery/check.json``.
+        base_model: The Hub id the caller gave, if any.
+
+    Returns:
+        ``base_model``, or for an adapter the Hub id its config (or check record) names.
+
+    Raises:
+        PublishError: An adapter names its base by a local path and no ``base_model`` was given.
+    """
     if carrier != "adapter":
-        return
-    config_path = directory / "adapter_config.json"
-    config = json.loads(config_path.read_text())
-    target = base_model or config.get("base_model_name_or_path") or saved_base
+        return base_model
+    config = json.loads((directory / _ADAPTER_CONFIG).read_text())
+    target = base_model or config.get(_BASE_KEY) or saved_base
     if not is_hub_id(target):
         raise PublishError(
             f"the adapter in {directory} names its base model by the local path {target!r}, which nobody loading it "
             "from the Hub can use; pass base_model='<hub id of the base model>' (CLI: --base-model) to write the Hub "
-            "id into adapter_config.json and surgery/check.json"
+            "id into the uploaded adapter_config.json and surgery/check.json"
         )
-    if config.get("base_model_name_or_path") != target:
-        write_json_atomic(config_path, {**config, "base_model_name_or_path": target})
-    check = json.loads((directory / _CHECK_FILE).read_text())
-    if check.get("base_model_name_or_path") != target:
-        write_json_atomic(directory / _CHECK_FILE, {**check, "base_model_name_or_path": target})
+    return target
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link ``source`` as ``target``, or copy it where linking is impossible."""
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or one without hard links
+        shutil.copy2(source, target)
+
+
+@contextlib.contextmanager
+def _upload_copy(directory: Path) -> Iterator[Path]:
+    """A copy of ``directory`` to build the upload in, removed on exit.
+
+    Files are hard links (copies where the file system has none), so weights cost nothing to stage.
+    Everything written into the copy goes through ``os.replace`` (the atomic writers), which replaces
+    a link instead of writing through it, so the local files are never touched. The copy is a sibling
+    named like every staging directory of :mod:`hf_lrp_surgery.io`, so one left by a killed process
+    is removed by the next push or save next to it; where the parent is read-only it goes to the
+    system's temporary directory.
+
+    Args:
+        directory: The local corrected model.
+
+    Yields:
+        The staging directory (``.git`` left out, as ``upload_folder`` ignores it).
+    """
+    source = Path(os.path.abspath(directory))
+    try:
+        staging = staging_directory(source)
+    except OSError:
+        staging = Path(tempfile.mkdtemp(prefix="hf_lrp_surgery-push-"))
+    try:
+        for folder, subfolders, files in os.walk(source, followlinks=True):
+            subfolders[:] = [name for name in subfolders if name != ".git"]
+            target = staging / Path(folder).relative_to(source)
+            target.mkdir(exist_ok=True)
+            for name in files:
+                _link_or_copy(Path(folder) / name, target / name)
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _map_strings(value: Any, change: Callable[[str], str]) -> Any:
+    """``value`` (parsed JSON) with ``change`` applied to every string in it."""
+    if isinstance(value, str):
+        return change(value)
+    if isinstance(value, list):
+        return [_map_strings(item, change) for item in value]
+    if isinstance(value, dict):
+        return {key: _map_strings(item, change) for key, item in value.items()}
+    return value
+
+
+def _replace_all(text: str, names: Mapping[str, str]) -> str:
+    """``text`` with every key of ``names`` replaced by its value."""
+    for local in sorted(names, key=len, reverse=True):  # longest first: a path before its parents
+        text = text.replace(local, names[local])
+    return text
+
+
+def _publish_names(root: Path, carrier: str, hub_base: str | None) -> None:
+    """Rewrite an upload copy so that it names no local absolute path, and an adapter names its Hub base.
+
+    The files hf_lrp_surgery writes (``surgery/**/*.json``, ``adapter_config.json``) are searched for
+    local absolute paths; the base model's (``base_model_name_or_path``) becomes ``hub_base`` when
+    there is one, any other one ``./`` and its last component. The same replacements are made in
+    ``README.md``. Tokenizer and model files are left alone (tokens may look like paths).
+
+    Args:
+        root: The upload copy (see :func:`_upload_copy`).
+        carrier: The carrier's name.
+        hub_base: The base model's Hub id (see :func:`_hub_base`).
+    """
+    own = [root / _ADAPTER_CONFIG] if carrier == "adapter" else []
+    documents = {path: json.loads(path.read_text()) for path in [*own, *sorted((root / SURGERY_DIR).rglob("*.json"))]}
+    found: set[str] = set()
+
+    def collect(text: str) -> str:
+        found.update(_LOCAL_PATH.findall(text))
+        if text.startswith(("/", "~/")) and "\n" not in text:  # a whole path, spaces and all
+            found.add(text)
+        return text
+
+    for document in documents.values():
+        _map_strings(document, collect)
+    bases = {documents[path].get(_BASE_KEY) for path in (*own, root / _CHECK_FILE)}
+    names = {path: hub_base if hub_base and path in bases else f"./{Path(path).name}" for path in found}
+    for path, document in documents.items():
+        public = _map_strings(document, lambda text: _replace_all(text, names))
+        if carrier == "adapter" and path in (*own, root / _CHECK_FILE):
+            public[_BASE_KEY] = hub_base
+        if public != document:
+            write_json_atomic(path, public)
+    readme = root / "README.md"
+    if readme.is_file() and names:
+        text = readme.read_text(encoding="utf-8")
+        public_text = _replace_all(text, names)
+        if public_text != text:
+            write_text_atomic(readme, public_text)
 
 
 def _retry_command(
@@ -157,6 +278,15 @@ def push_to_hub(
     (the other carrier's files, an older ``surgery/``) are deleted in the same commit, so the repo
     holds exactly one loadable form; other files (tokenizer, extra documents) are left alone.
 
+    The upload is built in a staging copy (hard links; only the rewritten small files are new): the
+    card, the adapter's Hub base and the public names of local paths go there, never into the local
+    directory, which is left exactly as it was whether the push fails or succeeds (so a model saved
+    with a local base path still loads offline with ``load_corrected``). Run
+    :func:`~hf_lrp_surgery.modelcard.write_card` to keep a card locally. In everything uploaded
+    (``surgery/*.json``, ``adapter_config.json``, ``README.md``) a local absolute path is replaced:
+    the base model's by its Hub id (``base_model``, or the adapter's saved Hub id), any other by
+    ``./`` and its last component.
+
     Args:
         directory_or_corrected: A directory written by :func:`~hf_lrp_surgery.carriers.save_corrected`,
             or a :class:`~hf_lrp_surgery.carriers.CorrectedModel` (saved first, see ``local_dir``).
@@ -168,24 +298,27 @@ def push_to_hub(
         create_pr: Open a pull request instead of committing to the branch.
         token: A token with write access (default: ``HF_TOKEN`` or the saved login).
         endpoint: The Hub's URL (default: ``HF_ENDPOINT`` or huggingface.co).
-        base_model: Hub id of the base model: shown on the card and, for an adapter, written into
-            ``adapter_config.json`` and ``surgery/check.json`` where they name something else (e.g. the
-            local path it was loaded from), so that others load the adapter on the right base.
+        base_model: Hub id of the base model: shown on the card, written into the uploaded
+            ``adapter_config.json`` and ``surgery/check.json`` of an adapter where they name something
+            else (e.g. the local path it was loaded from), so that others load the adapter on the right
+            base, and in place of the base model's local path in every uploaded file.
         license: The card's license (usually the base model's).
-        card: Write (or refresh) ``README.md`` with :func:`~hf_lrp_surgery.modelcard.write_card`
-            before pushing; options stored by an earlier ``write_card`` / ``card_from_recipe`` are kept.
+        card: Upload a fresh ``README.md`` built by :func:`~hf_lrp_surgery.modelcard.write_card` (in the
+            staging copy); options stored by an earlier ``write_card`` / ``card_from_recipe`` are kept.
+            ``False`` uploads the directory's README as it is (local paths replaced).
         tokenizer: Saved with a ``CorrectedModel`` (ignored for a directory).
-        local_dir: Where a ``CorrectedModel`` is saved (default: a temporary directory, removed after a
-            successful push and kept after a failed one).
+        local_dir: Where a ``CorrectedModel`` is saved, without a card (default: a temporary directory,
+            removed after a successful push and kept after a failed one).
 
     Returns:
         The ``CommitInfo`` (a ``str``: the commit URL; ``.oid``, ``.repo_url``, ``.pr_url``).
 
     Raises:
         PushError: The push failed (``reason``: network, offline, auth, conflict, rejected); the
-            message names the local copy and the command that retries.
+            message names the local copy (unchanged) and the command that retries.
         PublishError: The directory is not a saved corrected model, or an adapter's base model is a
             local path and no ``base_model`` was given (raised before any network call).
+        CardError: The card cannot be built (see :func:`~hf_lrp_surgery.modelcard.write_card`).
 
     Example:
         >>> push_to_hub("runs/detox/adapter", "me/smollm2-detox-ia3",  # doctest: +SKIP
@@ -195,57 +328,61 @@ def push_to_hub(
     if isinstance(directory_or_corrected, CorrectedModel):
         if local_dir is None:
             temporary = Path(tempfile.mkdtemp(prefix="hf_lrp_surgery-push-"))
-        directory = Path(local_dir) if local_dir is not None else temporary / repo_id.split("/")[-1]
+            directory = temporary / repo_id.split("/")[-1]
+        else:
+            directory = Path(local_dir)
         directory_or_corrected.save(directory, tokenizer=tokenizer, base_model_name_or_path=base_model)
     else:
         directory = Path(directory_or_corrected)
-    try:
-        _, carrier, _, saved_base = read_surgery(directory)
-        _prepare_adapter_base(directory, carrier, saved_base, base_model)
-        if card:
-            write_card(directory, repo_id=repo_id, base_model=base_model, license=license)
-    except FileNotFoundError as err:
-        _remove(temporary)
-        raise PublishError(f"{directory} is not a saved corrected model: {err}") from err
-    except BaseException:  # a set-up mistake: nothing was pushed, so the temporary copy has nothing to retry
-        _remove(temporary)
-        raise
-
     api = HfApi(endpoint=endpoint, token=token)
-    what = "IA3 adapter" if carrier == "adapter" else "baked checkpoint"
-    try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        commit = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=directory,
-            revision=revision,
-            create_pr=create_pr,
-            commit_message=commit_message or f"hf_lrp_surgery: corrected model ({what}) with its mask manifest",
-            commit_description=commit_description,
-            delete_patterns=_model_files(),
-        )
-    except Exception as err:  # every failure becomes one error that keeps the local copy and says how to retry
-        reason, why = _explain(err, api.endpoint, repo_id)
-        retry = _retry_command(
-            directory,
-            repo_id,
-            private=private,
-            revision=revision,
-            create_pr=create_pr,
-            endpoint=endpoint,
-            base_model=base_model,
-            commit_message=commit_message,
-            card=card,
-            license=license,
-        )
-        raise PushError(
-            f"pushing {directory} to {repo_id} failed: {why}. The local copy is intact at {directory}; "
-            f"retry with: {retry}",
-            reason=reason,
-            directory=directory,
-            repo_id=repo_id,
-            retry_command=retry,
-        ) from err
+    with contextlib.ExitStack() as stack:
+        try:
+            _, carrier, _, saved_base = read_surgery(directory)
+            hub_base = _hub_base(directory, carrier, saved_base, base_model)
+            upload = stack.enter_context(_upload_copy(directory))
+            _publish_names(upload, carrier, hub_base)
+            if card:
+                write_card(upload, repo_id=repo_id, base_model=base_model, license=license)
+        except FileNotFoundError as err:
+            _remove(temporary)
+            raise PublishError(f"{directory} is not a saved corrected model: {err}") from err
+        except BaseException:  # a set-up mistake: nothing was pushed, so the temporary copy has nothing to retry
+            _remove(temporary)
+            raise
+        what = "IA3 adapter" if carrier == "adapter" else "baked checkpoint"
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            commit = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=upload,
+                revision=revision,
+                create_pr=create_pr,
+                commit_message=commit_message or f"hf_lrp_surgery: corrected model ({what}) with its mask manifest",
+                commit_description=commit_description,
+                delete_patterns=_model_files(),
+            )
+        except Exception as err:  # every failure becomes one error that keeps the local copy and says how to retry
+            reason, why = _explain(err, api.endpoint, repo_id)
+            retry = _retry_command(
+                directory,
+                repo_id,
+                private=private,
+                revision=revision,
+                create_pr=create_pr,
+                endpoint=endpoint,
+                base_model=base_model,
+                commit_message=commit_message,
+                card=card,
+                license=license,
+            )
+            raise PushError(
+                f"pushing {directory} to {repo_id} failed: {why}. The local copy is intact at {directory}; "
+                f"retry with: {retry}",
+                reason=reason,
+                directory=directory,
+                repo_id=repo_id,
+                retry_command=retry,
+            ) from err
     _remove(temporary)
     return commit
 
@@ -253,35 +390,6 @@ def push_to_hub(
 def _remove(temporary: Path | None) -> None:
     if temporary is not None:
         shutil.rmtree(temporary, ignore_errors=True)
-
-
-def push_or_warn(
-    directory_or_corrected: str | os.PathLike[str] | CorrectedModel, repo_id: str, **kwargs: Any
-) -> CommitInfo | None:
-    """:func:`push_to_hub` for a ``TrainerCallback``: a failed push is logged, not raised, so training goes on.
-
-    Call it from the main process only (``state.is_world_process_zero``).
-
-    Args:
-        directory_or_corrected: As for :func:`push_to_hub`.
-        repo_id: As for :func:`push_to_hub`.
-        **kwargs: Any other :func:`push_to_hub` argument.
-
-    Returns:
-        The ``CommitInfo``, or ``None`` when the push failed (the warning holds the retry command).
-
-    Raises:
-        PublishError, CardError: The model cannot be published as it is (these are bugs in the caller's
-            set-up, not transient failures, so they are raised).
-
-    Example:
-        >>> push_or_warn(checkpoint_dir, "me/run", commit_message=f"step {state.global_step}")  # doctest: +SKIP
-    """
-    try:
-        return push_to_hub(directory_or_corrected, repo_id, **kwargs)
-    except PushError as err:
-        logger.warning("%s", err)
-        return None
 
 
 # -- load -------------------------------------------------------------------------------------
@@ -327,10 +435,11 @@ def load_from_hub(
         >>> original = load_from_hub("me/smollm2-detox-ia3", adapter_enabled=False)  # doctest: +SKIP
     """
     api = HfApi(endpoint=endpoint, token=token)
+    cache = None if cache_dir is None else Path(cache_dir)
 
     def download(name: str, rev: str | None) -> Path:
         try:
-            return Path(api.snapshot_download(name, revision=rev, cache_dir=cache_dir))
+            return Path(api.snapshot_download(name, revision=rev, cache_dir=cache))
         except Exception as err:  # network, missing repo or revision, auth: one error that names the source
             raise ModelLoadError(f"cannot download {name!r} from {api.endpoint}: {type(err).__name__}: {err}") from err
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from hf_lrp_surgery.exceptions import OutputExistsError
 
-__all__ = ["atomic_directory", "check_output", "write_json_atomic", "write_text_atomic"]
+__all__ = ["atomic_directory", "check_output", "staging_directory", "write_json_atomic", "write_text_atomic"]
 
 _STAGING = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-[^.]*$")
 
@@ -115,6 +115,23 @@ def _make_staging(final: Path, kind: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{final.name}.{kind}-{os.getpid()}-", dir=final.parent))
 
 
+def staging_directory(final: str | os.PathLike[str]) -> Path:
+    """A new, empty staging directory beside ``final`` (stale ones of dead processes are removed first).
+
+    For writers that build something from ``final`` without replacing it (e.g. an upload copy);
+    :func:`atomic_directory` uses the same naming, so a leftover of either is swept by the next.
+
+    Args:
+        final: The directory the staging copy stands for (its parent must exist).
+
+    Returns:
+        The staging directory (``.NAME.tmp-PID-RANDOM``); the caller removes it.
+    """
+    target = Path(os.path.abspath(final))
+    _sweep_stale(target.parent, target.name)
+    return _make_staging(target, "tmp")
+
+
 def _apply_umask(root: Path) -> None:
     """Give ``root`` and everything under it the modes a plain ``mkdir`` / ``open`` would have given."""
     umask = _umask()
@@ -130,7 +147,7 @@ def _apply_umask(root: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_directory(
-    path: str | os.PathLike[str], *, overwrite: bool = True, inputs: Iterable[str | os.PathLike[str]] = ()
+    path: str | os.PathLike[str], *, overwrite: bool = False, inputs: Iterable[str | os.PathLike[str]] = ()
 ) -> Iterator[Path]:
     """Build a directory in a staging sibling and move it into place only on success.
 
@@ -158,8 +175,7 @@ def atomic_directory(
     """
     final = check_output(path, overwrite=overwrite, inputs=inputs)
     final.parent.mkdir(parents=True, exist_ok=True)
-    _sweep_stale(final.parent, final.name)
-    tmp = _make_staging(final, "tmp")
+    tmp = staging_directory(final)
     try:
         yield tmp
         _apply_umask(tmp)

@@ -524,8 +524,8 @@ def _recipe_command(report: Mapping[str, Any], base_model: str | None) -> str | 
         settings.get("normalize"),
         "--protect-top",
         str(settings.get("protect_top")),
-        "--seed",
-        settings.get("seed"),
+        "--objective",
+        settings.get("objective", settings.get("seed")),  # reports written before the rename say "seed"
         "--scope",
         settings.get("scope"),
         "--max-kl",

@@ -222,7 +222,7 @@ def test_saving_is_atomic_and_adapters_need_a_base(tmp_path: Path, monkeypatch: 
 
     monkeypatch.setattr(type(adapter.model), "save_pretrained", broken)
     with pytest.raises(OSError, match="disk full"):
-        adapter.save(target)
+        adapter.save(target, overwrite=True)
     assert sorted(p.name for p in target.iterdir()) == first
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 

@@ -15,24 +15,36 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from _ddp_worker import GENERAL, UNDESIRED, TokenDataset, run
+from safetensors.torch import load_file, save_file
 from tiny_models import FAMILIES, model_from_config, tiny_config, tiny_model
+from tiny_tokenizer import tiny_tokenizer
 from transformers import GPTJConfig, Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import DefaultFlowCallback
 
 from hf_lrp_surgery import Surgeon
 from hf_lrp_surgery.carriers import apply_masks, load_corrected
-from hf_lrp_surgery.exceptions import FingerprintMismatchError, ReferenceSetError, UnsupportedArchitectureError
+from hf_lrp_surgery.exceptions import (
+    BudgetError,
+    FingerprintMismatchError,
+    ModuleGroupError,
+    OutputExistsError,
+    ReferenceSetError,
+    UnsupportedArchitectureError,
+)
 from hf_lrp_surgery.lrp import collect_relevance
 from hf_lrp_surgery.masks import Mask, select
+from hf_lrp_surgery.references.samples import ReferenceSample
 from hf_lrp_surgery.scoring import score
 from hf_lrp_surgery.training import (
     CORRECTED_DIR,
@@ -476,3 +488,225 @@ def test_options_objects_and_the_deprecated_seed_keyword() -> None:
         LRPSurgeryCallback(undesired=UNDESIRED, general=GENERAL, granularty="heads")
     with pytest.raises(ValueError, match="'lrp' or 'gradient'"):
         LRPSurgeryCallback(undesired=UNDESIRED, general=GENERAL, method="wanda")
+
+
+# -- early errors (before the first training step) --------------------------------------------
+class _StepCounter(TrainerCallback):
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_step_begin(self, args: Any, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        self.steps += 1
+
+
+def _begin(callback: LRPSurgeryCallback, model: torch.nn.Module, optimizer: Any = None) -> None:
+    """``on_train_begin`` as the Trainer calls it on a fresh run (no training step, no Trainer)."""
+    args = SimpleNamespace(output_dir="unused", fsdp="", deepspeed=None)
+    callback.on_train_begin(args, TrainerState(), TrainerControl(), model=model, optimizer=optimizer)
+
+
+@pytest.mark.parametrize("budget", [0, -3, 0.0, 1.5, float("nan"), True, "5", None])
+def test_a_budget_that_is_no_count_or_fraction_is_refused_at_construction(budget: Any) -> None:
+    """budget=0, negative, fractions outside (0, 1], bools and non-numbers: BudgetError before anything loads."""
+    with pytest.raises(BudgetError, match="budget"):
+        _callback(budget=budget)
+
+
+def test_numpy_budgets_are_accepted_as_plain_numbers() -> None:
+    """np.int64(5) is the count 5 and np.float32(0.25) the fraction 0.25, recorded as JSON numbers in checkpoints."""
+    count = _callback(budget=np.int64(5))
+    assert count.budget == 5 and type(count.budget) is int
+    fraction = _callback(budget=np.float32(0.25))
+    assert fraction.budget == 0.25 and type(fraction.budget) is float
+    assert json.loads(json.dumps(count._state_record()))["selection"]["budget"] == 5
+
+
+def test_a_budget_beyond_the_model_fails_before_the_first_step(tmp_path: Path) -> None:
+    """budget=10000 on a tiny model: a BudgetError from trainer.train() before step 1, and no hooks left behind."""
+    counter = _StepCounter()
+    model = tiny_model("llama", dtype=torch.float32)
+    with pytest.raises(BudgetError, match="budget 10000 exceeds the 96 neurons in 2 layers"):
+        _trainer(model, _args(tmp_path, 3), _callback(budget=10000), counter).train()
+    assert counter.steps == 0 and not (tmp_path / CORRECTED_DIR).exists()
+    assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"budget": 0.001}, BudgetError, "0.001 of 90 neurons in 2 layers .* rounds to 0"),
+        ({"budget": 5, "granularity": "heads", "layers": (1,)}, BudgetError, "exceeds the 4 heads in 1 layers"),
+        ({"budget": 93}, BudgetError, r"90 neurons in 2 layers \(6 more are masked already\)"),
+        ({"budget": 3, "layers": (2,)}, ValueError, "layers must be a non-empty subset of 0..1"),
+        ({"budget": 3, "granularity": "weights", "modules": ["fc9"]}, ModuleGroupError, "fc9"),
+    ],
+    ids=["fraction-rounds-to-0", "heads-in-one-layer", "already-masked", "layers", "module-group"],
+)
+def test_budgets_are_checked_against_the_component_count_in_on_train_begin(
+    options: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    """Fractions that round to 0, the chosen layers, units already masked, module groups: all refused up front."""
+    model = tiny_model("llama", dtype=torch.float32)
+    neurons = _initial_masks(model)[1]  # 6 neurons masked from the start
+    callback = _callback(masks=[neurons], **options)
+    with pytest.raises(error, match=match):
+        _begin(callback, model)
+    assert not any(m._forward_pre_hooks for m in model.modules()), "a refused start must take its hooks off"
+    within = _callback(masks=[neurons], budget=90)  # exactly the units left: accepted
+    _begin(within, model)
+    within.enforcer.remove()
+
+
+def test_a_tokenizer_or_reference_ids_beyond_the_vocabulary_fail_before_the_first_step(tmp_path: Path) -> None:
+    """len(tokenizer) > embedding rows, ids >= rows or < 0 in a reference set, text without a tokenizer: refused."""
+    model = tiny_model("llama", dtype=torch.float32)
+    tokenizer = tiny_tokenizer()
+    text_sets = LRPSurgeryCallback(undesired=["the cat sat"], general=["a dog"], tokenizer=tokenizer)
+    _begin(text_sets, model)  # encodes: fine
+    text_sets.enforcer.remove()
+    tokenizer.add_tokens([f"extra{i}" for i in range(64)])
+    counter = _StepCounter()
+    trainer = _trainer(model, _args(tmp_path, 2), _callback(tokenizer=tokenizer), counter)
+    too_many = rf"has {len(tokenizer)} tokens but the model's embedding only 64 rows.*resize_token_embeddings"
+    with pytest.raises(TrainingSetupError, match=too_many):
+        trainer.train()
+    assert counter.steps == 0
+    beyond = LRPSurgeryCallback(undesired=UNDESIRED, general=[*GENERAL, ReferenceSample([1, 99, 5])])
+    with pytest.raises(ReferenceSetError, match="sample 5 of the general reference set has token id 99"):
+        _begin(beyond, model)
+    negative = LRPSurgeryCallback(undesired=[ReferenceSample([1, 2], continuation=[-4])], general=GENERAL)
+    with pytest.raises(ReferenceSetError, match="sample 0 of the undesired reference set has token id -4"):
+        _begin(negative, model)
+    text = LRPSurgeryCallback(undesired=["hello world"], general=GENERAL)
+    with pytest.raises(ReferenceSetError, match="the undesired reference set: sample 0's prompt is text"):
+        _begin(text, model)
+    assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+# -- resume: missing or damaged state ---------------------------------------------------------
+def _resumable(out: Path, steps: int) -> tuple[LRPSurgeryCallback, torch.nn.Module, TrainingArguments]:
+    """A run with a pass at every step and surgery at every checkpoint (step 2, 4, ...), as interrupted runs are."""
+    callback = _callback(granularity="neurons", budget=3, every_n_steps=1, surgery="save")
+    return callback, tiny_model("llama", dtype=torch.float64), _args(out, steps, save_strategy="steps", save_steps=2)
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-step run killed at step 3: its checkpoint-2 holds relevance at steps [1, 2] and a 3-neuron mask."""
+    out = tmp_path_factory.mktemp("saved_run")
+    callback, model, args = _resumable(out, 4)
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(model, args, callback, _Crash(at=3)).train()
+    assert callback.accumulator.steps == [1, 2, 3] and not (out / CORRECTED_DIR).exists()
+    return out
+
+
+def _copy_run(saved_run: Path, to: Path) -> Path:
+    shutil.copytree(saved_run, to)
+    return to / "checkpoint-2" / STATE_DIR
+
+
+def _edit_json(path: Path, change: Any) -> None:
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+
+def _without(record: dict[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k != key}
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _drop_tensor(path: Path, key: str) -> None:
+    tensors = load_file(str(path))
+    del tensors[key]
+    save_file(tensors, str(path))
+
+
+_DAMAGE: dict[str, tuple[Any, str]] = {
+    "relevance deleted": (lambda d: shutil.rmtree(d / "relevance"), r"relevance is missing, but state.json records "),
+    "tensors deleted": (lambda d: (d / "relevance" / "accumulated.safetensors").unlink(), "safetensors is missing"),
+    "tensors truncated": (lambda d: _truncate(d / "relevance" / "accumulated.safetensors"), "not a readable safet"),
+    "tensor dropped": (
+        lambda d: _drop_tensor(d / "relevance" / "accumulated.safetensors", "undesired/neurons_abs"),
+        "accumulated.safetensors holds the undesired sums",
+    ),
+    "sums json broken": (lambda d: (d / "relevance" / "accumulated.json").write_text("{"), "json is not readable JSON"),
+    "sums counts a list": (
+        lambda d: _edit_json(d / "relevance" / "accumulated.json", lambda m: {**m, "counts": []}),
+        "accumulated.json has a 'counts' entry of the wrong type",
+    ),
+    "sums without steps": (
+        lambda d: _edit_json(d / "relevance" / "accumulated.json", lambda m: _without(m, "steps")),
+        "accumulated.json has no 'steps' entry",
+    ),
+    "sums of other steps": (
+        lambda d: _edit_json(d / "relevance" / "accumulated.json", lambda m: {**m, "steps": [2]}),
+        r"relevance holds passes at steps \[2\], but state.json records \[1, 2\]",
+    ),
+    "state not json": (lambda d: (d / "state.json").write_text("{not json"), "state.json is not readable JSON"),
+    "state a list": (lambda d: (d / "state.json").write_text("[]"), "state.json holds a JSON list, not an object"),
+    "state without masks": (
+        lambda d: _edit_json(d / "state.json", lambda r: _without(r, "masks")),
+        "state.json has no 'masks' entry",
+    ),
+    "state steps a string": (
+        lambda d: _edit_json(d / "state.json", lambda r: {**r, "surgery_steps": "2"}),
+        "state.json has a 'surgery_steps' entry of the wrong type",
+    ),
+    "state mask outside": (
+        lambda d: _edit_json(d / "state.json", lambda r: {**r, "masks": ["../../x"]}),
+        r"state.json lists masks \['../../x'\]",
+    ),
+    "mask deleted": (lambda d: shutil.rmtree(d / "masks" / "neurons"), "neurons does not hold a readable neurons mask"),
+    "mask truncated": (
+        lambda d: _truncate(d / "masks" / "neurons" / "mask.safetensors"),
+        "neurons does not hold a readable neurons mask",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", list(_DAMAGE))
+def test_resume_refuses_missing_or_damaged_state_naming_the_file(saved_run: Path, tmp_path: Path, damage: str) -> None:
+    """Deleted relevance/, truncated safetensors, JSON that does not parse or of the wrong shape: TrainingStateError."""
+    change, match = _DAMAGE[damage]
+    state_dir = _copy_run(saved_run, tmp_path / "run")
+    change(state_dir)
+    callback, model, args = _resumable(tmp_path / "run", 4)
+    counter = _StepCounter()
+    with pytest.raises(TrainingStateError, match=match) as raised:
+        _trainer(model, args, callback, counter).train(resume_from_checkpoint=str(state_dir.parent))
+    assert "resume from another checkpoint, or start the run again without resume_from_checkpoint" in str(raised.value)
+    assert counter.steps == 0 and not any(m._forward_pre_hooks for m in model.modules())
+
+
+def test_a_consistent_state_is_resumed_and_earlier_checkpoints_still_load(saved_run: Path, tmp_path: Path) -> None:
+    """The saved passes carry on ([1, 2] then 3, 4); a state.json of an earlier release (no relevance_steps) loads."""
+    state_dir = _copy_run(saved_run, tmp_path / "run")
+    assert json.loads((state_dir / "state.json").read_text())["relevance_steps"] == [1, 2]
+    callback, model, args = _resumable(tmp_path / "run", 4)
+    _trainer(model, args, callback).train(resume_from_checkpoint=str(state_dir.parent))
+    assert callback.accumulator.steps == [1, 2, 3, 4] and callback.surgery_steps == [2, 4]
+    assert callback.masks["neurons"].count == 6
+
+    earlier = _copy_run(saved_run, tmp_path / "earlier")
+    _edit_json(earlier / "state.json", lambda r: _without(r, "relevance_steps"))
+    callback, model, args = _resumable(tmp_path / "earlier", 4)
+    _trainer(model, args, callback).train(resume_from_checkpoint=str(earlier.parent))
+    assert callback.accumulator.steps == [1, 2, 3, 4] and callback.masks["neurons"].count == 6
+
+
+def test_a_corrected_model_already_in_output_dir_is_refused_before_the_first_step(tmp_path: Path) -> None:
+    """The end-of-training save would refuse a non-empty output_dir: refused up front, unless overwrite=True."""
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("the user's")
+    counter = _StepCounter()
+    with pytest.raises(OutputExistsError, match="overwrite"):
+        _trainer(tiny_model("llama"), _args(tmp_path, 1), _callback(budget=2, output_dir=taken), counter).train()
+    assert counter.steps == 0 and (taken / "notes.txt").read_text() == "the user's"
+    callback = _callback(budget=2, output_dir=taken, overwrite=True)
+    _trainer(tiny_model("llama", dtype=torch.float32), _args(tmp_path, 1), callback).train()
+    assert callback.saved == [taken] and not (taken / "notes.txt").exists()
+    load_corrected(taken)

@@ -68,12 +68,12 @@ def test_atomic_directory_leaves_nothing_on_failure(tmp_path) -> None:
     with atomic_directory(target) as tmp:
         (tmp / "a.txt").write_text("first")
     with pytest.raises(RuntimeError):
-        with atomic_directory(target) as tmp:
+        with atomic_directory(target, overwrite=True) as tmp:
             (tmp / "a.txt").write_text("second")
             raise RuntimeError("interrupted")
     assert (target / "a.txt").read_text() == "first"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    with atomic_directory(target) as tmp:
+    with atomic_directory(target, overwrite=True) as tmp:
         (tmp / "b.txt").write_text("replaced")
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
     with pytest.raises(FileExistsError):

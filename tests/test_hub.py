@@ -8,9 +8,10 @@ because huggingface_hub binds its endpoint and offline flag at import and the su
 ``HF_HUB_OFFLINE=1``. The subprocess pushes the base model with the stock client, pushes both forms
 with :func:`push_to_hub` and the ``push`` command, loads them back with stock ``from_pretrained`` /
 ``PeftModel.from_pretrained`` and with :func:`load_from_hub`, parses the cards with
-``ModelCard.load``, and tries an unreachable endpoint and a rejected token. This process checks
-the logits against the local corrected models, the cards' metadata against the report, and the
-server's state.
+``ModelCard.load``, and tries an unreachable endpoint, a rejected token and rejected card metadata,
+also with an adapter saved with a local base path (whose local copy must not change, pushed or
+not). This process checks the logits against the local corrected models, the cards' metadata
+against the report, the server's state, and that no uploaded file names a local path.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ BASE = "tester/tiny-base"
 BAKED = "tester/tiny-baked"
 ADAPTER = "tester/tiny-adapter"
 FROM_MEMORY = "tester/tiny-from-memory"
+LOCAL_BASE = "tester/tiny-adapter-saved-with-a-local-base"
+REJECTED = "tester/tiny-rejected"
 PROBE = torch.tensor([[1, 4, 5, 6, 7, 8, 9, 30, 31, 32]])
 SAMPLES = [[1, 5, 6, 7, 8, 9], [1, 10, 11, 12], [1, 20, 21, 22, 23]]
 PROMPTS = ["the cat sat on the", "hello world", "the dog was very", "one two three", "a big red", "the sun and"]
@@ -53,6 +56,25 @@ def _digest(directory: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
         for p in sorted(directory.rglob("*"))
         if p.is_file() and str(p.relative_to(directory)) not in skip
     }
+
+
+def _staging_left(directory: Path) -> list[str]:
+    """Staging copies of ``directory`` left next to it (``.NAME.tmp-PID-*``)."""
+    return [p.name for p in directory.parent.iterdir() if p.name.startswith(f".{directory.name}.")]
+
+
+def _with_local_base(adapter: Path, copy: Path, base: Path) -> Path:
+    """A copy of ``adapter`` whose config and check record name its base by the absolute path ``base``."""
+    shutil.copytree(adapter, copy)
+    for name in ("adapter_config.json", "surgery/check.json"):
+        record = json.loads((copy / name).read_text())
+        (copy / name).write_text(json.dumps({**record, "base_model_name_or_path": str(base.resolve())}, indent=2))
+    return copy
+
+
+def _holding(files: dict[str, bytes], text: str) -> list[str]:
+    """The files whose bytes contain ``text``."""
+    return sorted(path for path, content in files.items() if text.encode() in content)
 
 
 # -- the corrected tiny model, laid out like a recipe's output ---------------------------------
@@ -216,7 +238,9 @@ def test_recipe_command_in_the_card_repeats_the_run(behaviour: str, options: dic
         "wanda",
         "layer",
     )
-    assert (args.protect_top, args.seed, args.scope, args.max_kl) == (0.1, "logprob", "per_layer", 0.01)
+    assert (args.protect_top, args.objective, args.scope, args.max_kl) == (0.1, "logprob", "per_layer", 0.01)
+    renamed = {**{k: v for k, v in settings.items() if k != "seed"}, "objective": "logprob"}  # a newer report
+    assert "--objective logprob" in _recipe_command({"behaviour": behaviour, "settings": renamed}, "org/base")
     assert args.no_focus is not settings["focus"] and args.base_model_id == "org/base"
     if behaviour == "toxicity":
         assert (args.scorer, args.threshold) == ("unitary/toxic-bert", 0.7)
@@ -279,7 +303,7 @@ def test_card_command_writes_a_card_into_each_form(
 
     from huggingface_hub import ModelCard
 
-    from hf_lrp_surgery.hub import register
+    from hf_lrp_surgery.cli.hub import register
 
     out = tmp_path / "recipe"
     shutil.copytree(recipe["dir"], out)
@@ -335,6 +359,82 @@ def test_push_without_network_access_says_why(recipe: dict[str, Any], tmp_path: 
     assert caught.value.reason == expected[0] and expected[1] in str(caught.value)
     assert f"hf-lrp-surgery push {local} {BAKED}" in str(caught.value)
     assert _digest(local) == _digest(recipe["dir"] / "baked")
+
+
+class _StubApi:
+    """Stands in for ``HfApi``: keeps what ``upload_folder`` was given, and rejects the upload if told to."""
+
+    endpoint = "http://stub.invalid"
+    uploads: list[dict[str, Any]] = []
+    reject = False
+
+    def __init__(self, endpoint: str | None = None, token: str | None = None) -> None:
+        pass
+
+    def create_repo(self, repo_id: str, **kwargs: Any) -> None:
+        pass
+
+    def upload_folder(self, *, folder_path: Path, **kwargs: Any) -> str:
+        folder = Path(folder_path)
+        files = {str(p.relative_to(folder)): p for p in folder.rglob("*") if p.is_file()}
+        _StubApi.uploads.append(
+            {
+                "folder": folder,
+                "contents": {name: path.read_bytes() for name, path in files.items()},
+                "inodes": {name: path.stat().st_ino for name, path in files.items()},
+            }
+        )
+        if _StubApi.reject:
+            raise ValueError("the stub Hub rejects this upload")
+        return "http://stub.invalid/commit/0"
+
+
+def test_push_uploads_a_linked_staging_copy_with_public_names(
+    recipe: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Weights are hard links, only the rewritten small files are new, and the local files never change."""
+    from hf_lrp_surgery import hub as hub_module
+    from hf_lrp_surgery.carriers import load_corrected
+    from hf_lrp_surgery.exceptions import PushError
+    from hf_lrp_surgery.modelcard import card_from_recipe
+
+    monkeypatch.setattr(hub_module, "HfApi", _StubApi)
+    monkeypatch.setattr(_StubApi, "uploads", [])
+    base = str(recipe["work"] / "base")
+    out = tmp_path / "recipe"
+    shutil.copytree(recipe["dir"], out)
+    report = json.loads((out / "report.json").read_text())
+    report["settings"]["model"] = base  # the recipe ran on a local directory: its reproduce command names it
+    (out / "report.json").write_text(json.dumps(report))
+    card_from_recipe(out)
+    assert f"--model {base}" in (out / "baked" / "README.md").read_text()
+    adapter = _with_local_base(out / "adapter", tmp_path / "adapter", recipe["work"] / "base")
+
+    for directory, base_model, public_base in ((out / "baked", None, "./base"), (adapter, BASE, BASE)):
+        before = _digest(directory)
+        hub_module.push_to_hub(directory, BAKED, base_model=base_model)
+        upload = _StubApi.uploads[-1]
+        assert upload["folder"].parent == directory.parent and upload["folder"].name.startswith(f".{directory.name}.")
+        assert _digest(directory) == before and not _staging_left(directory)
+        weights = "model.safetensors" if base_model is None else "adapter_model.safetensors"
+        assert upload["inodes"][weights] == (directory / weights).stat().st_ino, "weights are linked, not copied"
+        assert upload["inodes"]["tokenizer.json"] == (directory / "tokenizer.json").stat().st_ino
+        assert upload["inodes"]["surgery/check.json"] != (directory / "surgery" / "check.json").stat().st_ino
+        assert not _holding(upload["contents"], str(tmp_path)) and not _holding(upload["contents"], base)
+        assert json.loads(upload["contents"]["surgery/check.json"])["base_model_name_or_path"] == public_base
+        for name in ("README.md", "surgery/card.json"):
+            assert f"--model {public_base}" in upload["contents"][name].decode(), name
+        assert json.loads(upload["contents"]["surgery/report.json"])["settings"]["model"] == public_base
+    assert json.loads(upload["contents"]["adapter_config.json"])["base_model_name_or_path"] == BASE
+    assert load_corrected(adapter).base_model.model.config.name_or_path == base, "the local copy is unchanged"
+
+    # A rejected upload: the same, and an error that says the local copy is intact (now it is).
+    monkeypatch.setattr(_StubApi, "reject", True)
+    before = _digest(adapter)
+    with pytest.raises(PushError, match="local copy is intact") as caught:
+        hub_module.push_to_hub(adapter, BAKED, base_model=BASE)
+    assert caught.value.reason == "rejected" and caught.value.directory == adapter
+    assert _digest(adapter) == before and not _staging_left(adapter)
 
 
 # -- the round trip through the fake Hub ------------------------------------------------------
@@ -438,9 +538,18 @@ def test_the_hub_holds_the_manifest_and_exactly_one_form(
 ) -> None:
     baked, adapter = hub.repos[BAKED], hub.repos[ADAPTER]
     assert baked.private and not adapter.private
-    local = _digest(recipe["dir"] / "baked")
-    remote = {p: hashlib.sha256(c).hexdigest() for p, c in baked.files("main").items() if p != ".gitattributes"}
+    local = _digest(recipe["dir"] / "baked", skip=("surgery/check.json",))
+    remote = {
+        p: hashlib.sha256(c).hexdigest()
+        for p, c in baked.files("main").items()
+        if p not in (".gitattributes", "surgery/check.json")
+    }
     assert remote == local, "the baked repo must hold exactly the local directory, surgery/ included"
+    # ... except the local path of the base model in check.json, which becomes its bare name.
+    check = json.loads((recipe["dir"] / "baked" / "surgery" / "check.json").read_text())
+    assert check["base_model_name_or_path"] == str(recipe["work"] / "base")
+    remote_check = json.loads(baked.files("main")["surgery/check.json"])
+    assert remote_check == {**check, "base_model_name_or_path": "./base"}
     files = adapter.files("main")
     assert {
         "surgery/neurons/mask.json",
@@ -473,9 +582,34 @@ def test_failed_pushes_keep_the_local_copy_and_say_how_to_retry(published: dict[
     assert "HF_TOKEN" in auth["message"] and auth["retry_command"] in auth["message"] and auth["unchanged"]
     assert "hf_wrong_token" not in auth["message"], "a token must never appear in an error message"
     assert "tester/never-created" not in hub.repos
-    warned = results["push_or_warn"]
-    assert warned["returned_none"] and len(warned["logged"]) == 1
-    assert "retry with: hf-lrp-surgery push" in warned["logged"][0]
+
+
+def test_a_push_never_changes_the_local_directory(recipe: dict[str, Any], published: dict[str, Any], hub: Any) -> None:
+    """An adapter saved with a local base path, pushed with --base-model: unreachable, rejected, then pushed."""
+    results, local, hub_logits = published["results"], recipe["logits"], published["logits"]
+    unreachable, rejected = results["unreachable_adapter"], results["rejected"]
+    assert unreachable["type"] == "PushError" and unreachable["reason"] == "network" and unreachable["unchanged"]
+    assert "local copy is intact" in unreachable["message"] and f"--base-model {BASE}" in unreachable["message"]
+    assert rejected["type"] == "PushError" and rejected["reason"] == "rejected" and rejected["unchanged"]
+    assert "the Hub rejected" in rejected["message"] and "local copy is intact" in rejected["message"]
+    assert list(hub.repos[REJECTED].messages.values()) == ["initial commit"], "the rejected commit changed nothing"
+    # The local copy still names its local base, so it loads offline after the failures as before them.
+    assert (hub_logits["local_base_after_failures"] - local["adapter"]).abs().max() <= TOLERANCE
+    # The successful push leaves it as it was too, and the Hub copy names the Hub base and loads from there.
+    assert results["pushed_unchanged"]
+    assert (hub_logits["verified_local_base"] - local["adapter"]).abs().max() <= TOLERANCE
+
+
+def test_no_uploaded_file_names_a_local_path(recipe: dict[str, Any], published: dict[str, Any], hub: Any) -> None:
+    local_prefix = str(recipe["work"].resolve().parent)
+    for repo_id in (BAKED, ADAPTER, FROM_MEMORY, LOCAL_BASE):
+        files = hub.repos[repo_id].files("main")
+        assert not _holding(files, local_prefix), repo_id
+        assert not _holding(files, "hf_lrp_surgery-push-"), repo_id
+    files = hub.repos[LOCAL_BASE].files("main")
+    for name in ("adapter_config.json", "surgery/check.json"):
+        assert json.loads(files[name])["base_model_name_or_path"] == BASE, name
+    assert "base_model: tester/tiny-base" in files["README.md"].decode()
 
 
 def test_fake_hub_rejects_what_the_hub_rejects(hub: Any) -> None:
@@ -551,16 +685,16 @@ def _client(work: Path) -> None:
     import argparse
     import contextlib
     import io
-    import logging
 
     from huggingface_hub import HfApi, ModelCard
     from peft import PeftModel
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from hf_lrp_surgery.carriers import apply_masks, set_adapter_enabled
+    from hf_lrp_surgery.carriers import apply_masks, load_corrected, set_adapter_enabled
+    from hf_lrp_surgery.cli.hub import register
     from hf_lrp_surgery.exceptions import ModelLoadError, PushError
-    from hf_lrp_surgery.hub import load_from_hub, push_or_warn, push_to_hub, register
+    from hf_lrp_surgery.hub import load_from_hub, push_to_hub
     from hf_lrp_surgery.masks import Mask
 
     torch.set_num_threads(1)
@@ -571,30 +705,29 @@ def _client(work: Path) -> None:
     api.create_repo(BASE, exist_ok=True)
     api.upload_folder(repo_id=BASE, folder_path=work / "base", commit_message="the base model")
 
-    # Failures first: nothing may change locally (the card is rewritten identically) and nothing remotely.
-    for name, kwargs in (
-        ("unreachable", {"endpoint": f"http://127.0.0.1:{_free_port()}"}),
-        ("auth", {"token": "hf_wrong_token"}),
+    # Failures first: nothing may change, locally (names and bytes, no staging copy left) or remotely. The
+    # adapter saved with a local base path is the case where a push used to rewrite the local config.
+    local_base = _with_local_base(recipe / "adapter", work / "adapter-local-base", work / "base")
+    nowhere = f"http://127.0.0.1:{_free_port()}"
+    for name, directory, repo_id, kwargs in (
+        ("unreachable", recipe / "baked", BAKED, {"endpoint": nowhere}),
+        ("auth", recipe / "baked", "tester/never-created", {"token": "hf_wrong_token"}),
+        ("unreachable_adapter", local_base, LOCAL_BASE, {"endpoint": nowhere, "base_model": BASE}),
+        ("rejected", local_base, REJECTED, {"base_model": "tester/not-on-this-hub"}),
     ):
-        before = _digest(recipe / "baked")
+        before = _digest(directory)
         start = time.perf_counter()
         try:
-            push_to_hub(recipe / "baked", "tester/never-created" if name == "auth" else BAKED, **kwargs)
+            push_to_hub(directory, repo_id, **kwargs)
             results[name] = {"type": None}
         except PushError as err:
             results[name] = _error(err)
         results[name]["seconds"] = time.perf_counter() - start
-        results[name]["unchanged"] = _digest(recipe / "baked", skip=("README.md", "surgery/card.json")) == {
-            k: v for k, v in before.items() if k not in ("README.md", "surgery/card.json")
-        }
-
-    # The callback's variant logs the failure (with the retry command) instead of raising.
-    records: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
-    logging.getLogger("hf_lrp_surgery.hub").addHandler(handler)
-    outcome = push_or_warn(recipe / "baked", BAKED, endpoint=f"http://127.0.0.1:{_free_port()}")
-    results["push_or_warn"] = {"returned_none": outcome is None, "logged": records}
+        results[name]["unchanged"] = _digest(directory) == before and not _staging_left(directory)
+    logits["local_base_after_failures"] = _logits(load_corrected(local_base))  # still loads offline, on the local base
+    before = _digest(local_base)
+    push_to_hub(local_base, LOCAL_BASE, base_model=BASE)
+    results["pushed_unchanged"] = _digest(local_base) == before and not _staging_left(local_base)
 
     push_to_hub(recipe / "baked", BAKED, private=True)
     push_to_hub(recipe / "baked", ADAPTER, card=False)  # the wrong form first: the adapter push must clean it up
@@ -629,6 +762,7 @@ def _client(work: Path) -> None:
     logits["verified_adapter"] = _logits(load_from_hub(ADAPTER))
     logits["verified_adapter_transformers"] = _logits(load_from_hub(FROM_MEMORY, via="transformers"))
     logits["verified_adapter_off"] = _logits(load_from_hub(ADAPTER, adapter_enabled=False))
+    logits["verified_local_base"] = _logits(load_from_hub(LOCAL_BASE))
     for name, call in (
         ("not_published", lambda: load_from_hub(BASE)),
         ("private_without_token", lambda: load_from_hub(BAKED, token=False, cache_dir=work / "empty")),

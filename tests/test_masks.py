@@ -384,7 +384,7 @@ def test_failing_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(OSError, match="disk full"):
         new.save(tmp_path / "fresh")
     with pytest.raises(OSError, match="disk full"):
-        new.save(tmp_path / "kept")
+        new.save(tmp_path / "kept", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
     monkeypatch.undo()
     kept = Mask.load(tmp_path / "kept")

@@ -16,11 +16,13 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from hf_lrp_surgery.exceptions import SavedModelError
 from hf_lrp_surgery.lrp.layout import GRANULARITIES
 
 __all__ = [
+    "REDO",
     "check_files",
     "damaged_weights_error",
     "inside",
@@ -32,7 +34,8 @@ __all__ = [
 
 #: Suffixes of the tensor files a carrier writes (their sizes are recorded).
 _TENSOR_SUFFIXES = (".safetensors", ".bin")
-_REDO = "save the corrected model again, or download it again"
+#: What the messages tell users to do about a damaged or mixed directory.
+REDO = "save the corrected model again, or download it again"
 
 
 def _sha256(path: Path) -> str:
@@ -69,37 +72,38 @@ def record_files(directory: Path, surgery_dir: str) -> dict[str, dict[str, Any]]
 def inside(directory: Path, name: str, *, what: str, record_path: Path) -> Path:
     """``directory / name`` for a relative name that stays inside ``directory``.
 
+    The test is on the name, not on where links lead: the Hub's cache links every file of a snapshot
+    to a blob outside it.
+
     Raises:
-        SavedModelError: ``name`` is absolute, climbs out with ``..``, or resolves (through links) outside.
+        SavedModelError: ``name`` is absolute or climbs out with ``..``.
     """
     relative = PurePosixPath(name)
-    target = directory / relative
-    if (
-        relative.is_absolute()
-        or ".." in relative.parts
-        or not target.resolve().is_relative_to(directory.resolve())
-    ):
+    if relative.is_absolute() or ".." in relative.parts or Path(name).is_absolute():
         raise SavedModelError(
             f"{record_path} names {what} {name!r} outside {directory}; a saved corrected model only refers to its "
-            f"own files. The record was edited: {_REDO}",
+            f"own files. The record was edited: {REDO}",
             path=record_path,
         )
-    return target
+    return directory / relative
 
 
 def read_record(path: Path) -> dict[str, Any]:
     """Read ``check.json``, refusing anything but a JSON object with the keys every save writes.
 
     Raises:
-        SavedModelError: Unreadable, not JSON, or lacking ``carrier``, ``granularities`` or ``probe``.
+        SavedModelError: Unreadable, not JSON, or lacking (or garbling) ``carrier``, ``granularities`` or ``probe``.
     """
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SavedModelError(f"{path} cannot be read as JSON ({err}); {_REDO}", path=path) from err
-    missing = [key for key in ("carrier", "granularities", "probe") if not isinstance(record, dict) or key not in record]
+        raise SavedModelError(f"{path} cannot be read as JSON ({err}); {REDO}", path=path) from err
+    keys = record if isinstance(record, dict) else {}
+    missing = [key for key in ("carrier", "granularities", "probe") if key not in keys]
     if missing:
-        raise SavedModelError(f"{path} lacks {', '.join(missing)}; {_REDO}", path=path)
+        raise SavedModelError(f"{path} lacks {', '.join(missing)}; {REDO}", path=path)
+    if not isinstance(record["carrier"], str) or not isinstance(record["probe"], dict):
+        raise SavedModelError(f"{path}: carrier must be a name and probe a record; {REDO}", path=path)
     return record
 
 
@@ -113,14 +117,14 @@ def mask_directories(record: dict[str, Any], root: Path, record_path: Path) -> l
     names = record["granularities"]
     if not isinstance(names, list) or not names or len(set(map(str, names))) != len(names):
         raise SavedModelError(
-            f"{record_path}: granularities must list each mask directory once, got {names!r}; {_REDO}",
+            f"{record_path}: granularities must list each mask directory once, got {names!r}; {REDO}",
             path=record_path,
         )
     for name in names:
         if name not in GRANULARITIES:
             raise SavedModelError(
                 f"{record_path} names the mask directory {name!r}; mask directories are named by their "
-                f"granularity ({', '.join(GRANULARITIES)}) inside {root}. The record was edited: {_REDO}",
+                f"granularity ({', '.join(GRANULARITIES)}) inside {root}. The record was edited: {REDO}",
                 path=record_path,
             )
     return [inside(root, name, what="the mask directory", record_path=record_path) for name in names]
@@ -128,12 +132,10 @@ def mask_directories(record: dict[str, Any], root: Path, record_path: Path) -> l
 
 def _unreadable_safetensors(path: Path) -> str | None:
     """Why the header of a safetensors file cannot be read (a truncated file fails here), or ``None``."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as handle:
             handle.keys()
-    except Exception as err:  # safetensors raises its own error type (and OSError) for a damaged file
+    except (SafetensorError, OSError) as err:
         return str(err)
     return None
 
@@ -153,27 +155,28 @@ def check_files(directory: Path, files: Any, record_path: Path) -> None:
     if files is None:
         return
     if not isinstance(files, dict):
-        raise SavedModelError(f"{record_path}: files must map names to sizes; {_REDO}", path=record_path)
+        raise SavedModelError(f"{record_path}: files must map names to sizes; {REDO}", path=record_path)
     for name, expected in files.items():
         path = inside(directory, name, what="the file", record_path=record_path)
         if not path.is_file():
-            raise SavedModelError(f"{path} is missing from the saved corrected model; {_REDO}", path=path)
+            raise SavedModelError(f"{path} is missing from the saved corrected model; {REDO}", path=path)
         size = path.stat().st_size
-        if not isinstance(expected, dict) or size != expected.get("bytes"):
+        saved = expected.get("bytes") if isinstance(expected, dict) else None
+        if saved != size:
             raise SavedModelError(
-                f"{path} has {size} bytes, the save wrote {expected.get('bytes') if isinstance(expected, dict) else '?'}"
-                f": it is truncated or was replaced by another save's; {_REDO}",
+                f"{path} has {size} bytes, the save wrote {saved}: it is truncated or was replaced by another "
+                f"save's; {REDO}",
                 path=path,
             )
         if "sha256" in expected and _sha256(path) != expected["sha256"]:
             raise SavedModelError(
                 f"{path} is not the file saved with this corrected model (its SHA-256 differs): the directory mixes "
-                f"parts of different saves; {_REDO}",
+                f"parts of different saves; {REDO}",
                 path=path,
             )
         problem = _unreadable_safetensors(path) if path.suffix == ".safetensors" else None
         if problem is not None:
-            raise SavedModelError(f"{path} cannot be read ({problem}): it is damaged; {_REDO}", path=path)
+            raise SavedModelError(f"{path} cannot be read ({problem}): it is damaged; {REDO}", path=path)
 
 
 def damaged_weights_error(directory: Path, patterns: Sequence[str], err: Exception) -> SavedModelError:
@@ -192,13 +195,13 @@ def damaged_weights_error(directory: Path, patterns: Sequence[str], err: Excepti
     for path in present:
         problem = _unreadable_safetensors(path) if path.suffix == ".safetensors" else None
         if problem is not None:
-            return SavedModelError(f"{path} cannot be read ({problem}): it is truncated or damaged; {_REDO}", path=path)
+            return SavedModelError(f"{path} cannot be read ({problem}): it is truncated or damaged; {REDO}", path=path)
     if not present:
         return SavedModelError(
-            f"{directory} holds none of its weight files ({', '.join(tensor_patterns)}): they were deleted; {_REDO}",
+            f"{directory} holds none of its weight files ({', '.join(tensor_patterns)}): they were deleted; {REDO}",
             path=directory,
         )
-    return SavedModelError(f"the model files in {directory} cannot be loaded ({err}); {_REDO}", path=directory)
+    return SavedModelError(f"the model files in {directory} cannot be loaded ({err}); {REDO}", path=directory)
 
 
 def saved_dtype(name: str) -> torch.dtype | None:

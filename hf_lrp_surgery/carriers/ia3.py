@@ -144,9 +144,10 @@ class AdapterCarrier(Carrier):
                 f"{path} is missing or unreadable ({err}); save the corrected model again, or download it again",
                 path=path,
             ) from err
-        targets = config.get("target_modules") if isinstance(config, dict) else None
+        fields = config if isinstance(config, dict) else {}
+        targets = fields.get("target_modules")
         expected = sorted({name for mask in masks for name in mask.indices})
-        if config.get("peft_type") != "IA3" or not isinstance(targets, list) or sorted(targets) != expected:
+        if fields.get("peft_type") != "IA3" or not isinstance(targets, list) or sorted(targets) != expected:
             raise SavedModelError(
                 f"{path} does not describe the adapter of the masks in {directory / SURGERY_DIR} (it targets "
                 f"{sorted(targets) if isinstance(targets, list) else targets!r}, the masks prune {expected}): the "

@@ -384,43 +384,14 @@ class _Pruner:
 
 def _extend(base: Mask, scores: Scores, extra: int, scope: Scope) -> Mask:
     """``base`` plus the ``extra`` lowest-scoring units it does not prune yet."""
-    value = scores.get(base.granularity)  # type: ignore[arg-type]
-    if isinstance(value, dict):
-        blocked = Scores(
-            scores.method,
-            scores.settings,
-            scores.fingerprint,
-            scores.layout,
-            scores.num_samples,
-            weights={k: v.clone() for k, v in value.items()},
-        )
-        for name, index in base.indices.items():
-            blocked.weights[name].view(-1)[index] = torch.inf
-    else:
-        tensor = value.clone()
-        for name, index in base.indices.items():
-            tensor[base.carriers().index(name), index] = torch.inf
-        blocked = Scores(scores.method, scores.settings, scores.fingerprint, scores.layout, scores.num_samples)
-        setattr(blocked, base.granularity, tensor)
-    more = select(blocked, base.granularity, extra, scope=scope)
-    indices = {
-        name: torch.cat(
-            [
-                base.indices.get(name, torch.empty(0, dtype=torch.long)),
-                more.indices.get(name, torch.empty(0, dtype=torch.long)),
-            ]
-        )
-        .sort()
-        .values
-        for name in set(base.indices) | set(more.indices)
-    }
+    more = select(scores.excluding(base), base.granularity, extra, scope=scope)
     selection = {
         **more.provenance["selection"],
         "budget": base.count + extra,
         "count": base.count + extra,
         "reattributed_after": base.count,
     }
-    return Mask(base.granularity, base.fingerprint, base.layout, indices, {**more.provenance, "selection": selection})
+    return replace(base.union(more), provenance={**more.provenance, "selection": selection})
 
 
 def _evaluate(model: nn.Module, tokenizer: Any, task: NextTokenTask, mask: Mask | None, batch_size: int) -> TaskMetrics:

@@ -216,9 +216,10 @@ def load_task(path: str | os.PathLike[str]) -> NextTokenTask:
         records = [json.loads(line) for line in text.splitlines() if line.strip()]
     else:
         data = json.loads(text)
-        records = data.get("examples") if isinstance(data, dict) else data
-        if not isinstance(records, list):
+        found = data.get("examples") if isinstance(data, dict) else data
+        if not isinstance(found, list):
             raise ReferenceSetError(f"{path}: expected a JSON list or an object with an 'examples' list")
+        records = found
     task = next_token_task(records, name=path.stem)
     return NextTokenTask(task.name, task.examples, {"source": str(path)})
 
@@ -438,7 +439,7 @@ def last_token_logits(model: nn.Module, tokenizer: Any, task: NextTokenTask, *, 
     arch = resolve(model)
     samples = task.samples()
     encoded = [encode_sample(s, i, tokenizer, arch.max_positions) for i, s in enumerate(samples)]
-    device = arch.token_embedding.weight.device
+    device = arch.embedding_weight.device
     pad = pad_token_id(tokenizer, arch.model)
     out = []
     for start in range(0, len(encoded), batch_size):

@@ -14,7 +14,7 @@ def _plain(token_ids: Sequence[Hashable]) -> list[Hashable]:
     return token_ids.tolist() if hasattr(token_ids, "tolist") else list(token_ids)
 
 
-def response_uniqueness_ratio(token_ids: Sequence[int]) -> float:
+def response_uniqueness_ratio(token_ids: Sequence[Hashable]) -> float:
     """The Response Uniqueness Ratio of one response: ``|unique tokens| / |tokens|``.
 
     1.0 means no token repeats; a response looping over ``k`` tokens tends to ``k / length``.
@@ -22,7 +22,8 @@ def response_uniqueness_ratio(token_ids: Sequence[int]) -> float:
     Correction in LLMs*, arXiv 2506.13727, Eq. 11.
 
     Args:
-        token_ids: The response's tokens (the generated tokens only, not the prompt); a list, tensor or array.
+        token_ids: The response's tokens (the generated tokens only, not the prompt); a list, tensor or
+            array of ids, or a list of words.
 
     Returns:
         The ratio, in (0, 1].

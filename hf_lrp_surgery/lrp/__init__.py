@@ -7,12 +7,12 @@ gradient x input).
 
 from hf_lrp_surgery.lrp.architectures import REGISTRY, resolve, supported_model_types
 from hf_lrp_surgery.lrp.attach import LRPRules
-from hf_lrp_surgery.lrp.collect import COMPONENTS, collect_relevance
+from hf_lrp_surgery.lrp.collect import COLLECTABLE, collect_relevance
 from hf_lrp_surgery.lrp.result import RelevanceResult
 from hf_lrp_surgery.references.samples import ReferenceSample, as_samples
 
 __all__ = [
-    "COMPONENTS",
+    "COLLECTABLE",
     "LRPRules",
     "REGISTRY",
     "ReferenceSample",

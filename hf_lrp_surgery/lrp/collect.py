@@ -31,6 +31,7 @@ from hf_lrp_surgery.exceptions import NonFiniteRelevanceError, ReferenceSetError
 from hf_lrp_surgery.fingerprint import fingerprint
 from hf_lrp_surgery.lrp.architectures import ResolvedArchitecture
 from hf_lrp_surgery.lrp.attach import LRPRules, Variant
+from hf_lrp_surgery.lrp.layout import GRANULARITIES
 from hf_lrp_surgery.lrp.result import RelevanceResult
 from hf_lrp_surgery.references.samples import (
     ARGMAX,
@@ -42,14 +43,14 @@ from hf_lrp_surgery.references.samples import (
     pad_token_id,
 )
 
-__all__ = ["COMPONENTS", "OBJECTIVES", "Objective", "collect_relevance", "renamed_seed"]
+__all__ = ["COLLECTABLE", "OBJECTIVES", "Objective", "collect_relevance", "renamed_seed"]
 
 #: What a relevance pass explains: the target ``"logit"`` or its ``"logprob"``.
 Objective = Literal["logit", "logprob"]
 #: Every objective.
 OBJECTIVES: tuple[Objective, ...] = ("logit", "logprob")
-#: What :func:`collect_relevance` can collect.
-COMPONENTS = ("neurons", "heads", "weights", "inputs")
+#: What :func:`collect_relevance` can collect: the component kinds, and the input tokens.
+COLLECTABLE: tuple[str, ...] = (*GRANULARITIES, "inputs")
 
 
 def renamed_seed(seed: Any, *, stacklevel: int = 3) -> Any:
@@ -295,9 +296,9 @@ def collect_relevance(
         >>> result = collect_relevance(model, ["The capital of France is"], tokenizer)  # doctest: +SKIP
         >>> result.top("neurons", 5)  # doctest: +SKIP
     """
-    unknown = set(components) - set(COMPONENTS)
+    unknown = set(components) - set(COLLECTABLE)
     if unknown or not components:
-        raise ValueError(f"components must be a non-empty subset of {COMPONENTS}, got {list(components)}")
+        raise ValueError(f"components must be a non-empty subset of {COLLECTABLE}, got {list(components)}")
     if seed is not None:
         objective = renamed_seed(seed)
     if objective not in OBJECTIVES:
@@ -393,6 +394,7 @@ __getattr__ = moved_names(
     __name__,
     {
         "SeedMode": "hf_lrp_surgery.lrp.collect:Objective",
+        "COMPONENTS": "hf_lrp_surgery.lrp.collect:COLLECTABLE",
         **{name: f"hf_lrp_surgery.references.samples:{name}" for name in _MOVED},
     },
 )

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -339,7 +340,7 @@ class Mask:
             raise MaskManifestError(f"{directory}: unknown mask format version {meta.get('format_version')!r}")
         try:
             indices = load_file(str(tensors_path))
-        except Exception as err:  # safetensors raises its own error type for a damaged file
+        except (SafetensorError, OSError) as err:
             raise MaskManifestError(
                 f"{tensors_path} cannot be read ({err}); it is truncated or damaged: save the mask again"
             ) from err
@@ -361,6 +362,7 @@ class Mask:
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
+    """``mask.json`` as a dict, or a :class:`MaskManifestError` naming the file."""
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -377,8 +379,11 @@ def _check_counts(mask: Mask, meta: dict[str, Any], directory: Path) -> None:
             f"{directory}: the manifest says {meta.get('count')} pruned units, the tensors hold {mask.count}; "
             "the files were edited or come from different saves: save the mask again"
         )
-    actual = {"per_layer": mask.per_layer(), "per_module": {k: v for k, v in mask.per_module().items() if v}}
-    actual["units_per_module"] = mask.layout.units_per_module(mask.granularity)
+    actual: dict[str, Any] = {
+        "per_layer": mask.per_layer(),
+        "per_module": {k: v for k, v in mask.per_module().items() if v},
+        "units_per_module": mask.layout.units_per_module(mask.granularity),
+    }
     for key, value in actual.items():
         if key in meta and meta[key] != value:
             raise MaskManifestError(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import fnmatch
+import numbers
+import operator
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -13,15 +15,48 @@ from hf_lrp_surgery.lrp.layout import Granularity, Layout
 from hf_lrp_surgery.masks.mask import Mask
 from hf_lrp_surgery.scoring import Scores
 
-__all__ = ["Scope", "select"]
+__all__ = ["Scope", "budget_count", "match_groups", "plain_budget", "select"]
 
 #: How a budget is ranked: over the whole model, or spread over layers (matrices for weights).
 Scope = Literal["global", "per_layer"]
 
 
-def _budget_count(budget: int | float, eligible: int, what: str) -> int:
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+def plain_budget(budget: object) -> int | float:
+    """A budget as a plain ``int`` (a count) or ``float`` (a fraction); numpy numbers are accepted.
+
+    Raises:
+        BudgetError: ``budget`` is a bool or not a number.
+
+    Example:
+        >>> import numpy as np
+        >>> plain_budget(np.int64(5)), plain_budget(np.float32(0.25))
+        (5, 0.25)
+    """
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
         raise BudgetError(f"budget must be a count (int >= 1) or a fraction (float in (0, 1]), got {budget!r}")
+    return operator.index(budget) if isinstance(budget, numbers.Integral) else float(budget)
+
+
+def budget_count(budget: object, eligible: int, what: str) -> int:
+    """The number of components a budget prunes among ``eligible`` ones.
+
+    Args:
+        budget: A count (``int`` >= 1) or a fraction (``float`` in (0, 1]); numpy numbers too.
+        eligible: How many components may be pruned.
+        what: How to name them in messages (``"neurons in 30 layers"``).
+
+    Returns:
+        The count.
+
+    Raises:
+        BudgetError: Not a number, not positive, a fraction outside (0, 1] or rounding to 0, or more
+            than ``eligible``.
+
+    Example:
+        >>> budget_count(0.5, 10, "neurons")
+        5
+    """
+    budget = plain_budget(budget)
     if isinstance(budget, float):
         if not 0.0 < budget <= 1.0:
             raise BudgetError(f"a fractional budget must be in (0, 1], got {budget}; give an int for a count")
@@ -39,7 +74,7 @@ def _budget_count(budget: int | float, eligible: int, what: str) -> int:
     return int(budget)
 
 
-def _match_groups(layout: Layout, modules: Sequence[str] | None) -> list[str]:
+def match_groups(layout: Layout, modules: Sequence[str] | None) -> list[str]:
     """Weight modules whose role (``mlp.down_proj``), last name (``down_proj``) or full name matches a group."""
     names = list(layout.weight_modules)
     if modules is None:
@@ -129,14 +164,14 @@ def select(
         raise ValueError(f"layers must be a non-empty subset of 0..{layout.num_layers - 1}, got {layers}")
     value = scores.get(granularity)
     if isinstance(value, dict):
-        groups = {n: value[n] for n in _match_groups(layout, modules) if layout.weight_modules[n][0] in chosen_layers}
+        groups = {n: value[n] for n in match_groups(layout, modules) if layout.weight_modules[n][0] in chosen_layers}
     else:
         carriers = layout.carriers(granularity)
         groups = {carriers[i]: value[i] for i in sorted(chosen_layers)}
     finite = {n: torch.isfinite(v.flatten()) for n, v in groups.items()}
     eligible = sum(int(f.sum()) for f in finite.values())
     what = f"{granularity} in {len(groups)} {'modules' if granularity == 'weights' else 'layers'}"
-    count = _budget_count(budget, eligible, what)
+    count = budget_count(budget, eligible, what)
 
     indices: dict[str, torch.Tensor] = {}
     if scope == "global":

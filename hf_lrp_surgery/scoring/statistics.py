@@ -39,7 +39,7 @@ def _activation_statistics(request: ScoringRequest) -> _Statistics:
     model, arch, tokenizer, components = request.model, request.arch, request.tokenizer, request.options.components
     batch_size = request.options.batch_size
     encoded = [encode_sample(s, i, tokenizer, arch.max_positions) for i, s in enumerate(request.samples)]
-    device = arch.token_embedding.weight.device
+    device = arch.embedding_weight.device
     L, heads = arch.num_layers, arch.num_heads
     stats = _Statistics()
     real: list[torch.Tensor] = []  # the current batch's flat mask of real tokens

@@ -196,7 +196,8 @@ class RelevanceAccumulator:
             "counts": self.counts,
             "steps": self.steps,
         }
-        with atomic_directory(directory) as tmp:
+        # Checkpoint state belongs to the library: a save at the same step replaces it, as the Trainer does.
+        with atomic_directory(directory, overwrite=True) as tmp:
             save_file(tensors, str(tmp / _TENSORS_FILE), metadata={"format": "pt"})
             (tmp / _META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         return Path(directory)

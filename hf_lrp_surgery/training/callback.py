@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import numbers
-import operator
 import os
 import sys
 import warnings
@@ -43,12 +41,12 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from hf_lrp_surgery.carriers import CarrierName, apply_masks
 from hf_lrp_surgery.exceptions import ReferenceSetError, TrainingSetupError, TrainingStateError
 from hf_lrp_surgery.fingerprint import ModelFingerprint, fingerprint
-from hf_lrp_surgery.io import atomic_directory, write_json_atomic
+from hf_lrp_surgery.io import atomic_directory, check_output, write_json_atomic
 from hf_lrp_surgery.lrp.architectures import ResolvedArchitecture, unwrap_model
 from hf_lrp_surgery.lrp.collect import collect_relevance
 from hf_lrp_surgery.lrp.layout import GRANULARITIES
 from hf_lrp_surgery.masks import Mask, select
-from hf_lrp_surgery.masks.selection import _budget_count, _match_groups
+from hf_lrp_surgery.masks.selection import budget_count, match_groups, plain_budget
 from hf_lrp_surgery.options import ContrastOptions, ScoringOptions, SelectionOptions, reject_unknown
 from hf_lrp_surgery.references import ReferenceSource, load_reference_set
 from hf_lrp_surgery.references.samples import ARGMAX, ReferenceSample, encode_sample
@@ -105,6 +103,9 @@ class LRPSurgeryCallback(TrainerCallback):
             checkpoint with zeros) or ``"adapter"`` (IA3 on the fine-tuned base; neurons and heads).
         output_dir: Where the corrected model is saved at the end (default:
             ``<args.output_dir>/corrected``); at checkpoints it goes to ``<checkpoint>/corrected``.
+        overwrite: Replace a non-empty ``output_dir`` at the end of training; without it such a
+            directory is refused before the first step. ``<checkpoint>/corrected`` is always
+            rewritten, as the Trainer rewrites the checkpoint.
         base_model_name_or_path: For ``carrier="adapter"`` at the end: where the fine-tuned base
             loads from (default: it is saved next to the adapter, in ``<output_dir>-base``).
         push_to_hub: A Hub repo id to push every saved corrected model to (main process only).
@@ -154,6 +155,7 @@ class LRPSurgeryCallback(TrainerCallback):
         surgery: Literal["end", "save"] | None = "end",
         carrier: CarrierName = "bake",
         output_dir: str | os.PathLike[str] | None = None,
+        overwrite: bool = False,
         base_model_name_or_path: str | None = None,
         push_to_hub: str | None = None,
         push_fn: PushFn | None = None,
@@ -211,6 +213,7 @@ class LRPSurgeryCallback(TrainerCallback):
         self.surgery = surgery
         self.carrier: CarrierName = carrier
         self.output_dir = output_dir
+        self.overwrite = overwrite
         self.base_model_name_or_path = base_model_name_or_path
         self.push_to_hub = push_to_hub
         self.push_fn = push_fn
@@ -342,7 +345,7 @@ class LRPSurgeryCallback(TrainerCallback):
             raise ValueError(f"layers must be a non-empty subset of 0..{layout.num_layers - 1}, got {layers}")
         if granularity == "weights":
             sizes = {p.name: p.weight.numel() for p in self.enforcer.arch.prunable}
-            matched = _match_groups(layout, self.selection.modules)
+            matched = match_groups(layout, self.selection.modules)
             groups = {n: sizes[n] for n in matched if layout.weight_modules[n][0] in chosen}
         else:
             per_module = layout.units_per_module(granularity) or 0
@@ -353,7 +356,7 @@ class LRPSurgeryCallback(TrainerCallback):
         what = f"{granularity} in {len(groups)} {'modules' if granularity == 'weights' else 'layers'}"
         if pruned:
             what += f" ({pruned} more are masked already)"
-        _budget_count(self.budget, sum(groups.values()) - pruned, what)
+        budget_count(self.budget, sum(groups.values()) - pruned, what)
 
     # -- events -------------------------------------------------------------------------------
     def on_train_begin(
@@ -370,8 +373,8 @@ class LRPSurgeryCallback(TrainerCallback):
 
         Everything that can fail is checked here, before the first training step: the set-up, the
         tokenizer against the model's vocabulary, every reference sample's encoding, the masks, a
-        resumed checkpoint's state, and the budget against the model's component count. When a check
-        fails, the enforcement hooks come off again.
+        resumed checkpoint's state, the budget against the model's component count, and that the
+        corrected model's ``output_dir`` is free. When a check fails, the enforcement hooks come off again.
 
         Args:
             args: The Trainer's arguments.
@@ -387,6 +390,7 @@ class LRPSurgeryCallback(TrainerCallback):
                 model, or a tokenizer larger than the model's vocabulary.
             ReferenceSetError: A reference sample does not encode, or holds ids outside the vocabulary.
             BudgetError: The budget exceeds the units the first surgery may prune.
+            OutputExistsError: The corrected model's ``output_dir`` is not empty and ``overwrite`` is false.
             TrainingStateError: A resumed checkpoint's callback state is missing, damaged or from another set-up.
 
         Example:
@@ -417,6 +421,8 @@ class LRPSurgeryCallback(TrainerCallback):
             if resumed:
                 self._restore(args, state, model, optimizer)
             self._check_budget()  # against the units no mask in force (given or restored) holds yet
+            if (self.initial_masks or self.surgery) and state.is_world_process_zero:
+                check_output(self._final_dir(args), overwrite=self.overwrite)  # saved to when training ends
         except Exception:
             self.enforcer.remove()  # a run that does not start leaves no hooks on the model
             raise
@@ -494,7 +500,7 @@ class LRPSurgeryCallback(TrainerCallback):
         if self.surgery == "save":
             self._surgery(model, optimizer, state.global_step)
             if state.is_world_process_zero:
-                self._save_corrected(model, checkpoint / CORRECTED_DIR, base=str(checkpoint.resolve()))
+                self._save_corrected(model, checkpoint / CORRECTED_DIR, base=str(checkpoint.resolve()), overwrite=True)
         if state.is_world_process_zero:
             self._save_state(checkpoint / STATE_DIR)
 
@@ -520,8 +526,9 @@ class LRPSurgeryCallback(TrainerCallback):
             if self.surgery == "end":
                 self._surgery(model, optimizer, step)
             if self.enforcer.masks and state.is_world_process_zero:
-                directory = Path(self.output_dir or _output_dir(args) / CORRECTED_DIR)
-                self._save_corrected(model, directory, base=self.base_model_name_or_path)
+                self._save_corrected(
+                    model, self._final_dir(args), base=self.base_model_name_or_path, overwrite=self.overwrite
+                )
         finally:
             self.enforcer.remove()
 
@@ -656,7 +663,7 @@ class LRPSurgeryCallback(TrainerCallback):
         self.surgery_steps.append(step)
         return self.enforcer.add(mask, optimizer)
 
-    def _save_corrected(self, model: nn.Module, directory: Path, base: str | None) -> None:
+    def _save_corrected(self, model: nn.Module, directory: Path, base: str | None, overwrite: bool) -> None:
         """Apply the masks in force to a copy of the model, save it with its manifest, push it if asked."""
         assert self.enforcer is not None
         masks = self.enforcer.masks_for(fingerprint(model))
@@ -664,12 +671,12 @@ class LRPSurgeryCallback(TrainerCallback):
             corrected = apply_masks(model, masks, self.carrier)
         if self.carrier == "adapter" and base is None:
             base_dir = Path(f"{directory}-base")
-            with atomic_directory(base_dir) as tmp:
+            with atomic_directory(base_dir, overwrite=overwrite) as tmp:
                 cast(Any, model).save_pretrained(str(tmp))  # a PreTrainedModel (or PEFT model)
                 if self.tokenizer is not None:
                     self.tokenizer.save_pretrained(str(tmp))
             base = str(base_dir.resolve())
-        corrected.save(directory, tokenizer=self.tokenizer, base_model_name_or_path=base)
+        corrected.save(directory, tokenizer=self.tokenizer, base_model_name_or_path=base, overwrite=overwrite)
         del corrected
         self.saved.append(directory)
         if self.push_to_hub and self.push_fn is not None:
@@ -687,6 +694,10 @@ class LRPSurgeryCallback(TrainerCallback):
                 warnings.warn(message, RuntimeWarning, stacklevel=2)
 
     # -- state --------------------------------------------------------------------------------
+    def _final_dir(self, args: TrainingArguments) -> Path:
+        """Where the corrected model goes when training ends."""
+        return Path(self.output_dir or _output_dir(args) / CORRECTED_DIR)
+
     @staticmethod
     def _checkpoint_dir(args: TrainingArguments, state: TrainerState) -> Path:
         return _output_dir(args) / f"checkpoint-{state.global_step}"
@@ -706,7 +717,7 @@ class LRPSurgeryCallback(TrainerCallback):
 
     def _save_state(self, directory: Path) -> None:
         assert self.accumulator is not None and self.enforcer is not None
-        with atomic_directory(directory) as tmp:
+        with atomic_directory(directory, overwrite=True) as tmp:
             if self.accumulator.passes:
                 self.accumulator.save(tmp / "relevance")
             for granularity, mask in self.enforcer.masks.items():
@@ -797,19 +808,15 @@ def _as_budget(budget: object) -> int | float:
         >>> _as_budget(np.int64(5))  # doctest: +SKIP
         5
     """
-    if isinstance(budget, numbers.Integral) and not isinstance(budget, bool):
-        budget = operator.index(budget)
-    elif isinstance(budget, numbers.Real) and not isinstance(budget, bool):
-        budget = float(budget)
+    plain = plain_budget(budget)
     # No upper bound yet: the component count is known in on_train_begin (_check_budget).
-    _budget_count(budget, sys.maxsize, "components")  # type: ignore[arg-type]
-    return budget  # type: ignore[return-value]
+    budget_count(plain, sys.maxsize, "components")
+    return plain
 
 
 def _output_dir(args: TrainingArguments) -> Path:
-    """The Trainer's output directory (``TrainingArguments`` fills in a default when none is given)."""
-    assert args.output_dir is not None
-    return Path(args.output_dir)
+    """The Trainer's output directory (with the default ``TrainingArguments`` gives when there is none)."""
+    return Path(getattr(args, "output_dir", None) or "trainer_output")
 
 
 def _default_push() -> PushFn:
