@@ -305,9 +305,18 @@ def _reproduce_section(command: str | None, versions: Mapping[str, str]) -> list
 
 
 # -- the card ---------------------------------------------------------------------------------
-def _options(directory: Path, **given: Any) -> dict[str, Any]:
+def _options(
+    directory: Path,
+    repo_id: str | None,
+    base_model: str | None,
+    command: str | None,
+    license: str | None,
+    tags: Sequence[str] | None,
+) -> dict[str, Any]:
     """The card options: given values win over the ones stored with the model by an earlier write."""
     stored = _read_json(directory / SURGERY_DIR / _CARD_OPTIONS)
+    given: dict[str, Any] = {"repo_id": repo_id, "base_model": base_model, "command": command, "license": license}
+    given["tags"] = list(tags) if tags is not None else None
     return {key: value if value is not None else stored.get(key) for key, value in given.items()}
 
 
@@ -345,14 +354,7 @@ def build_card(
         masks, carrier, _, saved_base = read_surgery(root)
     except FileNotFoundError as err:
         raise CardError(f"cannot write a card for {root}: {err}") from err
-    options = _options(
-        root,
-        repo_id=repo_id,
-        base_model=base_model,
-        command=command,
-        license=license,
-        tags=list(tags) if tags is not None else None,
-    )
+    options = _options(root, repo_id, base_model, command, license, tags)
     base = options["base_model"] or (saved_base if is_hub_id(saved_base) else None)
     report = _read_json(root / SURGERY_DIR / _REPORT)
     behaviour, metadata = report.get("behaviour"), behaviour_metadata(report)
@@ -469,14 +471,7 @@ def write_card(
     if report is not None:
         data = dict(report) if isinstance(report, Mapping) else json.loads(Path(report).read_text())
         write_json_atomic(surgery / _REPORT, data)
-    options = _options(
-        root,
-        repo_id=repo_id,
-        base_model=base_model,
-        command=command,
-        license=license,
-        tags=list(tags) if tags is not None else None,
-    )
+    options = _options(root, repo_id, base_model, command, license, tags)
     write_json_atomic(surgery / _CARD_OPTIONS, options)
     card = build_card(root, **options)
 

@@ -38,12 +38,7 @@ def plot_mask_per_layer(masks: Mask | Sequence[Mask], path: str | Path) -> Path:
             f"{mask.count} {mask.granularity} pruned ({method}, "
             f"{mask.provenance.get('selection', {}).get('scope', '?')} scope)"
         )
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_frontier(frontier: Sequence[Any], metric: str, path: str | Path, *, chosen: int | None = None) -> Path:
@@ -77,9 +72,16 @@ def plot_frontier(frontier: Sequence[Any], metric: str, path: str | Path, *, cho
     for ax in (left, right):
         if chosen is not None:
             ax.axvline(chosen, color="grey", linestyle="--")
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    """Lay out, write (creating the directory) and close a figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(target, dpi=120)
     plt.close(fig)
-    return path
+    return target

@@ -8,10 +8,13 @@ anything, so that a bad path fails at once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+_Options = TypeVar("_Options")
 
 __all__ = [
     "DTYPES",
@@ -22,6 +25,7 @@ __all__ = [
     "budget",
     "checked_output",
     "load",
+    "options_from",
     "positive_int",
 ]
 
@@ -133,3 +137,16 @@ def load(args: argparse.Namespace) -> tuple[Any, Any]:
     from hf_lrp_surgery.models import load_model
 
     return load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+
+
+def options_from(args: argparse.Namespace, cls: type[_Options], **values: Any) -> _Options:
+    """Options of a frozen options dataclass from the flags of the same names (``values`` win; unset flags are skipped).
+
+    Example:
+        >>> from hf_lrp_surgery.options import ContrastOptions
+        >>> options_from(argparse.Namespace(normalize="max", protect_top=None, budget=5), ContrastOptions)
+        ContrastOptions(normalize='max', protect_top=0.05)
+    """
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    flags = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    return cls(**{**flags, **values})

@@ -14,8 +14,10 @@ from hf_lrp_surgery.cli._common import (
     add_output_arguments,
     checked_output,
     load,
+    options_from,
     positive_int,
 )
+from hf_lrp_surgery.options import ScoringOptions
 
 __all__ = ["register", "run_circuit"]
 
@@ -135,13 +137,15 @@ def run_circuit(args: argparse.Namespace) -> int:
         scope=args.scope,
         threshold=args.threshold,
         metric=args.metric,
+        # The task objective (logit_diff too) is its own argument; the options carry the rest.
+        options=options_from(
+            args, ScoringOptions, method=args.methods[0], components=(args.granularity,), objective="logit"
+        ),
         objective=args.objective,
-        aggregation=args.aggregation,
         grid_points=args.grid_points,
         min_kept=args.min_kept,
         refine_steps=args.refine_steps,
         random_draws=args.random_draws,
-        batch_size=args.batch_size,
         eval_batch_size=args.eval_batch_size,
         progress=not args.no_progress,
     )

@@ -12,9 +12,11 @@ from hf_lrp_surgery.cli._common import (
     add_output_arguments,
     checked_output,
     load,
+    options_from,
     positive_int,
 )
 from hf_lrp_surgery.lrp.layout import GRANULARITIES
+from hf_lrp_surgery.options import ContrastOptions, ScoringOptions, SelectionOptions
 
 if TYPE_CHECKING:  # the commands import their modules when they run
     from hf_lrp_surgery.correction import RegisteredBehaviour
@@ -40,18 +42,13 @@ def _recipe(args: argparse.Namespace) -> int:
         behaviour,
         output,
         budgets=args.budgets,
-        granularity=args.granularity,
-        method=args.method,
-        normalize=args.normalize,
-        protect_top=args.protect_top,
-        objective=args.objective,
+        scoring=options_from(args, ScoringOptions),
+        contrast=options_from(args, ContrastOptions),
+        selection=options_from(args, SelectionOptions, granularity=args.granularity or behaviour.granularity),
         focus=not args.no_focus,
         limits=limits,
-        scope=args.scope,
-        modules=args.modules,
         base_model_name_or_path=args.base_model_id,
         model_name=args.model,
-        batch_size=args.batch_size,
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )

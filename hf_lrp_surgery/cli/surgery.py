@@ -14,8 +14,10 @@ from hf_lrp_surgery.cli._common import (
     budget,
     checked_output,
     load,
+    options_from,
 )
 from hf_lrp_surgery.lrp.layout import GRANULARITIES
+from hf_lrp_surgery.options import ContrastOptions, ScoringOptions, SelectionOptions
 
 __all__ = ["register"]
 
@@ -31,14 +33,7 @@ def _attribute(args: argparse.Namespace) -> int:
     output = checked_output(args, args.samples)
     model, tokenizer = load(args)
     surgeon = Surgeon(model, tokenizer, batch_size=args.batch_size, progress=not args.no_progress)
-    scores = surgeon.attribute(
-        args.samples,
-        method=args.method,
-        components=args.components,
-        aggregation=args.aggregation,
-        objective=args.objective,
-        limit=args.limit,
-    )
+    scores = surgeon.attribute(args.samples, options_from(args, ScoringOptions), limit=args.limit)
     scores.save(output, overwrite=args.overwrite)
     print(f"{args.method} scores of {scores.num_samples} samples ({', '.join(scores.components)}) saved to {output}")
     return 0
@@ -70,15 +65,11 @@ def _correct(args: argparse.Namespace) -> int:
     scores = surgeon.contrast(
         undesired=args.undesired,
         general=args.general,
-        method=args.method,
-        components=[args.granularity],
-        normalize=args.normalize,
-        protect_top=args.protect_top,
-        aggregation=args.aggregation,
-        objective=args.objective,
+        options=options_from(args, ScoringOptions, components=(args.granularity,)),
+        contrast_options=options_from(args, ContrastOptions),
         limit=args.limit,
     )
-    mask = surgeon.select(scores, args.granularity, args.budget, scope=args.scope, modules=args.modules)
+    mask = surgeon.select(scores, budget=args.budget, options=options_from(args, SelectionOptions))
     print(mask.summary())
     # Scores, mask and corrected models appear together or not at all.
     with atomic_directory(output, overwrite=args.overwrite) as staging:

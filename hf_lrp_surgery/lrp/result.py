@@ -217,16 +217,35 @@ class RelevanceResult:
             fingerprint=ModelFingerprint.from_dict(meta["fingerprint"]),
             settings=meta["settings"],
             num_samples=int(meta["num_samples"]),
-            neurons=tensors.get("neurons"),
-            neurons_abs=tensors.get("neurons_abs"),
-            heads=tensors.get("heads"),
-            heads_abs=tensors.get("heads_abs"),
-            weights={k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("weights/")},
-            weights_abs={k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("weights_abs/")},
+            **component_tensors(tensors),
             explained=tensors["explained"],
             input_relevance=[tensors[f"input_relevance/{i}"] for i in range(count)],
             input_ids=[tensors[f"input_ids/{i}"] for i in range(count)],
         )
+
+
+def component_tensors(flat: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The component fields of a :class:`RelevanceResult` from flat tensor names (as saved).
+
+    Args:
+        flat: ``neurons``, ``neurons_abs``, ``heads``, ``heads_abs``, ``weights/<module>`` and
+            ``weights_abs/<module>`` tensors (others are ignored).
+
+    Returns:
+        Keyword arguments for :class:`RelevanceResult`.
+
+    Example:
+        >>> fields = component_tensors({"heads": torch.ones(2, 4), "weights/fc1": torch.ones(3, 3)})
+        >>> fields["heads"].shape, list(fields["weights"]), fields["neurons"]
+        (torch.Size([2, 4]), ['fc1'], None)
+    """
+    return {
+        **{key: flat.get(key) for key in ("neurons", "neurons_abs", "heads", "heads_abs")},
+        **{
+            group: {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith(f"{group}/")}
+            for group in ("weights", "weights_abs")
+        },
+    }
 
 
 __getattr__ = moved_names(__name__, {"Component": "hf_lrp_surgery.lrp.layout:Granularity"})

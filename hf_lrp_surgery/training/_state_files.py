@@ -17,9 +17,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from hf_lrp_surgery._version import __version__
 from hf_lrp_surgery.exceptions import SurgeryError, TrainingStateError
 
-__all__ = ["UNREADABLE", "damaged", "entry", "read_json_object", "read_tensors"]
+__all__ = ["UNREADABLE", "check_format", "damaged", "entry", "read_json_object", "read_tensors"]
 
 #: What loading a damaged artefact raises (JSON and Unicode errors are ValueErrors).
 UNREADABLE: tuple[type[Exception], ...] = (
@@ -137,3 +138,23 @@ def entry(
     if not _is(value, kind) or (items is not None and not all(_is(v, items) for v in elements)):
         raise damaged(path, f"has a {key!r} entry of the wrong type ({type(value).__name__} {value!r:.80})")
     return value
+
+
+def check_format(record: Mapping[str, Any], path: Path, expected: int, what: str) -> None:
+    """Refuse a state file written in a format this release does not read.
+
+    Args:
+        record: The file's parsed JSON object.
+        path: The file.
+        expected: The format version this release writes and reads.
+        what: What the file holds, for the message (``"callback-state"``).
+
+    Raises:
+        TrainingStateError: ``format_version`` is missing, not an int, or not ``expected``.
+    """
+    version = entry(record, "format_version", int, path)
+    if version != expected:
+        raise TrainingStateError(
+            f"{path} is {what} format {version}, which hf_lrp_surgery {__version__} does not read; resume with the "
+            "release that wrote it, or start the run again without resume_from_checkpoint"
+        )

@@ -20,13 +20,12 @@ import torch
 from safetensors.torch import save_file
 
 from hf_lrp_surgery._version import __version__
-from hf_lrp_surgery.exceptions import TrainingStateError
 from hf_lrp_surgery.fingerprint import ModelFingerprint
 from hf_lrp_surgery.io import atomic_directory
 from hf_lrp_surgery.lrp.layout import GRANULARITIES
-from hf_lrp_surgery.lrp.result import RelevanceResult
+from hf_lrp_surgery.lrp.result import RelevanceResult, component_tensors
 from hf_lrp_surgery.scoring import Aggregation, Layout, Scores
-from hf_lrp_surgery.training._state_files import damaged, entry, read_json_object, read_tensors
+from hf_lrp_surgery.training._state_files import check_format, damaged, entry, read_json_object, read_tensors
 
 __all__ = ["RelevanceAccumulator", "SETS", "distributed_rank_and_size"]
 
@@ -169,12 +168,7 @@ class RelevanceAccumulator:
             fingerprint=fingerprint,
             settings={**self.settings, "passes": self.passes, "steps": list(self.steps)},
             num_samples=self.counts[name],
-            neurons=sums.get("neurons"),
-            neurons_abs=sums.get("neurons_abs"),
-            heads=sums.get("heads"),
-            heads_abs=sums.get("heads_abs"),
-            weights={k.split("/", 1)[1]: v for k, v in sums.items() if k.startswith("weights/")},
-            weights_abs={k.split("/", 1)[1]: v for k, v in sums.items() if k.startswith("weights_abs/")},
+            **component_tensors(sums),
         )
 
     def scores(self, name: str, fingerprint: ModelFingerprint, aggregation: Aggregation) -> Scores:
@@ -223,12 +217,7 @@ class RelevanceAccumulator:
         directory = Path(directory)
         meta_path, tensors_path = directory / _META_FILE, directory / _TENSORS_FILE
         meta = read_json_object(meta_path)
-        version = entry(meta, "format_version", int, meta_path)
-        if version != _FORMAT_VERSION:
-            raise TrainingStateError(
-                f"{meta_path} is accumulated-relevance format {version}, which hf_lrp_surgery {__version__} does not "
-                "read; resume with the release that wrote it, or start the run again without resume_from_checkpoint"
-            )
+        check_format(meta, meta_path, _FORMAT_VERSION, "accumulated-relevance")
         try:
             layout = Layout.from_dict(entry(meta, "layout", dict, meta_path))
         except (KeyError, TypeError, ValueError, AttributeError) as err:

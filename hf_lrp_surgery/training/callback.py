@@ -51,7 +51,7 @@ from hf_lrp_surgery.options import ContrastOptions, ScoringOptions, SelectionOpt
 from hf_lrp_surgery.references import ReferenceSource, load_reference_set
 from hf_lrp_surgery.references.samples import ARGMAX, ReferenceSample, encode_sample
 from hf_lrp_surgery.scoring import Scores, contrast
-from hf_lrp_surgery.training._state_files import UNREADABLE, damaged, entry, read_json_object
+from hf_lrp_surgery.training._state_files import UNREADABLE, check_format, damaged, entry, read_json_object
 from hf_lrp_surgery.training.accumulate import SETS, RelevanceAccumulator, distributed_rank_and_size
 from hf_lrp_surgery.training.enforce import MaskEnforcer
 
@@ -743,12 +743,7 @@ class LRPSurgeryCallback(TrainerCallback):
             )
         path = directory / _STATE_FILE
         record = read_json_object(path)
-        version = entry(record, "format_version", int, path)
-        if version != _STATE_FORMAT:
-            raise TrainingStateError(
-                f"{path} is callback-state format {version}, which this release does not read; resume with the "
-                "release that wrote it, or start the run again without resume_from_checkpoint"
-            )
+        check_format(record, path, _STATE_FORMAT, "callback-state")
         expected = self._state_record()
         compared = (("samples_sha256", str), ("selection", dict), ("relevance", dict), ("surgery", (str, type(None))))
         for key, kind in compared:
