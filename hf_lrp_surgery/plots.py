@@ -21,10 +21,7 @@ def plot_mask_per_layer(masks: Mask | Sequence[Mask], path: str | Path) -> Path:
     Returns:
         ``path``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     mask_list = [masks] if isinstance(masks, Mask) else list(masks)
     fig, axes = plt.subplots(1, len(mask_list), figsize=(6 * len(mask_list), 4), squeeze=False)
@@ -38,7 +35,7 @@ def plot_mask_per_layer(masks: Mask | Sequence[Mask], path: str | Path) -> Path:
             f"{mask.count} {mask.granularity} pruned ({method}, "
             f"{mask.provenance.get('selection', {}).get('scope', '?')} scope)"
         )
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_frontier(frontier: Sequence[Any], metric: str, path: str | Path, *, chosen: int | None = None) -> Path:
@@ -53,10 +50,7 @@ def plot_frontier(frontier: Sequence[Any], metric: str, path: str | Path, *, cho
     Returns:
         ``path``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     budgets = [p.budget for p in frontier]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
@@ -72,16 +66,28 @@ def plot_frontier(frontier: Sequence[Any], metric: str, path: str | Path, *, cho
     for ax in (left, right):
         if chosen is not None:
             ax.axvline(chosen, color="grey", linestyle="--")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig: Any, path: str | Path) -> Path:
-    """Lay out, write (creating the directory) and close a figure."""
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive backend (plots are files, never windows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Lay out, write (creating the directory) and close a figure.
+
+    Returns:
+        The path written.
+    """
     fig.tight_layout()
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(target, dpi=120)
-    plt.close(fig)
+    pyplot().close(fig)
     return target

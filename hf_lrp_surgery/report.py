@@ -16,6 +16,7 @@ from torch import nn
 from hf_lrp_surgery.io import atomic_directory
 from hf_lrp_surgery.lrp.collect import collect_relevance
 from hf_lrp_surgery.lrp.result import RelevanceResult
+from hf_lrp_surgery.plots import pyplot, save_figure
 from hf_lrp_surgery.references.samples import ReferenceSample
 
 __all__ = ["RelevanceReport", "default_report_prompts", "greedy_continuations", "relevance_report"]
@@ -121,10 +122,7 @@ class RelevanceReport:
 
 
 def _plot(relevance: RelevanceResult, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     neurons = relevance.mean("neurons", absolute=True)
     heads = relevance.mean("heads")
@@ -148,9 +146,7 @@ def _plot(relevance: RelevanceResult, path: Path) -> None:
     right.set_ylabel("head")
     right.set_title("Signed head relevance (mean per sample)")
     fig.colorbar(image, ax=right)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def relevance_report(

@@ -43,6 +43,7 @@ from hf_lrp_surgery.lrp.architectures import resolve
 from hf_lrp_surgery.lrp.collect import renamed_seed
 from hf_lrp_surgery.masks import Granularity, Scope, select
 from hf_lrp_surgery.options import ScoringOptions, reject_unknown
+from hf_lrp_surgery.plots import pyplot, save_figure
 from hf_lrp_surgery.scoring import CIRCUIT_METHODS, Layout, score
 
 __all__ = ["CircuitComparison", "DEFAULT_METHODS", "MethodResult", "compare_methods", "specificity"]
@@ -376,17 +377,8 @@ def compare_methods(
 
 
 # -- plots ------------------------------------------------------------------------------------
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _plot_curves(report: dict[str, Any], settings: dict[str, Any], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     total = report["total"]
     for i, (method, data) in enumerate(report["methods"].items()):
@@ -406,13 +398,11 @@ def _plot_curves(report: dict[str, Any], settings: dict[str, Any], path: Path) -
         f"mean ± std over {settings['num_sets']} sets)"
     )
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _plot_sizes(report: dict[str, Any], settings: dict[str, Any], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     names = list(report["methods"])
     means = [report["methods"][m]["circuit_size"]["mean"] for m in names]
@@ -421,13 +411,11 @@ def _plot_sizes(report: dict[str, Any], settings: dict[str, Any], path: Path) ->
     ax.set_yscale("log")
     ax.set_ylabel(f"{settings['granularity']} in the circuit")
     ax.set_title(f"smallest circuit keeping {settings['threshold']:.0%} of {settings['metric']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _plot_composition(report: dict[str, Any], settings: dict[str, Any], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / max(1, len(report["methods"]))
     for i, (method, data) in enumerate(report["methods"].items()):
@@ -437,6 +425,4 @@ def _plot_composition(report: dict[str, Any], settings: dict[str, Any], path: Pa
     ax.set_ylabel(f"circuit {settings['granularity']} (mean over sets)")
     ax.set_title("circuit composition per layer")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -438,7 +438,7 @@ def last_token_logits(model: nn.Module, tokenizer: Any, task: NextTokenTask, *, 
     """
     arch = resolve(model)
     samples = task.samples()
-    encoded = [encode_sample(s, i, tokenizer, arch.max_positions) for i, s in enumerate(samples)]
+    encoded = [encode_sample(s, i, tokenizer, arch.max_positions, arch.vocab_size) for i, s in enumerate(samples)]
     device = arch.embedding_weight.device
     pad = pad_token_id(tokenizer, arch.model)
     out = []

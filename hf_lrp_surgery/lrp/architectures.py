@@ -378,6 +378,11 @@ class ResolvedArchitecture:
         return parameter(self.token_embedding, "weight")
 
     @property
+    def vocab_size(self) -> int:
+        """Rows of the token embedding: token ids must lie in ``[0, vocab_size)``."""
+        return int(self.embedding_weight.shape[0])
+
+    @property
     def num_layers(self) -> int:
         """Number of decoder blocks."""
         return len(self.layers)

@@ -313,7 +313,7 @@ def collect_relevance(
 
     rules = LRPRules(model, variant=variant, epsilon=epsilon)
     arch = rules.arch
-    encoded = [encode_sample(s, i, tokenizer, arch.max_positions) for i, s in enumerate(sample_list)]
+    encoded = [encode_sample(s, i, tokenizer, arch.max_positions, arch.vocab_size) for i, s in enumerate(sample_list)]
     wanted = frozenset(components)
     result = RelevanceResult(
         fingerprint=fingerprint(model),

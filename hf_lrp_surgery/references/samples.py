@@ -183,8 +183,26 @@ def _tokens(text_or_ids: str | Sequence[int], tokenizer: Any, *, special: bool, 
     return [int(x) for x in text_or_ids]
 
 
-def encode_sample(sample: ReferenceSample, index: int, tokenizer: Any, max_positions: int | None) -> Encoded:
-    """Tokenise one sample and locate its seeds (shared with the forward-only baseline scorers)."""
+def encode_sample(
+    sample: ReferenceSample, index: int, tokenizer: Any, max_positions: int | None, vocab_size: int | None = None
+) -> Encoded:
+    """Tokenise one sample and locate its seeds (shared with the forward-only baseline scorers).
+
+    Args:
+        sample: The sample.
+        index: Its position in the set (for messages).
+        tokenizer: Encodes text (``None`` when the sample is token ids).
+        max_positions: The model's context length, if it has one.
+        vocab_size: The model's embedding rows: ids outside ``[0, vocab_size)`` are refused.
+
+    Returns:
+        The token ids and the positions (and tokens) whose logits are explained.
+
+    Raises:
+        ReferenceSetError: An empty prompt or continuation, bad focus, a target that is not one
+            token, or a token id outside the vocabulary.
+        SequenceTooLongError: The sample is longer than the model's context.
+    """
     prompt = _tokens(sample.prompt, tokenizer, special=True, what=f"sample {index}'s prompt")
     if not prompt:
         raise ReferenceSetError(f"sample {index} has an empty prompt; every sample needs at least one token")
@@ -220,6 +238,12 @@ def encode_sample(sample: ReferenceSample, index: int, tokenizer: Any, max_posit
         ids, seeds = prompt, [(len(prompt) - 1, target[0])]
     else:
         ids, seeds = prompt, [(len(prompt) - 1, ARGMAX)]
+    outside = [i for i in ids if vocab_size is not None and not 0 <= i < vocab_size]
+    if outside:
+        raise ReferenceSetError(
+            f"sample {index} holds token id {outside[0]}, outside the model's vocabulary of {vocab_size} (ids 0.."
+            f"{vocab_size - 1 if vocab_size else 0}); encode it with the model's own tokenizer or resize the embeddings"
+        )
     if max_positions is not None and len(ids) > max_positions:
         raise SequenceTooLongError(
             f"sample {index} is {len(ids)} tokens, beyond the model's context of {max_positions}; shorten the "

@@ -174,7 +174,7 @@ def load_reference_set(
 
 
 #: The reference and evaluation sets that ship with the package (``hf_lrp_surgery/data/sets``).
-SHIPPED_SETS = ("provocative_prompts", "neutral_prompts", "repetition_prompts", "general_text")
+SHIPPED_SETS = ("provocative_prompts", "neutral_prompts", "repetition_prompts", "general_text", "contact_prompts")
 
 
 def shipped_set(name: str, split: str = "train") -> list[str]:

@@ -38,7 +38,9 @@ def _activation_statistics(request: ScoringRequest) -> _Statistics:
     """One forward pass over the reference set, summing |a| and a^2 of every scored input over real tokens."""
     model, arch, tokenizer, components = request.model, request.arch, request.tokenizer, request.options.components
     batch_size = request.options.batch_size
-    encoded = [encode_sample(s, i, tokenizer, arch.max_positions) for i, s in enumerate(request.samples)]
+    encoded = [
+        encode_sample(s, i, tokenizer, arch.max_positions, arch.vocab_size) for i, s in enumerate(request.samples)
+    ]
     device = arch.embedding_weight.device
     L, heads = arch.num_layers, arch.num_heads
     stats = _Statistics()
