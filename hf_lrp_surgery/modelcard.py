@@ -39,7 +39,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from hf_lrp_surgery._deprecation import moved_names
 from hf_lrp_surgery._version import __version__
-from hf_lrp_surgery.carriers import CHECK_FILE, SURGERY_DIR, read_surgery
+from hf_lrp_surgery.carriers import CHECK_FILE, SURGERY_DIR, CarrierCard, get_carrier, read_surgery
 from hf_lrp_surgery.correction import BEHAVIOURS, GENERAL_METRICS, Metric, behaviour_metadata
 from hf_lrp_surgery.exceptions import CardError
 from hf_lrp_surgery.io import write_json_atomic, write_text_atomic
@@ -189,21 +189,20 @@ def _units_per_layer(mask: Mask) -> list[int]:
     return totals
 
 
-def _pruned_section(masks: Sequence[Mask], carrier: str, plots: Sequence[str]) -> list[str]:
+def _carrier_card(carrier: str, root: Path) -> CarrierCard:
+    """What the card says about the carrier the model was saved with (from the carrier registry)."""
+    try:
+        card = get_carrier(carrier).card
+    except ValueError as err:
+        raise CardError(f"cannot write a card for {root}: {err}") from err
+    if card is None:
+        raise CardError(f"cannot write a card for {root}: the {carrier!r} carrier saves no model to publish")
+    return card
+
+
+def _pruned_section(masks: Sequence[Mask], card: CarrierCard, plots: Sequence[str]) -> list[str]:
     what = {"neurons": "MLP neurons", "heads": "attention heads", "weights": "weights"}
-    lines = ["## What was pruned", ""]
-    if carrier == "adapter":
-        lines.append(
-            "An IA3 adapter whose vectors are 1 everywhere except 0 on the pruned units, at the input of the "
-            "MLP / attention output projections: exactly the pruned model while enabled, exactly the base "
-            "model when disabled. Keep it unmerged to be able to switch it off."
-        )
-    else:
-        lines.append(
-            "The pruned units are zeros in the weights (for a neuron: its column of the MLP output projection "
-            "and its rows of the input projections; for a head: its columns of the attention output "
-            "projection), so this is an ordinary checkpoint."
-        )
+    lines = ["## What was pruned", "", card.pruned]
     for mask in masks:
         totals = _units_per_layer(mask)
         total = sum(totals)
@@ -245,35 +244,10 @@ def _flat_options(settings: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _usage_section(repo: str, carrier: str, base_model: str | None) -> list[str]:
+def _usage_section(repo: str, card: CarrierCard, base_model: str | None) -> list[str]:
     base = base_model or "<base model id>"
-    lines = ["## How to use", ""]
-    if carrier == "bake":
-        lines += [
-            "```python",
-            "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            "",
-            f'model = AutoModelForCausalLM.from_pretrained("{repo}")',
-            f'tokenizer = AutoTokenizer.from_pretrained("{repo}")  # if the tokenizer was saved here, else '
-            "from the base model",
-            "```",
-        ]
-    else:
-        lines += [
-            "```python",
-            "from transformers import AutoModelForCausalLM",
-            "from peft import PeftModel",
-            "",
-            "# with peft installed, transformers loads the base model and the adapter in one call:",
-            f'model = AutoModelForCausalLM.from_pretrained("{repo}")',
-            "",
-            "# or explicitly:",
-            f'base = AutoModelForCausalLM.from_pretrained("{base}")',
-            f'model = PeftModel.from_pretrained(base, "{repo}")',
-            "with model.disable_adapter():  # the original model, exactly",
-            "    ...",
-            "```",
-        ]
+    lines = ["## How to use", "", "```python"]
+    lines += [line.format(repo=repo, base=base) for line in card.usage] + ["```"]
     lines += [
         "",
         "Load and prove the mask is carried (exact zeros where the manifest says, and the probe logits of "
@@ -284,7 +258,7 @@ def _usage_section(repo: str, carrier: str, base_model: str | None) -> list[str]
         "",
         f'model = load_from_hub("{repo}")',
     ]
-    if carrier == "adapter":
+    if card.switchable:
         lines.append(f'original = load_from_hub("{repo}", adapter_enabled=False)  # the adapter switched off')
     return lines + ["```", ""]
 
@@ -361,23 +335,24 @@ def build_card(
     plots = [p for p in _PLOTS if (root / SURGERY_DIR / p).is_file()]
     repo = options["repo_id"] or _PLACEHOLDER_REPO
     extra = list(metadata.tags) if metadata else []
-    extra += ["ia3", "peft"] if carrier == "adapter" else []
+    card = _carrier_card(carrier, root)
+    extra += list(card.tags)
     data = ModelCardData(
         base_model=base,
         license=options["license"],
-        library_name="peft" if carrier == "adapter" else "transformers",
+        library_name=card.library_name,
         pipeline_tag="text-generation",
         tags=_BASE_TAGS + extra + list(options["tags"] or []),
         model_name=repo.split("/")[-1] if options["repo_id"] else root.resolve().name,
         eval_results=_eval_results(report) or None,
-        base_model_relation=("adapter" if carrier == "adapter" else "finetune") if base else None,
+        base_model_relation=card.relation if base else None,
     )
     what = " and ".join(f"{m.count} {m.granularity}" for m in masks)
     if metadata:
         goal = metadata.goal
     else:
         goal = f"change its {behaviour} behaviour" if behaviour else "remove an unwanted behaviour"
-    form = "an IA3 adapter (switchable off)" if carrier == "adapter" else "baked into the weights"
+    form = card.form
     base_text = f"[`{base}`](https://huggingface.co/{base})" if base else f"`{saved_base or 'the base model'}`"
     body = [
         CARD_MARKER,
@@ -398,8 +373,8 @@ def build_card(
         ]
     if report:
         body += _results_section(report, plots)
-    body += _pruned_section(masks, carrier, plots)
-    body += _usage_section(repo, carrier, base)
+    body += _pruned_section(masks, card, plots)
+    body += _usage_section(repo, card, base)
     body += _reproduce_section(options["command"], _versions())
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
 

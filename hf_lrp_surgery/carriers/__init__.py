@@ -28,6 +28,7 @@ from hf_lrp_surgery.carriers.probe import LogitsProbe
 from hf_lrp_surgery.carriers.registry import (
     CARRIERS,
     Carrier,
+    CarrierCard,
     LoadOptions,
     get_carrier,
     model_files,
@@ -46,6 +47,7 @@ __all__ = [
     "AdapterCarrier",
     "BakeCarrier",
     "Carrier",
+    "CarrierCard",
     "CarrierName",
     "CorrectedModel",
     "HooksCarrier",

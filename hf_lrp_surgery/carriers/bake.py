@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from hf_lrp_surgery.carriers._check import mask_list, validate_masks
-from hf_lrp_surgery.carriers.registry import Carrier, LoadOptions
+from hf_lrp_surgery.carriers.registry import Carrier, CarrierCard, LoadOptions
 from hf_lrp_surgery.lrp.architectures import resolve
 from hf_lrp_surgery.masks.geometry import zeroed_entries
 from hf_lrp_surgery.masks.mask import Mask
@@ -75,6 +75,22 @@ class BakeCarrier(Carrier):
         "model.safetensors.index.json",
         "pytorch_model*.bin",
         "pytorch_model.bin.index.json",
+    )
+    card = CarrierCard(
+        form="baked into the weights",
+        pruned="The pruned units are zeros in the weights (for a neuron: its column of the MLP output projection "
+        "and its rows of the input projections; for a head: its columns of the attention output "
+        "projection), so this is an ordinary checkpoint.",
+        library_name="transformers",
+        relation="finetune",
+        tags=(),
+        usage=(
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            'model = AutoModelForCausalLM.from_pretrained("{repo}")',
+            'tokenizer = AutoTokenizer.from_pretrained("{repo}")  # if the tokenizer was saved here, else from the '
+            "base model",
+        ),
     )
 
     def apply(self, model: nn.Module, masks: Sequence[Mask], *, adapter_name: str) -> nn.Module:

@@ -19,7 +19,7 @@ from torch import nn
 
 from hf_lrp_surgery.carriers._check import active_scaling, check_zeros, mask_list, validate_masks
 from hf_lrp_surgery.carriers.corrected import SURGERY_DIR, set_adapter_enabled
-from hf_lrp_surgery.carriers.registry import Carrier, LoadOptions
+from hf_lrp_surgery.carriers.registry import Carrier, CarrierCard, LoadOptions
 from hf_lrp_surgery.exceptions import MaskVerificationError, ModelLoadError, SavedModelError
 from hf_lrp_surgery.lrp.architectures import resolve, unwrap_model
 from hf_lrp_surgery.masks.geometry import input_units
@@ -64,6 +64,29 @@ class AdapterCarrier(Carrier):
     name = "adapter"
     granularities = frozenset({"neurons", "heads"})
     model_files = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+    card = CarrierCard(
+        form="an IA3 adapter (switchable off)",
+        pruned="An IA3 adapter whose vectors are 1 everywhere except 0 on the pruned units, at the input of the "
+        "MLP / attention output projections: exactly the pruned model while enabled, exactly the base "
+        "model when disabled. Keep it unmerged to be able to switch it off.",
+        library_name="peft",
+        relation="adapter",
+        tags=("ia3", "peft"),
+        usage=(
+            "from transformers import AutoModelForCausalLM",
+            "from peft import PeftModel",
+            "",
+            "# with peft installed, transformers loads the base model and the adapter in one call:",
+            'model = AutoModelForCausalLM.from_pretrained("{repo}")',
+            "",
+            "# or explicitly:",
+            'base = AutoModelForCausalLM.from_pretrained("{base}")',
+            'model = PeftModel.from_pretrained(base, "{repo}")',
+            "with model.disable_adapter():  # the original model, exactly",
+            "    ...",
+        ),
+        switchable=True,
+    )
 
     def check(self, model: nn.Module, masks: Sequence[Mask]) -> None:
         """Refuse weight masks (no exact IA3 form), wrapped models and another model's masks."""

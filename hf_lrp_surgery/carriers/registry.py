@@ -23,6 +23,7 @@ from hf_lrp_surgery.masks.mask import Mask
 __all__ = [
     "CARRIERS",
     "Carrier",
+    "CarrierCard",
     "LoadOptions",
     "get_carrier",
     "model_files",
@@ -53,6 +54,29 @@ class LoadOptions:
         return {} if self.dtype is None else {"dtype": self.dtype}
 
 
+@dataclass(frozen=True)
+class CarrierCard:
+    """What a model card says about a model saved with one carrier.
+
+    Attributes:
+        form: How the masks are carried, completing "pruned ..., carried as ..." (``"baked into the weights"``).
+        pruned: The "What was pruned" paragraph.
+        library_name: The card's ``library_name`` (``"transformers"``, ``"peft"``).
+        relation: The card's ``base_model_relation`` (``"finetune"``, ``"adapter"``).
+        tags: Extra Hub tags.
+        usage: Lines of the "How to use" code block; ``{repo}`` and ``{base}`` are filled in.
+        switchable: Whether ``load_from_hub(..., adapter_enabled=False)`` gives the original model.
+    """
+
+    form: str
+    pruned: str
+    library_name: str
+    relation: str
+    tags: tuple[str, ...]
+    usage: tuple[str, ...]
+    switchable: bool = False
+
+
 class Carrier:
     """One way of carrying masks: applying them, proving they are carried, saving and loading them.
 
@@ -61,6 +85,7 @@ class Carrier:
         granularities: The mask granularities it carries exactly; others are refused by :meth:`check`.
         persistent: Whether a model carrying masks this way can be saved and loaded back.
         model_files: Glob patterns of the model files :meth:`save` writes (a Hub push replaces them).
+        card: What the model card says about a model saved this way (persistent carriers).
 
     Example:
         >>> class Scaled(Carrier):  # doctest: +SKIP
@@ -73,6 +98,7 @@ class Carrier:
     granularities: ClassVar[frozenset[Granularity]] = frozenset(GRANULARITIES)
     persistent: ClassVar[bool] = True
     model_files: ClassVar[tuple[str, ...]] = ()
+    card: ClassVar[CarrierCard | None] = None
 
     def check(self, model: nn.Module, masks: Sequence[Mask]) -> None:
         """Refuse masks this carrier cannot carry on ``model``, before anything is copied or changed.
