@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import importlib
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -47,9 +48,14 @@ def moved_names(module: str, targets: Mapping[str, str | Callable[[], Any]]) -> 
         target = targets[name]
         if callable(target):
             warn_deprecated(f"{module}.{name} is deprecated", stacklevel=3)
-            return target()
-        new_module, new_name = target.split(":")
-        warn_deprecated(f"{module}.{name} is now {new_module}.{new_name}", stacklevel=3)
-        return getattr(importlib.import_module(new_module), new_name)
+            value = target()
+        else:
+            new_module, new_name = target.split(":")
+            warn_deprecated(f"{module}.{name} is now {new_module}.{new_name}", stacklevel=3)
+            value = getattr(importlib.import_module(new_module), new_name)
+        # Kept in the module from now on: ``from pkg import old`` probes and then reads, and would warn twice.
+        if module in sys.modules:
+            setattr(sys.modules[module], name, value)
+        return value
 
     return __getattr__

@@ -100,7 +100,7 @@ class TrainingSetupError(SurgeryError, ValueError):
     """The callback cannot work with this training set-up (FSDP; DeepSpeed beyond activation masks; surgery on PEFT)."""
 
 
-class TrainingStateError(SurgeryError):
+class TrainingStateError(SurgeryError, ValueError):
     """A resumed run's callback state is missing, or was made with other reference sets, options or model."""
 
 
@@ -145,3 +145,14 @@ class SavedModelError(SurgeryError, ValueError):
     def __init__(self, message: str, *, path: Path) -> None:
         super().__init__(message)
         self.path = path
+
+
+class ScorerError(SurgeryError, ValueError):
+    """A behaviour's scorer cannot be used: it is not importable, a classifier lacks the named label, a
+    regular expression does not compile, a word list is empty, or a probe on two short texts returned the
+    wrong number of scores, non-numbers, NaN or values outside [0, 1]. The message names the scorer and
+    what it returned."""
+
+
+class ArtefactError(SurgeryError, ValueError):
+    """A saved artefact (scores, relevance) is unreadable, truncated, of an unknown format or inconsistent."""

@@ -37,6 +37,7 @@ from huggingface_hub import CommitInfo, HfApi
 from huggingface_hub.errors import OfflineModeIsEnabled
 from torch import nn
 
+from hf_lrp_surgery._deprecation import moved_names
 from hf_lrp_surgery.carriers import CHECK_FILE, SURGERY_DIR, CorrectedModel, load_corrected, model_files, read_surgery
 from hf_lrp_surgery.exceptions import ModelLoadError, PublishError, PushError
 from hf_lrp_surgery.io import staging_directory, write_json_atomic, write_text_atomic
@@ -456,3 +457,6 @@ def load_from_hub(
     if carrier == "adapter" and base is not None and not Path(base).is_dir():
         base = str(download(base, None))
     return load_corrected(local, via=via, base_model=base, adapter_enabled=adapter_enabled, dtype=dtype)
+
+
+__getattr__ = moved_names(__name__, {"register": "hf_lrp_surgery.cli.hub:register"})

@@ -20,9 +20,16 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from hf_lrp_surgery.exceptions import OutputExistsError
+from hf_lrp_surgery.exceptions import ArtefactError, OutputExistsError
 
-__all__ = ["atomic_directory", "check_output", "staging_directory", "write_json_atomic", "write_text_atomic"]
+__all__ = [
+    "atomic_directory",
+    "check_output",
+    "read_artefact",
+    "staging_directory",
+    "write_json_atomic",
+    "write_text_atomic",
+]
 
 _STAGING = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-[^.]*$")
 
@@ -46,13 +53,21 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _sweep_stale(parent: Path, name: str) -> None:
-    """Remove staging directories of ``name`` left in ``parent`` by processes that no longer run."""
+    """Remove staging directories of ``name`` left in ``parent`` by processes that no longer run.
+
+    A process killed between moving the old output aside and moving the new one in leaves the old
+    output in its ``.old-`` directory and no output: that old output is moved back, not removed.
+    """
     if not parent.is_dir():
         return
-    for entry in parent.iterdir():
+    for entry in sorted(parent.iterdir(), key=lambda e: ".old-" not in e.name):
         match = _STAGING.match(entry.name)
-        if match and match["name"] == name and not _pid_alive(int(match["pid"])):
-            shutil.rmtree(entry, ignore_errors=True)
+        if not match or match["name"] != name or _pid_alive(int(match["pid"])):
+            continue
+        kept = entry / name
+        if ".old-" in entry.name and kept.is_dir() and not (parent / name).exists():
+            os.replace(kept, parent / name)
+        shutil.rmtree(entry, ignore_errors=True)
 
 
 def _is_within(inner: Path, outer: Path) -> bool:
@@ -91,15 +106,15 @@ def check_output(
     final = Path(os.path.abspath(path))
     if final.is_file() or (final.exists() and not final.is_dir()):
         raise OutputExistsError(f"the output {path} is a file, not a directory; choose a directory path")
-    cwd = Path(os.getcwd())
-    if _is_within(cwd, final):
+    # Compared through symlinks: a link to a parent of the working directory is that parent.
+    real = Path(os.path.realpath(final))
+    if _is_within(Path(os.path.realpath(os.getcwd())), real):
         raise OutputExistsError(
             f"the output {path} is the working directory or one of its parents; replacing it would delete it. "
             "Choose a new sub-directory"
         )
     for given in inputs:
-        source = Path(os.path.abspath(given))
-        if _is_within(source, final):
+        if _is_within(Path(os.path.realpath(given)), real):
             raise OutputExistsError(
                 f"the output {path} holds the input {given}; replacing it would delete the input. Choose another output"
             )
@@ -222,3 +237,45 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
         data: Anything ``json.dumps`` accepts.
     """
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def read_artefact(
+    directory: str | os.PathLike[str], meta_file: str, tensors_file: str, *, what: str, version: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The JSON manifest and the tensors of an artefact saved as ``meta_file`` + ``tensors_file``.
+
+    Args:
+        directory: The artefact's directory.
+        meta_file: Its JSON manifest's name (holding ``format_version``).
+        tensors_file: Its safetensors file's name.
+        what: How to name the artefact in messages (``"scores"``).
+        version: The format version this release reads.
+
+    Returns:
+        ``(manifest, tensors)``.
+
+    Raises:
+        FileNotFoundError: The directory does not hold both files.
+        ArtefactError: A file is unreadable, not JSON or truncated, or the format version is unknown.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    root = Path(directory)
+    meta_path, tensors_path = root / meta_file, root / tensors_file
+    if not meta_path.is_file() or not tensors_path.is_file():
+        raise FileNotFoundError(f"{root} does not hold saved {what} ({meta_file} + {tensors_file})")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ArtefactError(f"{meta_path} is not readable JSON ({err}); save the {what} again") from err
+    if not isinstance(meta, dict) or meta.get("format_version") != version:
+        found = meta.get("format_version") if isinstance(meta, dict) else type(meta).__name__
+        raise ArtefactError(f"{meta_path}: unknown {what} format version {found!r}; save the {what} again")
+    try:
+        tensors = load_file(str(tensors_path))
+    except (OSError, SafetensorError) as err:
+        raise ArtefactError(
+            f"{tensors_path} cannot be read ({err}); it is truncated or damaged: save the {what} again"
+        ) from err
+    return meta, tensors

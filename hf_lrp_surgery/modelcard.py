@@ -70,7 +70,15 @@ def is_hub_id(name: str | None) -> bool:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CardError(f"{path} is not readable JSON ({err}); write it again or remove it") from err
+    if not isinstance(data, dict):
+        raise CardError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data
 
 
 def _versions() -> dict[str, str]:

@@ -55,7 +55,7 @@ _Self = TypeVar("_Self", bound="_Options")
 
 def check_aggregation(aggregation: str) -> None:
     """Raise ``ValueError`` unless ``aggregation`` is ``"signed"`` or ``"abs"``."""
-    if aggregation not in ("signed", "abs"):
+    if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be 'signed' or 'abs', got {aggregation!r}")
 
 
@@ -148,7 +148,7 @@ class ScoringOptions(_Options):
             raise ValueError(f"objective must be 'logit' or 'logprob', got {self.objective!r}")
         if self.variant not in VARIANT_FACTORS:
             raise ValueError(f"variant must be one of {sorted(VARIANT_FACTORS)}, got {self.variant!r}")
-        if self.epsilon < 0:
+        if not self.epsilon >= 0:  # NaN too
             raise ValueError(f"epsilon must be >= 0, got {self.epsilon}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
@@ -178,7 +178,7 @@ class ContrastOptions(_Options):
     )
 
     def __post_init__(self) -> None:
-        if self.normalize not in ("none", "total", "max", "layer"):
+        if self.normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize must be 'none', 'total', 'max' or 'layer', got {self.normalize!r}")
         if not 0.0 <= self.protect_top < 1.0:
             raise ValueError(f"protect_top is a fraction in [0, 1), got {self.protect_top}")
@@ -202,13 +202,15 @@ class SelectionOptions(_Options):
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be 'neurons', 'heads' or 'weights', got {self.granularity!r}")
-        if self.scope not in ("global", "per_layer"):
+        if self.scope not in SCOPES:
             raise ValueError(f"scope must be 'global' or 'per_layer', got {self.scope!r}")
         if self.modules is not None and self.granularity != "weights":
             raise ValueError("modules= restricts weight masks; neuron and head masks live on fixed modules")
         if isinstance(self.modules, Sequence) and not isinstance(self.modules, str):
             object.__setattr__(self, "modules", tuple(self.modules))
         if self.layers is not None:
+            if not isinstance(self.layers, Sequence) or isinstance(self.layers, str):
+                raise ValueError(f"layers must be a sequence of decoder block indices, got {self.layers!r}")
             object.__setattr__(self, "layers", tuple(self.layers))
 
     def select(self, scores: Scores, budget: int | float) -> Mask:

@@ -136,7 +136,8 @@ class HooksCarrier(Carrier):
 
     def apply(self, model: nn.Module, masks: Sequence[Mask], *, adapter_name: str) -> nn.Module:
         """Install the hooks on ``model``; :meth:`MaskHooks.of` finds them again."""
-        hooks = MaskHooks(model)
+        # A second application adds to the hooks already there, so that one set can still be found and removed.
+        hooks = MaskHooks.of(model) or MaskHooks(model)
         for mask in masks:
             hooks.add(mask)
         _INSTALLED[model] = hooks

@@ -35,7 +35,6 @@ from hf_lrp_surgery.circuits.discovery import (
     discover_circuit,
     sparsity_grid,
     task_scores,
-    unit_count,
 )
 from hf_lrp_surgery.circuits.tasks import Metric, NextTokenTask, TaskObjective, evaluate_task
 from hf_lrp_surgery.io import atomic_directory, write_json_atomic
@@ -314,7 +313,7 @@ def compare_methods(
         )
     arch = resolve(model)
     layout = Layout.of(arch)
-    total = unit_count(layout, granularity, arch)
+    total = layout.units(granularity, arch)
     grid = sparsity_grid(total, grid_points, min_kept=min_kept)
     results = {m: MethodResult(m) for m in methods}
     steps = [(i, m) for i in range(len(sets)) for m in methods]

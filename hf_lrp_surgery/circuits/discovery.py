@@ -46,7 +46,7 @@ from hf_lrp_surgery.circuits.tasks import (
 )
 from hf_lrp_surgery.exceptions import CircuitDiscoveryError, NoCircuitError
 from hf_lrp_surgery.io import atomic_directory, write_json_atomic
-from hf_lrp_surgery.lrp.architectures import ResolvedArchitecture, resolve
+from hf_lrp_surgery.lrp.architectures import resolve
 from hf_lrp_surgery.lrp.collect import renamed_seed
 from hf_lrp_surgery.masks import Granularity, Mask, Scope, select, zeroed_entries
 from hf_lrp_surgery.options import ScoringOptions, reject_unknown
@@ -64,18 +64,12 @@ __all__ = [
     "pruning_curve",
     "sparsity_grid",
     "task_scores",
-    "unit_count",
 ]
 
 _CIRCUIT_FILE = "circuit.json"
 
 
 # -- ablation ---------------------------------------------------------------------------------
-def unit_count(layout: Layout, granularity: Granularity, arch: ResolvedArchitecture | None = None) -> int:
-    """Number of prunable units of one granularity (weights: needs ``arch``); see :meth:`Layout.units`."""
-    return layout.units(granularity, arch)
-
-
 @contextlib.contextmanager
 def ablated(model: nn.Module, masks: Mask | Sequence[Mask]) -> Iterator[nn.Module]:
     """Switch off what ``masks`` prune, for the duration of the block.
@@ -434,7 +428,7 @@ def pruning_curve(
         >>> curve.relative("logit_diff")  # doctest: +SKIP
     """
     arch = resolve(model)
-    total = unit_count(scores.layout, granularity, arch)
+    total = scores.layout.units(granularity, arch)
     grid = sorted(set(counts)) if counts is not None else sparsity_grid(total)
     baseline = evaluate_task(model, tokenizer, task, batch_size=batch_size)
     curve = PruningCurve(scores.method, granularity, scope, total, baseline)
@@ -547,7 +541,7 @@ def discover_circuit(
     scope: Scope = "global",
     threshold: float = 0.9,
     metric: Metric = "logit_diff",
-    seed: TaskObjective = "logit",
+    objective: TaskObjective = "logit",
     aggregation: Aggregation = "abs",
     scores: Scores | None = None,
     grid_points: int = 16,
@@ -558,6 +552,7 @@ def discover_circuit(
     eval_batch_size: int = 32,
     random_seed: int = 0,
     progress: bool = True,
+    **keywords: Any,
 ) -> Circuit:
     """Find the smallest circuit that keeps ``threshold`` of the task metric.
 
@@ -576,7 +571,7 @@ def discover_circuit(
         scope: ``"global"`` or ``"per_layer"``.
         threshold: Fraction of the unpruned metric the circuit must keep, in ``(0, 1]``.
         metric: ``"logit_diff"`` or ``"accuracy"``.
-        seed: Relevance objective (``objective`` of :func:`task_scores`).
+        objective: Relevance objective (``objective`` of :func:`task_scores`).
         aggregation: For ``lrp`` / ``gradient``.
         scores: Precomputed scores (skips attribution; not with ``reattribute``).
         grid_points: Grid points of the sweep.
@@ -587,6 +582,7 @@ def discover_circuit(
         batch_size: Samples per attribution pass.
         eval_batch_size: Prompts per evaluation pass.
         random_seed: For ``method="random"``.
+        **keywords: ``seed=``, the deprecated name of ``objective``.
         progress: Show progress bars.
 
     Returns:
@@ -602,6 +598,9 @@ def discover_circuit(
         ...                            evaluation=ioi_task(tokenizer, 64, seed=100))  # doctest: +SKIP
         >>> print(circuit.summary())  # doctest: +SKIP
     """
+    if "seed" in keywords:
+        objective = renamed_seed(keywords.pop("seed"))
+    reject_unknown(keywords, "discover_circuit")
     if not 0.0 < threshold <= 1.0:
         raise CircuitDiscoveryError(f"threshold is a fraction of the unpruned metric in (0, 1], got {threshold}")
     if reattribute and scores is not None:
@@ -623,13 +622,13 @@ def discover_circuit(
         random_seed=random_seed,
     )
     if scores is None:
-        scores = task_scores(model, tokenizer, task, options, objective=seed, progress=progress)
+        scores = task_scores(model, tokenizer, task, options, objective=objective, progress=progress)
     arch = resolve(model)
-    total = unit_count(scores.layout, granularity, arch)
+    total = scores.layout.units(granularity, arch)
 
     def rescore(mask: Mask) -> Scores:
         with ablated(model, mask):
-            return task_scores(model, tokenizer, task, options, objective=seed, progress=progress)
+            return task_scores(model, tokenizer, task, options, objective=objective, progress=progress)
 
     pruner = _Pruner(scores, granularity, scope, rescore if reattribute else None)
     curve = PruningCurve(scores.method, granularity, scope, total, baseline)
@@ -696,6 +695,7 @@ __getattr__ = moved_names(
     __name__,
     {
         "TaskSeed": "hf_lrp_surgery.circuits.tasks:TaskObjective",
+        "unit_count": lambda: lambda layout, granularity, arch=None: layout.units(granularity, arch),
         "complement": lambda: Mask.complement,
     },
 )

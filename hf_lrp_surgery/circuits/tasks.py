@@ -59,7 +59,6 @@ Metric = Literal["logit_diff", "accuracy"]
 TaskObjective = Literal["logit", "logit_diff", "logprob"]
 #: Every task objective.
 TASK_OBJECTIVES: tuple[TaskObjective, ...] = ("logit", "logit_diff", "logprob")
-IOIOrder = Literal["ABBA", "BABA"]
 #: Directory of the shipped IOI templates and names.
 IOI_DATA = Path(__file__).resolve().parent.parent / "data" / "ioi"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from hf_lrp_surgery.cli._common import (
     options_from,
 )
 from hf_lrp_surgery.lrp.layout import GRANULARITIES
+from hf_lrp_surgery.masks.selection import budget_count
 from hf_lrp_surgery.options import ContrastOptions, ScoringOptions, SelectionOptions
 
 __all__ = ["register"]
@@ -31,9 +33,10 @@ def _attribute(args: argparse.Namespace) -> int:
     from hf_lrp_surgery.surgeon import Surgeon
 
     output = checked_output(args, args.samples)
+    options = options_from(args, ScoringOptions)  # validated before anything loads
     model, tokenizer = load(args)
     surgeon = Surgeon(model, tokenizer, batch_size=args.batch_size, progress=not args.no_progress)
-    scores = surgeon.attribute(args.samples, options_from(args, ScoringOptions), limit=args.limit)
+    scores = surgeon.attribute(args.samples, options, limit=args.limit)
     scores.save(output, overwrite=args.overwrite)
     print(f"{args.method} scores of {scores.num_samples} samples ({', '.join(scores.components)}) saved to {output}")
     return 0
@@ -60,16 +63,16 @@ def _correct(args: argparse.Namespace) -> int:
     if args.carrier in ("adapter", "both") and args.granularity == "weights":
         raise ValueError("weight masks are baked: use --carrier bake (the default) with --granularity weights")
     output = checked_output(args, args.undesired, args.general)
+    # Every option is validated before anything loads (the budget against the model comes with the selection).
+    scoring = options_from(args, ScoringOptions, components=(args.granularity,))
+    contrasting, selection = options_from(args, ContrastOptions), options_from(args, SelectionOptions)
+    budget_count(args.budget, sys.maxsize, args.granularity)
     model, tokenizer = load(args)
     surgeon = Surgeon(model, tokenizer, batch_size=args.batch_size, progress=not args.no_progress)
     scores = surgeon.contrast(
-        undesired=args.undesired,
-        general=args.general,
-        options=options_from(args, ScoringOptions, components=(args.granularity,)),
-        contrast_options=options_from(args, ContrastOptions),
-        limit=args.limit,
+        undesired=args.undesired, general=args.general, options=scoring, contrast_options=contrasting, limit=args.limit
     )
-    mask = surgeon.select(scores, budget=args.budget, options=options_from(args, SelectionOptions))
+    mask = surgeon.select(scores, budget=args.budget, options=selection)
     print(mask.summary())
     # Scores, mask and corrected models appear together or not at all.
     with atomic_directory(output, overwrite=args.overwrite) as staging:
@@ -119,6 +122,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _scoring_arguments(parser: argparse.ArgumentParser) -> None:
+    from hf_lrp_surgery.lrp.collect import OBJECTIVES
     from hf_lrp_surgery.options import AGGREGATIONS
     from hf_lrp_surgery.scoring import METHODS
 
@@ -129,7 +133,7 @@ def _scoring_arguments(parser: argparse.ArgumentParser) -> None:
         default="signed",
         help="lrp/gradient: mean relevance or mean per-sample |R| (signed)",
     )
-    add_objective_argument(parser, choices=("logit", "logprob"), default="logit", old="--seed", help=OBJECTIVE_HELP)
+    add_objective_argument(parser, choices=OBJECTIVES, default="logit", old="--seed", help=OBJECTIVE_HELP)
     parser.add_argument("--limit", type=int, help="use only the first N samples of each reference set")
 
 

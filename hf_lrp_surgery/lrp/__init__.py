@@ -5,6 +5,7 @@ Transformers", ICML 2024 (arXiv 2402.05602); Arras et al., arXiv 2502.15886 (LRP
 gradient x input).
 """
 
+from hf_lrp_surgery._deprecation import moved_names
 from hf_lrp_surgery.lrp.architectures import REGISTRY, resolve, supported_model_types
 from hf_lrp_surgery.lrp.attach import LRPRules
 from hf_lrp_surgery.lrp.collect import COLLECTABLE, collect_relevance
@@ -22,3 +23,5 @@ __all__ = [
     "resolve",
     "supported_model_types",
 ]
+
+__getattr__ = moved_names(__name__, {"COMPONENTS": "hf_lrp_surgery.lrp.collect:COLLECTABLE"})

@@ -20,7 +20,7 @@ Collectors are hooks that read ``input * gradient`` where it means something:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -33,15 +33,10 @@ from hf_lrp_surgery.lrp.architectures import ResolvedArchitecture
 from hf_lrp_surgery.lrp.attach import LRPRules, Variant
 from hf_lrp_surgery.lrp.layout import GRANULARITIES
 from hf_lrp_surgery.lrp.result import RelevanceResult
-from hf_lrp_surgery.references.samples import (
-    ARGMAX,
-    Batch,
-    SampleLike,
-    as_samples,
-    encode_sample,
-    make_batch,
-    pad_token_id,
-)
+from hf_lrp_surgery.references import samples as _samples
+
+if TYPE_CHECKING:
+    from hf_lrp_surgery.references.samples import Batch, SampleLike
 
 __all__ = ["COLLECTABLE", "OBJECTIVES", "Objective", "collect_relevance", "renamed_seed"]
 
@@ -73,7 +68,7 @@ def _objective(logits: torch.Tensor, batch: Batch, objective: Objective) -> tupl
     """Return the scalar to differentiate and the explained value per sample (in fp64)."""
     rows = logits[batch.seed_rows, batch.seed_positions]  # [N, V]
     rows = rows if rows.dtype == torch.float64 else rows.float()
-    tokens = torch.where(batch.seed_tokens == ARGMAX, rows.detach().argmax(-1), batch.seed_tokens)
+    tokens = torch.where(batch.seed_tokens == _samples.ARGMAX, rows.detach().argmax(-1), batch.seed_tokens)
     weights = torch.nn.functional.one_hot(tokens, rows.shape[-1]).to(rows.dtype)
     if objective == "logprob":
         # d log p_t / d logits = onehot - softmax; held constant it is linear in the logits.
@@ -264,7 +259,7 @@ def collect_relevance(
 
     Args:
         model: A supported causal LM (optionally PEFT-wrapped) without active dropout.
-        samples: The reference set (see :func:`as_samples` for accepted forms).
+        samples: The reference set (see :func:`~hf_lrp_surgery.references.samples.as_samples` for accepted forms).
         tokenizer: Needed when samples are text.
         components: Any of ``"neurons"``, ``"heads"``, ``"weights"``, ``"inputs"``.
         variant: ``"attnlrp"``, ``"cp"`` or ``"gradient"`` (no rules: gradient x input, and
@@ -307,13 +302,15 @@ def collect_relevance(
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    sample_list = as_samples(samples)
+    sample_list = _samples.as_samples(samples)
     if not sample_list:
         raise ReferenceSetError("the reference set is empty; give at least one sample to explain")
 
     rules = LRPRules(model, variant=variant, epsilon=epsilon)
     arch = rules.arch
-    encoded = [encode_sample(s, i, tokenizer, arch.max_positions, arch.vocab_size) for i, s in enumerate(sample_list)]
+    encoded = [
+        _samples.encode_sample(s, i, tokenizer, arch.max_positions, arch.vocab_size) for i, s in enumerate(sample_list)
+    ]
     wanted = frozenset(components)
     result = RelevanceResult(
         fingerprint=fingerprint(model),
@@ -328,7 +325,7 @@ def collect_relevance(
         },
     )
     device = arch.embedding_weight.device
-    pad_id = pad_token_id(tokenizer, arch.model)
+    pad_id = _samples.pad_token_id(tokenizer, arch.model)
     explained: list[torch.Tensor] = []
     dtype = torch.float64 if arch.embedding_weight.dtype == torch.float64 else torch.float32
     neuron_sums = torch.zeros(arch.num_layers, arch.num_neurons, dtype=dtype, device=device)
@@ -343,7 +340,7 @@ def collect_relevance(
         tqdm(total=len(encoded), desc=description, unit="sample", disable=not progress, leave=False) as bar,
     ):
         for start in range(0, len(encoded), batch_size):
-            batch = make_batch(encoded[start : start + batch_size], pad_id, padding_side, device)
+            batch = _samples.make_batch(encoded[start : start + batch_size], pad_id, padding_side, device)
             collectors.start_batch(batch.attention_mask)
             logits = model(
                 input_ids=batch.input_ids,
@@ -387,7 +384,7 @@ def collect_relevance(
     return result
 
 
-_MOVED = {"ReferenceSample", "SampleLike", "as_samples", "encode_sample", "make_batch", "pad_token_id"}
+_MOVED = {"Encoded", "ReferenceSample", "SampleLike", "as_samples", "encode_sample", "make_batch", "pad_token_id"}
 
 
 __getattr__ = moved_names(

@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any, Literal, overload
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from hf_lrp_surgery._deprecation import moved_names
 from hf_lrp_surgery._version import __version__
-from hf_lrp_surgery.exceptions import FingerprintMismatchError
+from hf_lrp_surgery.exceptions import ArtefactError, FingerprintMismatchError
 from hf_lrp_surgery.fingerprint import ModelFingerprint
-from hf_lrp_surgery.io import atomic_directory
+from hf_lrp_surgery.io import atomic_directory, read_artefact
 from hf_lrp_surgery.lrp.layout import Granularity
 
 __all__ = ["RelevanceResult"]
@@ -202,26 +202,26 @@ class RelevanceResult:
 
         Raises:
             FileNotFoundError: The directory does not hold a saved result.
+            ArtefactError: A file is unreadable, truncated, of an unknown format or missing an entry.
         """
-        directory = Path(directory)
-        if not (directory / _META_FILE).is_file() or not (directory / _TENSORS_FILE).is_file():
-            raise FileNotFoundError(
-                f"{directory} does not hold a saved relevance result ({_META_FILE} + {_TENSORS_FILE})"
-            )
-        meta = json.loads((directory / _META_FILE).read_text())
-        if meta.get("format_version") != _FORMAT_VERSION:
-            raise ValueError(f"{directory}: unknown relevance format version {meta.get('format_version')!r}")
-        tensors = load_file(str(directory / _TENSORS_FILE))
-        count = sum(1 for key in tensors if key.startswith("input_ids/"))
-        return cls(
-            fingerprint=ModelFingerprint.from_dict(meta["fingerprint"]),
-            settings=meta["settings"],
-            num_samples=int(meta["num_samples"]),
-            **component_tensors(tensors),
-            explained=tensors["explained"],
-            input_relevance=[tensors[f"input_relevance/{i}"] for i in range(count)],
-            input_ids=[tensors[f"input_ids/{i}"] for i in range(count)],
+        meta, tensors = read_artefact(
+            directory, _META_FILE, _TENSORS_FILE, what="relevance result", version=_FORMAT_VERSION
         )
+        count = sum(1 for key in tensors if key.startswith("input_ids/"))
+        try:
+            return cls(
+                fingerprint=ModelFingerprint.from_dict(meta["fingerprint"]),
+                settings=meta["settings"],
+                num_samples=int(meta["num_samples"]),
+                **component_tensors(tensors),
+                explained=tensors["explained"],
+                input_relevance=[tensors[f"input_relevance/{i}"] for i in range(count)],
+                input_ids=[tensors[f"input_ids/{i}"] for i in range(count)],
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ArtefactError(
+                f"{directory}/{_META_FILE} or its tensors lack or garble an entry ({err!r}); save the result again"
+            ) from err
 
 
 def component_tensors(flat: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -155,14 +155,18 @@ class Mask:
         Example:
             >>> in_force = in_force.union(new_mask)  # doctest: +SKIP
         """
-        if self.granularity != other.granularity or self.layout != other.layout:
-            raise ValueError(
-                f"cannot merge a {other.granularity} mask into a {self.granularity} mask of another layout"
-            )
+        if self.granularity != other.granularity:
+            raise ValueError(f"cannot merge a {other.granularity} mask into a {self.granularity} mask")
+        if self.layout != other.layout:
+            raise ValueError(f"cannot merge a {other.granularity} mask of another model layout into this one")
         indices = dict(self.indices)
         for name, index in other.indices.items():
             indices[name] = torch.cat([indices[name], index]).unique() if name in indices else index
-        return replace(other, indices=indices, provenance={"merged": [self.provenance, other.provenance]})
+        provenance: dict[str, Any] = {"merged": [self.provenance, other.provenance]}
+        sizes = {**self.provenance.get("module_sizes", {}), **other.provenance.get("module_sizes", {})}
+        if sizes:  # weight masks: the matrix sizes that per-layer totals and validation read
+            provenance["module_sizes"] = sizes
+        return replace(other, indices=indices, provenance=provenance)
 
     def complement(self, *, provenance: dict[str, Any] | None = None, total: dict[str, int] | None = None) -> Mask:
         """The mask of every unit this mask does not prune (of neurons or heads; weights need ``total``).

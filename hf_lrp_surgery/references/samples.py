@@ -120,6 +120,8 @@ class ReferenceSample:
                 f"sample {self.prompt!r}: the target must be a token id or a one-token string, got "
                 f"{type(self.target).__name__} {self.target!r}"
             )
+        if _is_id(self.target) and int(self.target) < 0:  # type: ignore[arg-type]
+            raise ReferenceSetError(f"sample {self.prompt!r}: the target token id must be >= 0, got {self.target}")
         if self.continuation is not None and self.target is not None:
             raise ReferenceSetError(f"sample {self.prompt!r}: give a continuation or a target, not both")
         if self.focus is not None and (self.continuation is None or not self.focus):
@@ -238,7 +240,8 @@ def encode_sample(
         ids, seeds = prompt, [(len(prompt) - 1, target[0])]
     else:
         ids, seeds = prompt, [(len(prompt) - 1, ARGMAX)]
-    outside = [i for i in ids if vocab_size is not None and not 0 <= i < vocab_size]
+    explained = [token for _, token in seeds if token != ARGMAX]
+    outside = [i for i in (*ids, *explained) if vocab_size is not None and not 0 <= i < vocab_size]
     if outside:
         raise ReferenceSetError(
             f"sample {index} holds token id {outside[0]}, outside the model's vocabulary of {vocab_size} (ids 0.."

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from hf_lrp_surgery._version import __version__
-from hf_lrp_surgery.exceptions import NonFiniteScoreError
+from hf_lrp_surgery.exceptions import ArtefactError, NonFiniteScoreError
 from hf_lrp_surgery.fingerprint import ModelFingerprint
-from hf_lrp_surgery.io import atomic_directory
+from hf_lrp_surgery.io import atomic_directory, read_artefact
 from hf_lrp_surgery.lrp.layout import GRANULARITIES, Granularity, Layout
 from hf_lrp_surgery.lrp.result import RelevanceResult
 from hf_lrp_surgery.options import Aggregation, check_aggregation
@@ -172,24 +172,24 @@ class Scores:
 
         Raises:
             FileNotFoundError: The directory does not hold saved scores.
+            ArtefactError: A file is unreadable, truncated, of an unknown format or missing an entry.
         """
-        directory = Path(directory)
-        if not (directory / _META_FILE).is_file() or not (directory / _TENSORS_FILE).is_file():
-            raise FileNotFoundError(f"{directory} does not hold saved scores ({_META_FILE} + {_TENSORS_FILE})")
-        meta = json.loads((directory / _META_FILE).read_text())
-        if meta.get("format_version") != _FORMAT_VERSION:
-            raise ValueError(f"{directory}: unknown scores format version {meta.get('format_version')!r}")
-        tensors = load_file(str(directory / _TENSORS_FILE))
-        return cls(
-            method=meta["method"],
-            settings=meta["settings"],
-            fingerprint=ModelFingerprint.from_dict(meta["fingerprint"]),
-            layout=Layout.from_dict(meta["layout"]),
-            num_samples=int(meta["num_samples"]),
-            neurons=tensors.get("neurons"),
-            heads=tensors.get("heads"),
-            weights={k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("weights/")},
-        )
+        meta, tensors = read_artefact(directory, _META_FILE, _TENSORS_FILE, what="scores", version=_FORMAT_VERSION)
+        try:
+            return cls(
+                method=meta["method"],
+                settings=meta["settings"],
+                fingerprint=ModelFingerprint.from_dict(meta["fingerprint"]),
+                layout=Layout.from_dict(meta["layout"]),
+                num_samples=int(meta["num_samples"]),
+                neurons=tensors.get("neurons"),
+                heads=tensors.get("heads"),
+                weights={k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("weights/")},
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ArtefactError(
+                f"{directory}/{_META_FILE} lacks or garbles an entry ({err!r}); save the scores again"
+            ) from err
 
     @classmethod
     def from_relevance(cls, result: RelevanceResult, layout: Layout, *, aggregation: Aggregation = "signed") -> Scores:
