@@ -38,7 +38,15 @@ from huggingface_hub.errors import OfflineModeIsEnabled
 from torch import nn
 
 from hf_lrp_surgery._deprecation import moved_names
-from hf_lrp_surgery.carriers import CHECK_FILE, SURGERY_DIR, CorrectedModel, load_corrected, model_files, read_surgery
+from hf_lrp_surgery.carriers import (
+    CHECK_FILE,
+    SURGERY_DIR,
+    CorrectedModel,
+    get_carrier,
+    load_corrected,
+    model_files,
+    read_surgery,
+)
 from hf_lrp_surgery.exceptions import ModelLoadError, PublishError, PushError
 from hf_lrp_surgery.io import staging_directory, write_json_atomic, write_text_atomic
 from hf_lrp_surgery.modelcard import is_hub_id, write_card
@@ -60,7 +68,6 @@ PushReason = Literal["network", "offline", "auth", "conflict", "rejected", "unkn
 
 
 # -- push -------------------------------------------------------------------------------------
-_ADAPTER_CONFIG = "adapter_config.json"
 _BASE_KEY = "base_model_name_or_path"
 # A local absolute path inside a string: "/..." or "~/..." at the start or after a space, "=", a quote,
 # a backquote or "(" (so URLs and repo-relative paths such as "surgery/x.png" never match).
@@ -82,9 +89,10 @@ def _hub_base(directory: Path, carrier: str, saved_base: str | None, base_model:
     Raises:
         PublishError: An adapter names its base by a local path and no ``base_model`` was given.
     """
-    if carrier != "adapter":
+    config_name = get_carrier(carrier).base_config
+    if config_name is None:  # the saved model stands alone
         return base_model
-    config = json.loads((directory / _ADAPTER_CONFIG).read_text())
+    config = json.loads((directory / config_name).read_text())
     target = base_model or config.get(_BASE_KEY) or saved_base
     if not is_hub_id(target):
         raise PublishError(
@@ -168,7 +176,8 @@ def _publish_names(root: Path, carrier: str, hub_base: str | None) -> None:
         carrier: The carrier's name.
         hub_base: The base model's Hub id (see :func:`_hub_base`).
     """
-    own = [root / _ADAPTER_CONFIG] if carrier == "adapter" else []
+    config_name = get_carrier(carrier).base_config
+    own = [root / config_name] if config_name else []
     documents = {path: json.loads(path.read_text()) for path in [*own, *sorted((root / SURGERY_DIR).rglob("*.json"))]}
     found: set[str] = set()
 
@@ -184,7 +193,7 @@ def _publish_names(root: Path, carrier: str, hub_base: str | None) -> None:
     names = {path: hub_base if hub_base and path in bases else f"./{Path(path).name}" for path in found}
     for path, document in documents.items():
         public = _map_strings(document, lambda text: _replace_all(text, names))
-        if carrier == "adapter" and path in (*own, root / _CHECK_FILE):
+        if own and path in (*own, root / _CHECK_FILE):
             public[_BASE_KEY] = hub_base
         if public != document:
             write_json_atomic(path, public)
@@ -350,7 +359,8 @@ def push_to_hub(
         except BaseException:  # a set-up mistake: nothing was pushed, so the temporary copy has nothing to retry
             _remove(temporary)
             raise
-        what = "IA3 adapter" if carrier == "adapter" else "baked checkpoint"
+        carrier_card = get_carrier(carrier).card
+        what = carrier_card.kind if carrier_card else carrier
         try:
             api.create_repo(repo_id, private=private, exist_ok=True)
             commit = api.upload_folder(
@@ -454,7 +464,7 @@ def load_from_hub(
         )
     _, carrier, _, saved_base = read_surgery(local)
     base = base_model or saved_base
-    if carrier == "adapter" and base is not None and not Path(base).is_dir():
+    if get_carrier(carrier).base_config and base is not None and not Path(base).is_dir():
         base = str(download(base, None))
     return load_corrected(local, via=via, base_model=base, adapter_enabled=adapter_enabled, dtype=dtype)
 

@@ -77,6 +77,7 @@ class BakeCarrier(Carrier):
         "pytorch_model.bin.index.json",
     )
     card = CarrierCard(
+        kind="baked checkpoint",
         form="baked into the weights",
         pruned="The pruned units are zeros in the weights (for a neuron: its column of the MLP output projection "
         "and its rows of the input projections; for a head: its columns of the attention output "

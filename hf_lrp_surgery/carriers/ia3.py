@@ -64,7 +64,9 @@ class AdapterCarrier(Carrier):
     name = "adapter"
     granularities = frozenset({"neurons", "heads"})
     model_files = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+    base_config = "adapter_config.json"
     card = CarrierCard(
+        kind="IA3 adapter",
         form="an IA3 adapter (switchable off)",
         pruned="An IA3 adapter whose vectors are 1 everywhere except 0 on the pruned units, at the input of the "
         "MLP / attention output projections: exactly the pruned model while enabled, exactly the base "

@@ -59,6 +59,7 @@ class CarrierCard:
     """What a model card says about a model saved with one carrier.
 
     Attributes:
+        kind: What the saved model is, in a few words (``"baked checkpoint"``; commit messages use it).
         form: How the masks are carried, completing "pruned ..., carried as ..." (``"baked into the weights"``).
         pruned: The "What was pruned" paragraph.
         library_name: The card's ``library_name`` (``"transformers"``, ``"peft"``).
@@ -68,6 +69,7 @@ class CarrierCard:
         switchable: Whether ``load_from_hub(..., adapter_enabled=False)`` gives the original model.
     """
 
+    kind: str
     form: str
     pruned: str
     library_name: str
@@ -86,6 +88,8 @@ class Carrier:
         persistent: Whether a model carrying masks this way can be saved and loaded back.
         model_files: Glob patterns of the model files :meth:`save` writes (a Hub push replaces them).
         card: What the model card says about a model saved this way (persistent carriers).
+        base_config: The file of a saved model that names the base model it loads on (an adapter's
+            ``adapter_config.json``); ``None`` when the saved model stands alone.
 
     Example:
         >>> class Scaled(Carrier):  # doctest: +SKIP
@@ -99,6 +103,7 @@ class Carrier:
     persistent: ClassVar[bool] = True
     model_files: ClassVar[tuple[str, ...]] = ()
     card: ClassVar[CarrierCard | None] = None
+    base_config: ClassVar[str | None] = None
 
     def check(self, model: nn.Module, masks: Sequence[Mask]) -> None:
         """Refuse masks this carrier cannot carry on ``model``, before anything is copied or changed.
