@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -15,6 +15,9 @@ from hf_lrp_surgery.masks import Granularity, Mask
 from hf_lrp_surgery.options import ContrastOptions, ScoringOptions, SelectionOptions, reject_unknown
 from hf_lrp_surgery.references import ReferenceSource, load_reference_set
 from hf_lrp_surgery.scoring import Scores, contrast, get_scorer, score
+
+if TYPE_CHECKING:  # correction drives the Surgeon, so it is imported where the recipe runs
+    from hf_lrp_surgery.correction import Behaviour, RecipeResult
 
 __all__ = ["Surgeon"]
 
@@ -205,6 +208,36 @@ class Surgeon:
         return target.save(
             directory, tokenizer=self.tokenizer, base_model_name_or_path=base_model_name_or_path, overwrite=overwrite
         )
+
+    def correct(self, behaviour: Behaviour, output: str | os.PathLike[str], **options: Any) -> RecipeResult:
+        """Correct a behaviour end to end: paired sets, attribution, budget search, saved model, held-out numbers.
+
+        Args:
+            behaviour: A shipped behaviour (:func:`~hf_lrp_surgery.correction.detox_behaviour`, ...) or
+                your own (:func:`~hf_lrp_surgery.correction.user_behaviour`).
+            output: Where the recipe writes ``report.json``, ``mask/``, ``adapter/``, ``baked/`` and the plots.
+            **options: The recipe's options (``budgets``, ``limits``, ``focus``, ``prompts``, ``overwrite``,
+                ``method``, ``granularity``, ...; see :func:`~hf_lrp_surgery.correction.run_recipe`); the
+                Surgeon's ``batch_size`` and ``progress`` are used unless given.
+
+        Returns:
+            The :class:`~hf_lrp_surgery.correction.RecipeResult`.
+
+        Raises:
+            OutputExistsError: ``output`` would replace something.
+            BudgetError: A budget does not fit the model.
+            ReferenceSetError: No attribution prompt got both an undesired and a desired continuation.
+
+        Example:
+            >>> behaviour = user_behaviour("prompts.txt", "mypkg.judge:score")  # doctest: +SKIP
+            >>> result = surgeon.correct(behaviour, "runs/fix", budgets=[10, 50])  # doctest: +SKIP
+        """
+        from hf_lrp_surgery.correction import run_recipe
+
+        options.setdefault("progress", self.progress)
+        if options.get("scoring") is None:
+            options.setdefault("batch_size", self.batch_size)
+        return run_recipe(self.model, self.tokenizer, behaviour, output, **options)
 
     def push_to_hub(
         self,

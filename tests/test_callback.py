@@ -710,3 +710,30 @@ def test_a_corrected_model_already_in_output_dir_is_refused_before_the_first_ste
     _trainer(tiny_model("llama", dtype=torch.float32), _args(tmp_path, 1), callback).train()
     assert callback.saved == [taken] and not (taken / "notes.txt").exists()
     load_corrected(taken)
+
+
+def test_a_behaviour_makes_the_paired_sets_from_the_model_being_trained(tmp_path: Path) -> None:
+    """With behaviour=, every pass explains the current model's own undesired and desired continuations."""
+    from hf_lrp_surgery.correction import paired_contrast_sets, user_behaviour
+
+    prompts = [f"{a} {b}" for a in ("the cat", "a dog", "the sun", "one tree") for b in ("sat on the", "is very")]
+    behaviour = user_behaviour(
+        prompts,
+        lambda texts: [float(len(t.split()) % 2) for t in texts],  # words the word tokenizer knows: odd or even
+        max_new_tokens=6,
+        samples=4,
+        use_chat_template=False,
+    )
+    with pytest.raises(ValueError, match="not both"):
+        LRPSurgeryCallback(undesired=UNDESIRED, behaviour=behaviour)
+    callback = LRPSurgeryCallback(
+        behaviour=behaviour, tokenizer=tiny_tokenizer(), granularity="neurons", budget=3, every_n_steps=2
+    )
+    model = tiny_model("llama", dtype=torch.float32)
+    _trainer(model, _args(tmp_path, 2), callback).train()
+    assert callback.accumulator is not None and callback.accumulator.steps == [2]
+    assert callback.masks["neurons"].count == 3
+    undesired, desired = paired_contrast_sets(
+        model.eval(), tiny_tokenizer(), behaviour.prompts_for("train"), behaviour, progress=False
+    )
+    assert callback.samples == {"general": desired, "undesired": undesired}  # the trained model's own sets

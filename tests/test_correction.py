@@ -198,7 +198,7 @@ def test_a_new_behaviour_writes_its_metadata_into_the_report(model: torch.nn.Mod
 
 
 def test_registry_and_renamed_names() -> None:
-    assert [e.metadata.command for e in BEHAVIOURS.values()] == ["detox", "fix-repetition"]
+    assert [e.metadata.command for e in BEHAVIOURS.values()] == ["detox", "fix-repetition", "fix"]
     assert BEHAVIOURS["repetition"].factory is repetition_behaviour
     with pytest.raises(ValueError, match="exists"):
         register_behaviour(dataclasses.replace(TOY, name="toxicity"))(toy_behaviour)

@@ -30,12 +30,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from hf_lrp_surgery.cli import circuits, hub, recipes, report, surgery
+from hf_lrp_surgery.cli import circuits, fix, hub, recipes, report, surgery
 
 __all__ = ["COMMAND_GROUPS", "build_parser", "main"]
 
 #: The command group modules, each with ``register(subparsers)``; a new group is one module and one entry.
-COMMAND_GROUPS = (report, surgery, recipes, hub, circuits)
+COMMAND_GROUPS = (report, surgery, fix, recipes, hub, circuits)
 
 
 def build_parser() -> argparse.ArgumentParser:

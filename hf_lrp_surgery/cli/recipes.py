@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import TYPE_CHECKING, Any
 
 from hf_lrp_surgery.cli._common import (
@@ -21,7 +22,7 @@ from hf_lrp_surgery.options import ContrastOptions, ScoringOptions, SelectionOpt
 if TYPE_CHECKING:  # the commands import their modules when they run
     from hf_lrp_surgery.correction import RegisteredBehaviour
 
-__all__ = ["register"]
+__all__ = ["recipe_parser", "register"]
 
 # How a behaviour option's value is parsed from the command line (see ``CommandOption.kind``).
 _OPTION_TYPES = {"str": str, "float": float}
@@ -30,10 +31,12 @@ _OPTION_TYPES = {"str": str, "float": float}
 def _recipe(args: argparse.Namespace) -> int:
     from hf_lrp_surgery.correction import GeneralLimits, run_recipe
 
-    output = checked_output(args)
     entry = args.behaviour
     options = entry.metadata.options
-    behaviour = entry.factory(**{o.parameter: o.from_command_line(getattr(args, o.dest)) for o in options})
+    values = {o.parameter: o.from_command_line(getattr(args, o.dest)) for o in options}
+    # Option values that name files (a prompt file) are inputs the output must not replace.
+    output = checked_output(args, *(v for v in values.values() if isinstance(v, str) and os.path.exists(v)))
+    behaviour = entry.factory(**values)  # checks its own parts (a user scorer is probed) before the model loads
     limits = GeneralLimits(args.max_kl, args.max_perplexity_increase)
     model, tokenizer = load(args)
     result = run_recipe(
@@ -71,15 +74,27 @@ def _recipe(args: argparse.Namespace) -> int:
     return 0
 
 
-def _recipe_parser(subparsers: Any, entry: RegisteredBehaviour) -> argparse.ArgumentParser:
-    """The recipe command of a registered behaviour, with the behaviour's own options."""
+def recipe_parser(subparsers: Any, entry: RegisteredBehaviour, **parser_keywords: Any) -> argparse.ArgumentParser:
+    """The recipe command of a registered behaviour: the recipe flags shared by every behaviour, and its own options.
+
+    Args:
+        subparsers: What ``ArgumentParser.add_subparsers()`` returned.
+        entry: The behaviour's registry entry (its metadata names the command and its options).
+        **parser_keywords: Passed to ``add_parser`` (e.g. ``epilog=``, ``formatter_class=``).
+
+    Returns:
+        The command's parser, whose handler runs :func:`~hf_lrp_surgery.correction.run_recipe`.
+
+    Example:
+        >>> parser = recipe_parser(subparsers, BEHAVIOURS["toxicity"])  # doctest: +SKIP
+    """
     from hf_lrp_surgery.options import NORMALIZATIONS, SCOPES
     from hf_lrp_surgery.scoring import METHODS
 
     metadata = entry.metadata
     name = metadata.command
     defaults = f"{' '.join(map(str, metadata.budgets))} {metadata.granularity}"
-    parser = subparsers.add_parser(name, help=metadata.summary, description=metadata.description)
+    parser = subparsers.add_parser(name, help=metadata.summary, description=metadata.description, **parser_keywords)
     add_model_arguments(parser)
     parser.add_argument(
         "--budgets",
@@ -107,7 +122,7 @@ def _recipe_parser(subparsers: Any, entry: RegisteredBehaviour) -> argparse.Argu
     parser.add_argument(
         "--no-focus",
         action="store_true",
-        help="explain whole undesired continuations, not only their toxic / repeated tokens",
+        help="explain whole undesired continuations, not only the tokens that carry the behaviour",
     )
     parser.add_argument("--scope", choices=SCOPES, default="global", help="selection scope (global)")
     parser.add_argument("--modules", nargs="+", help="weights: module groups, e.g. 'mlp.*' (all)")
@@ -130,7 +145,8 @@ def _recipe_parser(subparsers: Any, entry: RegisteredBehaviour) -> argparse.Argu
 
 
 def register(subparsers: Any) -> None:
-    """Add one recipe command per registered behaviour.
+    """Add one recipe command per registered behaviour, except those a command group of their own registered
+    before (``fix``: :mod:`.fix`).
 
     Args:
         subparsers: What ``ArgumentParser.add_subparsers()`` returned.
@@ -138,4 +154,5 @@ def register(subparsers: Any) -> None:
     from hf_lrp_surgery.correction import BEHAVIOURS
 
     for entry in BEHAVIOURS.values():
-        _recipe_parser(subparsers, entry)
+        if entry.metadata.command not in subparsers.choices:
+            recipe_parser(subparsers, entry)

@@ -11,7 +11,9 @@ looping) and the general set its good continuations **of the same prompts**, bot
 teacher forcing, so that the difference isolates the behaviour rather than the topic.
 
 Modules: :mod:`~hf_lrp_surgery.correction.behaviours` (what to correct, and the registry),
-:mod:`~hf_lrp_surgery.correction.paired` (the paired sets and their focus),
+:mod:`~hf_lrp_surgery.correction.user` (a behaviour from user prompts and a scorer, parsed and probed
+by :mod:`~hf_lrp_surgery.correction.scorers`), :mod:`~hf_lrp_surgery.correction.paired` (the paired sets
+and their focus),
 :mod:`~hf_lrp_surgery.correction.search` (the budget search) and
 :mod:`~hf_lrp_surgery.correction.recipe` (the whole recipe and its report).
 """
@@ -32,12 +34,15 @@ from hf_lrp_surgery.correction.behaviours import (
     repetition_behaviour,
 )
 from hf_lrp_surgery.correction.paired import (
+    leave_one_word_out_positions,
+    matched_positions,
     paired_contrast_sets,
     repeated_positions,
     scored_word_positions,
     word_groups,
 )
 from hf_lrp_surgery.correction.recipe import RecipeResult, recipe_split, run_recipe
+from hf_lrp_surgery.correction.scorers import PatternScorer, parse_scorer, probe_scorer
 from hf_lrp_surgery.correction.search import (
     GENERAL_METRICS,
     FrontierPoint,
@@ -45,6 +50,7 @@ from hf_lrp_surgery.correction.search import (
     GeneralLimits,
     budget_search,
 )
+from hf_lrp_surgery.correction.user import split_prompts, user_behaviour
 
 __all__ = [
     "BEHAVIOURS",
@@ -56,18 +62,25 @@ __all__ = [
     "GeneralBaseline",
     "GeneralLimits",
     "Metric",
+    "PatternScorer",
     "RecipeResult",
     "RegisteredBehaviour",
     "behaviour_metadata",
     "budget_search",
     "detox_behaviour",
+    "leave_one_word_out_positions",
+    "matched_positions",
     "paired_contrast_sets",
+    "parse_scorer",
+    "probe_scorer",
     "recipe_split",
     "register_behaviour",
     "repeated_positions",
     "repetition_behaviour",
     "run_recipe",
     "scored_word_positions",
+    "split_prompts",
+    "user_behaviour",
     "word_groups",
 ]
 

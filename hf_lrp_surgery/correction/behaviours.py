@@ -9,18 +9,20 @@ card its text from it, so neither knows any behaviour by name.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from hf_lrp_surgery.correction.paired import repeated_positions, scored_word_positions
 from hf_lrp_surgery.evaluation import DecodingSettings, Generation, get_scorer, toxicity
 from hf_lrp_surgery.evaluation.repetition import rur_or_unique
 from hf_lrp_surgery.lrp.layout import Granularity
+from hf_lrp_surgery.references import shipped_set
 
 __all__ = [
     "BEHAVIOURS",
     "Behaviour",
     "BehaviourMetadata",
+    "CHAT_TEMPLATE_OPTION",
     "CommandOption",
     "Metric",
     "RegisteredBehaviour",
@@ -28,6 +30,7 @@ __all__ = [
     "detox_behaviour",
     "register_behaviour",
     "repetition_behaviour",
+    "sampled",
 ]
 
 
@@ -190,6 +193,8 @@ class Behaviour:
             behaviour (the toxic words, the repeated tokens); the undesired set explains only those.
             ``None`` explains whole continuations.
         details: The behaviour's own options, recorded in reports (scorer and threshold, loop limits).
+        prompts: The behaviour's own prompts by split (``"train"``, ``"heldout"``, optionally
+            ``"validation"``), e.g. a user-defined behaviour's; ``None``: the shipped ``metadata.prompt_set``.
     """
 
     metadata: BehaviourMetadata
@@ -200,6 +205,27 @@ class Behaviour:
     measure: Callable[[Sequence[Generation]], dict[str, float]]
     focus: Callable[[Any, Generation], list[int]] | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    prompts: Mapping[str, Sequence[str]] | None = None
+
+    def prompts_for(self, split: str) -> list[str]:
+        """The prompts of one split: the behaviour's own, else the shipped set's.
+
+        Args:
+            split: ``"train"`` or ``"heldout"`` (or ``"validation"`` where the behaviour gives one).
+
+        Returns:
+            The prompts.
+
+        Raises:
+            KeyError: The split does not exist.
+
+        Example:
+            >>> len(repetition_behaviour().prompts_for("heldout"))
+            61
+        """
+        if self.prompts is not None:
+            return list(self.prompts[split])
+        return shipped_set(self.metadata.prompt_set, split)
 
     @property
     def name(self) -> str:
@@ -263,7 +289,7 @@ def register_behaviour(metadata: BehaviourMetadata) -> Callable[[Callable[..., B
 
     Example:
         >>> sorted(BEHAVIOURS)
-        ['repetition', 'toxicity']
+        ['repetition', 'toxicity', 'user']
     """
 
     def register(factory: Callable[..., Behaviour]) -> Callable[..., Behaviour]:
@@ -374,6 +400,34 @@ def detox_behaviour(scorer: Any = None, threshold: float = 0.5, max_new_tokens: 
     )
 
 
+#: The ``--no-chat-template`` switch of behaviours whose prompts are instructions for an instruct model.
+CHAT_TEMPLATE_OPTION = CommandOption(
+    "--no-chat-template",
+    "use_chat_template",
+    "decoding.use_chat_template",
+    True,
+    "plain text prompts (default: wrapped in the tokenizer's chat template)",
+    kind="switch",
+)
+
+
+def sampled(decoding: DecodingSettings, samples: int) -> DecodingSettings:
+    """The settings that sample ``samples`` continuations per prompt (top-p 0.95) for the paired sets.
+
+    Args:
+        decoding: The behaviour's evaluation settings (length and chat template are kept).
+        samples: Continuations per prompt.
+
+    Returns:
+        The sampling settings.
+
+    Example:
+        >>> sampled(DecodingSettings(max_new_tokens=8), 4).num_return_sequences
+        4
+    """
+    return replace(decoding, do_sample=True, top_p=0.95, num_return_sequences=samples)
+
+
 _REPETITION = BehaviourMetadata(
     name="repetition",
     command="fix-repetition",
@@ -390,16 +444,7 @@ _REPETITION = BehaviourMetadata(
     "(RUR < 0.5) and varied (RUR >= 0.7) responses of the same prompts, contrast their relevance (attention heads "
     "by default), search the budget under the KL and perplexity limits, save the corrected model, and report RUR "
     "before/after on the held-out prompts.",
-    options=(
-        CommandOption(
-            "--no-chat-template",
-            "use_chat_template",
-            "decoding.use_chat_template",
-            True,
-            "plain text prompts (default: wrapped in the tokenizer's chat template)",
-            kind="switch",
-        ),
-    ),
+    options=(CHAT_TEMPLATE_OPTION,),
     granularity="heads",
     budgets=(2, 5, 10, 15, 20),
 )
@@ -441,16 +486,11 @@ def repetition_behaviour(
         ratios = score(generations)
         return {"rur_mean": sum(ratios) / len(ratios), "loop_rate": sum(r < loop_below for r in ratios) / len(ratios)}
 
+    decoding = DecodingSettings(max_new_tokens=max_new_tokens, use_chat_template=use_chat_template)
     return Behaviour(
         metadata=_REPETITION,
-        decoding=DecodingSettings(max_new_tokens=max_new_tokens, use_chat_template=use_chat_template),
-        sampling=DecodingSettings(
-            max_new_tokens=max_new_tokens,
-            do_sample=True,
-            top_p=0.95,
-            num_return_sequences=4,
-            use_chat_template=use_chat_template,
-        ),
+        decoding=decoding,
+        sampling=sampled(decoding, 4),
         score=score,
         judge=judge,
         measure=measure,

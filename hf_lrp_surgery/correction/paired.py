@@ -7,7 +7,7 @@ the topic; the undesired set can be focused on the tokens that carry the behavio
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -19,7 +19,14 @@ from hf_lrp_surgery.references.samples import ReferenceSample
 if TYPE_CHECKING:  # behaviours.py imports the focus helpers from here
     from hf_lrp_surgery.correction.behaviours import Behaviour
 
-__all__ = ["paired_contrast_sets", "repeated_positions", "scored_word_positions", "word_groups"]
+__all__ = [
+    "leave_one_word_out_positions",
+    "matched_positions",
+    "paired_contrast_sets",
+    "repeated_positions",
+    "scored_word_positions",
+    "word_groups",
+]
 
 _WORD_EDGES = re.compile(r"^\W+|\W+$")
 
@@ -150,9 +157,12 @@ def paired_contrast_sets(
             undesired += [_as_sample(g, tokenizer, behaviour, focus) for g in groups["undesired"]]
             desired += [_as_sample(g, tokenizer, behaviour) for g in groups["desired"]]
     if not undesired:
+        fired = sum(len(g["undesired"]) for g in by_prompt.values())
         raise ReferenceSetError(
             f"none of the {len(prompts)} prompts got both an undesired and a desired {behaviour.name} continuation in "
-            f"{behaviour.sampling.num_return_sequences} samples; give more prompts or sample more per prompt"
+            f"{behaviour.sampling.num_return_sequences} samples and the greedy one: {fired} of {len(generations)} "
+            f"continuations ({fired / len(generations):.0%}) were undesired; give more prompts (or prompts that elicit "
+            "the behaviour more often), sample more per prompt, or check the scorer's threshold and direction"
         )
     return undesired, desired
 
@@ -162,3 +172,80 @@ def _as_sample(generation: Generation, tokenizer: Any, behaviour: Behaviour, foc
     ids = prompt_ids(tokenizer, generation.prompt, behaviour.decoding.use_chat_template)
     positions = behaviour.focus(tokenizer, generation) if focus and behaviour.focus is not None else []
     return ReferenceSample(ids, list(generation.token_ids), focus=positions or None)
+
+
+def _token_spans(tokenizer: Any, token_ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
+    """The decoded text of ``token_ids`` and each token's ``(start, end)`` characters in it (growing prefixes)."""
+    spans: list[tuple[int, int]] = []
+    previous = ""
+    for j in range(len(token_ids)):
+        text = tokenizer.decode(list(token_ids[: j + 1]), skip_special_tokens=True)
+        start = len(previous) if text.startswith(previous) else max(0, len(text) - 1)
+        spans.append((start, len(text)))
+        previous = text
+    return previous, spans
+
+
+def matched_positions(
+    tokenizer: Any, generation: Generation, spans: Callable[[str], list[tuple[int, int]]]
+) -> list[int]:
+    """The generated tokens that overlap the character spans where a pattern matched.
+
+    Args:
+        tokenizer: The tokenizer that produced the generation.
+        generation: An undesired generation.
+        spans: Text -> ``(start, end)`` spans of the matches (e.g. :meth:`PatternScorer.spans`).
+
+    Returns:
+        Indices into ``generation.token_ids``, ascending.
+
+    Example:
+        >>> matched_positions(tokenizer, generation, parse_scorer("regex:@").spans)  # doctest: +SKIP
+        [7]
+    """
+    text, token_spans = _token_spans(tokenizer, generation.token_ids)
+    matches = spans(text)
+    return [j for j, (a, b) in enumerate(token_spans) if b > a and any(a < end and start < b for start, end in matches)]
+
+
+def leave_one_word_out_positions(
+    tokenizer: Any,
+    generation: Generation,
+    scorer: Callable[[list[str]], Sequence[float]],
+    *,
+    higher_is_undesired: bool = True,
+    share: float = 0.5,
+) -> list[int]:
+    """The first token of every word whose removal moves the score most towards desired, for any scorer.
+
+    The continuation and each version of it without one word are scored in one call; a word is kept
+    where its removal changes the score by at least ``share`` of the largest change (and by more than
+    nothing). The first token is where the model chose the word.
+
+    Args:
+        tokenizer: The tokenizer that produced the generation.
+        generation: An undesired generation.
+        scorer: Texts -> one score each.
+        higher_is_undesired: Whether a higher score is the undesired direction.
+        share: Fraction of the largest drop a word's drop must reach.
+
+    Returns:
+        Indices into ``generation.token_ids`` (empty when no word's removal changes the score).
+
+    Example:
+        >>> leave_one_word_out_positions(tokenizer, generation, get_scorer(None))  # doctest: +SKIP
+        [4]
+    """
+    ids = list(generation.token_ids)
+    groups = word_groups(tokenizer, ids)
+    if not groups:
+        return []
+    without = [
+        tokenizer.decode([t for j, t in enumerate(ids) if j not in set(g)], skip_special_tokens=True) for g in groups
+    ]
+    full, *rest = (float(v) for v in scorer([tokenizer.decode(ids, skip_special_tokens=True), *without]))
+    drops = [(full - v) if higher_is_undesired else (v - full) for v in rest]
+    largest = max(drops)
+    if largest <= 0:
+        return []
+    return [g[0] for g, drop in zip(groups, drops) if drop > 0 and drop >= share * largest]

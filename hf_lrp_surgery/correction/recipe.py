@@ -130,8 +130,9 @@ def run_recipe(
         model_name: How the model was named when loaded (an embedded name, a path or a Hub id),
             recorded in the report so that the run can be repeated (default: the model's
             ``name_or_path``).
-        prompts: ``{"train": [...], "heldout": [...]}`` to use instead of the behaviour's shipped
-            prompt set (e.g. :func:`~hf_lrp_surgery.references.hub_set` where the Hub is reachable).
+        prompts: ``{"train": [...], "heldout": [...]}`` (optionally ``"validation"``, which then replaces the
+            split of ``train``) to use instead of the behaviour's own prompts or shipped prompt set (e.g.
+            :func:`~hf_lrp_surgery.references.hub_set` where the Hub is reachable).
         overwrite: Replace a non-empty ``output`` (checked before anything runs).
         progress: Show progress bars.
         **keywords: The fields of the three options (``method=``, ``objective=``, ``normalize=``,
@@ -167,9 +168,14 @@ def run_recipe(
     prompt_sets = (
         dict(prompts)
         if prompts is not None
-        else {split: shipped_set(behaviour.prompt_set, split) for split in ("train", "heldout")}
+        else {split: behaviour.prompts_for(split) for split in ("train", "heldout")}
     )
-    attribution_prompts, validation_prompts = recipe_split(list(prompt_sets["train"]), validation_share)
+    if prompts is None and behaviour.prompts is not None and "validation" in behaviour.prompts:
+        prompt_sets["validation"] = behaviour.prompts_for("validation")
+    if "validation" in prompt_sets:  # the user gave the validation split
+        attribution_prompts, validation_prompts = list(prompt_sets["train"]), list(prompt_sets["validation"])
+    else:
+        attribution_prompts, validation_prompts = recipe_split(list(prompt_sets["train"]), validation_share)
     undesired, desired = paired_contrast_sets(
         model, tokenizer, attribution_prompts, behaviour, focus=focus, progress=progress
     )
@@ -225,7 +231,7 @@ def run_recipe(
         "focus": focus,
         "limits": asdict(limits),
         "validation_share": validation_share,
-        "prompts": "shipped" if prompts is None else "given",
+        "prompts": "given" if prompts is not None else ("shipped" if behaviour.prompts is None else "behaviour"),
         "decoding": behaviour.decoding.to_dict(),
         "sampling": behaviour.sampling.to_dict(),
         **behaviour.details,

@@ -29,7 +29,7 @@ import json
 import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, SupportsIndex, cast
@@ -38,7 +38,9 @@ import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from hf_lrp_surgery.carriers import CarrierName, apply_masks
+from hf_lrp_surgery.carriers import CarrierName, apply_masks, get_carrier
+from hf_lrp_surgery.correction.behaviours import Behaviour
+from hf_lrp_surgery.correction.paired import paired_contrast_sets
 from hf_lrp_surgery.exceptions import ReferenceSetError, TrainingSetupError, TrainingStateError
 from hf_lrp_surgery.fingerprint import ModelFingerprint, fingerprint
 from hf_lrp_surgery.io import atomic_directory, check_output, write_json_atomic
@@ -68,8 +70,8 @@ _LOG_PREFIX = "lrp/"
 PushFn = Callable[[Path, str], Any]
 
 
-def _samples_digest(samples: dict[str, list[ReferenceSample]]) -> str:
-    """A hash of the reference sets, to refuse resuming a run with other sets."""
+def _samples_digest(samples: Mapping[str, Sequence[ReferenceSample | str]]) -> str:
+    """A hash of the reference sets (or of a behaviour's prompts), to refuse resuming a run with other sets."""
     return hashlib.sha256(json.dumps({k: [repr(s) for s in v] for k, v in samples.items()}).encode()).hexdigest()
 
 
@@ -80,6 +82,12 @@ class LRPSurgeryCallback(TrainerCallback):
         undesired: The behaviour to remove (any form :func:`~hf_lrp_surgery.references.load_reference_set`
             takes). Needed for relevance passes and surgery.
         general: The behaviour to keep.
+        behaviour: Instead of ``undesired`` and ``general``: a
+            :class:`~hf_lrp_surgery.correction.Behaviour` (a shipped one, or
+            :func:`~hf_lrp_surgery.correction.user_behaviour`). At every relevance pass its train prompts
+            are continued by the model being fine-tuned, and its undesired and desired continuations of
+            the same prompts (:func:`~hf_lrp_surgery.correction.paired_contrast_sets`, with focus) are the
+            two sets explained, so the surgery follows the behaviour as training changes it.
         tokenizer: Tokenizes text samples (default: the Trainer's ``processing_class``); saved with
             the corrected model.
         masks: Masks to enforce from the first step (at most one per granularity), built for the
@@ -121,9 +129,12 @@ class LRPSurgeryCallback(TrainerCallback):
             ``seed`` is a deprecated name of ``objective``.
 
     Raises:
-        ReferenceSetError: A relevance schedule or surgery is asked for without both reference sets.
+        ReferenceSetError: A relevance schedule or surgery is asked for without both reference sets (or a
+            behaviour); or, at a relevance pass, no prompt of the behaviour got both an undesired and a
+            desired continuation.
         BudgetError: ``budget`` is not a count >= 1 or a fraction in (0, 1].
-        ValueError: An option is out of range, or ``carrier="adapter"`` with weight masks.
+        ValueError: An option is out of range, ``carrier="adapter"`` with weight masks, or a behaviour
+            given together with reference sets.
         TypeError: A keyword is not an option.
 
     Before the first training step (:meth:`on_train_begin`) the callback also checks what needs the
@@ -143,6 +154,7 @@ class LRPSurgeryCallback(TrainerCallback):
         undesired: ReferenceSource | None = None,
         general: ReferenceSource | None = None,
         *,
+        behaviour: Behaviour | None = None,
         tokenizer: Any = None,
         masks: Mask | Sequence[Mask] | None = None,
         budget: int | float | SupportsIndex = 50,
@@ -174,8 +186,9 @@ class LRPSurgeryCallback(TrainerCallback):
         method = self.scoring.method
         if surgery not in ("end", "save", None):
             raise ValueError(f"surgery must be 'end', 'save' or None, got {surgery!r}")
-        if carrier not in ("bake", "adapter"):
-            raise ValueError(f"carrier must be 'bake' or 'adapter', got {carrier!r}")
+        saving = get_carrier(carrier)  # refuses an unregistered name, listing the registered ones
+        if not saving.persistent:
+            raise ValueError(f"the {carrier!r} carrier saves no model; use a carrier that does, e.g. 'bake'")
         if method not in ("lrp", "gradient"):
             raise ValueError(f"method must be 'lrp' or 'gradient' (relevance needs samples), got {method!r}")
         if every_n_steps is not None and every_n_steps < 1:
@@ -186,10 +199,14 @@ class LRPSurgeryCallback(TrainerCallback):
         mask_list = [masks] if isinstance(masks, Mask) else list(masks or [])
         if len({m.granularity for m in mask_list}) != len(mask_list):
             raise ValueError(f"give at most one mask per granularity, got {[m.granularity for m in mask_list]}")
-        weight_masks = any(m.granularity == "weights" for m in mask_list) or (granularity == "weights" and surgery)
-        if carrier == "adapter" and weight_masks:
-            raise ValueError("a weight mask has no exact IA3 form; use carrier='bake' with weight masks")
-        if carrier == "adapter" and push_to_hub and not (push_kwargs or {}).get("base_model"):
+        carried = {m.granularity for m in mask_list} | ({granularity} if surgery else set())
+        refused = sorted(carried - saving.granularities)
+        if refused:
+            form = saving.card.form if saving.card else carrier
+            raise ValueError(
+                f"{', '.join(refused)} masks have no exact form as {form} (carrier={carrier!r}); use carrier='bake'"
+            )
+        if saving.base_config and push_to_hub and not (push_kwargs or {}).get("base_model"):
             raise ValueError(
                 "an adapter saved by the callback sits on the fine-tuned weights, which exist only locally, so the Hub "
                 "copy would not load; push with carrier='bake' (a self-contained checkpoint), or push the fine-tuned "
@@ -197,7 +214,11 @@ class LRPSurgeryCallback(TrainerCallback):
             )
         self.relevance_wanted = bool(every_n_steps or on_evaluate or surgery)
         self.samples: dict[str, list[ReferenceSample]] = {}
-        if self.relevance_wanted:
+        if behaviour is not None and (undesired is not None or general is not None):
+            raise ValueError("give a behaviour or the two reference sets undesired= and general=, not both")
+        self.behaviour = behaviour
+        self.behaviour_prompts = behaviour.prompts_for("train") if behaviour is not None else []
+        if self.relevance_wanted and behaviour is None:
             for name, source in (("general", general), ("undesired", undesired)):
                 if source is None:
                     raise ReferenceSetError(
@@ -545,11 +566,18 @@ class LRPSurgeryCallback(TrainerCallback):
         }
 
     def _pass_due(self, step: int) -> bool:
-        return bool(self.samples) and (self.accumulator is None or step not in self.accumulator.steps)
+        return (bool(self.samples) or self.behaviour is not None) and (
+            self.accumulator is None or step not in self.accumulator.steps
+        )
 
     def _relevance_pass(self, model: nn.Module, step: int) -> None:
         """Explain both sets on the current weights (eval mode, optimizer gradients set aside) and accumulate."""
         assert self.accumulator is not None and self.enforcer is not None
+        if self.behaviour is not None:  # the model's own continuations now, not those of the model it started as
+            undesired, desired = paired_contrast_sets(
+                model, self.tokenizer, self.behaviour_prompts, self.behaviour, progress=self.progress
+            )
+            self.samples = {"general": desired, "undesired": undesired}
         rank, world = distributed_rank_and_size()
         params = list(model.parameters())
         grads = [p.grad for p in params]
@@ -669,7 +697,7 @@ class LRPSurgeryCallback(TrainerCallback):
         masks = self.enforcer.masks_for(fingerprint(model))
         with self.enforcer.suspended():  # the probe must record the unmasked weights as "original"
             corrected = apply_masks(model, masks, self.carrier)
-        if self.carrier == "adapter" and base is None:
+        if get_carrier(self.carrier).base_config and base is None:  # it loads on the fine-tuned base: save that too
             base_dir = Path(f"{directory}-base")
             with atomic_directory(base_dir, overwrite=overwrite) as tmp:
                 cast(Any, model).save_pretrained(str(tmp))  # a PreTrainedModel (or PEFT model)
@@ -705,7 +733,9 @@ class LRPSurgeryCallback(TrainerCallback):
     def _state_record(self) -> dict[str, Any]:
         return {
             "format_version": _STATE_FORMAT,
-            "samples_sha256": _samples_digest(self.samples),
+            "samples_sha256": _samples_digest(
+                self.samples if self.behaviour is None else {self.behaviour.name: self.behaviour_prompts}
+            ),
             "selection": {**self.selection.to_dict(), "budget": self.budget},
             "relevance": {**self._relevance_settings(), "aggregation": self.scoring.aggregation},
             "surgery": self.surgery,
