@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from hf_lrp_surgery.exceptions import ArtefactError, OutputExistsError
+from hf_lrp_surgery.exceptions import ArtefactError, OutputExistsError, SurgeryError
 
 __all__ = [
     "atomic_directory",
@@ -240,7 +240,13 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
 
 
 def read_artefact(
-    directory: str | os.PathLike[str], meta_file: str, tensors_file: str, *, what: str, version: int
+    directory: str | os.PathLike[str],
+    meta_file: str,
+    tensors_file: str,
+    *,
+    what: str,
+    version: int,
+    error: type[SurgeryError] = ArtefactError,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The JSON manifest and the tensors of an artefact saved as ``meta_file`` + ``tensors_file``.
 
@@ -250,13 +256,15 @@ def read_artefact(
         tensors_file: Its safetensors file's name.
         what: How to name the artefact in messages (``"scores"``).
         version: The format version this release reads.
+        error: The exception class raised for a damaged artefact (a subclass names the kind).
 
     Returns:
         ``(manifest, tensors)``.
 
     Raises:
         FileNotFoundError: The directory does not hold both files.
-        ArtefactError: A file is unreadable, not JSON or truncated, or the format version is unknown.
+        ArtefactError: (or ``error``) A file is unreadable, not JSON or truncated, or the format version
+            is unknown.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -268,14 +276,16 @@ def read_artefact(
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise ArtefactError(f"{meta_path} is not readable JSON ({err}); save the {what} again") from err
-    if not isinstance(meta, dict) or meta.get("format_version") != version:
-        found = meta.get("format_version") if isinstance(meta, dict) else type(meta).__name__
-        raise ArtefactError(f"{meta_path}: unknown {what} format version {found!r}; save the {what} again")
+        raise error(f"{meta_path} cannot be read as JSON ({err}); save the {what} again") from err
+    if not isinstance(meta, dict):
+        raise error(f"{meta_path} holds a JSON {type(meta).__name__}, not an object; save the {what} again")
+    if meta.get("format_version") != version:
+        found = meta.get("format_version")
+        raise error(f"{meta_path}: unknown {what} format version {found!r}; save the {what} again")
     try:
         tensors = load_file(str(tensors_path))
     except (OSError, SafetensorError) as err:
-        raise ArtefactError(
+        raise error(
             f"{tensors_path} cannot be read ({err}); it is truncated or damaged: save the {what} again"
         ) from err
     return meta, tensors

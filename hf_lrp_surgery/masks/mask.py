@@ -23,14 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from hf_lrp_surgery._version import __version__
 from hf_lrp_surgery.exceptions import MaskManifestError
 from hf_lrp_surgery.fingerprint import ModelFingerprint, check_fingerprint
-from hf_lrp_surgery.io import atomic_directory
+from hf_lrp_surgery.io import atomic_directory, read_artefact
 from hf_lrp_surgery.lrp.architectures import ResolvedArchitecture
 from hf_lrp_surgery.lrp.layout import GRANULARITIES, Granularity, Layout
 
@@ -336,18 +335,10 @@ class Mask:
             >>> mask = Mask.load("runs/mask")  # doctest: +SKIP
         """
         directory = Path(directory)
-        meta_path, tensors_path = directory / _META_FILE, directory / _TENSORS_FILE
-        if not meta_path.is_file() or not tensors_path.is_file():
-            raise FileNotFoundError(f"{directory} does not hold a saved mask ({_META_FILE} + {_TENSORS_FILE})")
-        meta = _read_manifest(meta_path)
-        if meta.get("format_version") != _FORMAT_VERSION:
-            raise MaskManifestError(f"{directory}: unknown mask format version {meta.get('format_version')!r}")
-        try:
-            indices = load_file(str(tensors_path))
-        except (SafetensorError, OSError) as err:
-            raise MaskManifestError(
-                f"{tensors_path} cannot be read ({err}); it is truncated or damaged: save the mask again"
-            ) from err
+        meta_path = directory / _META_FILE
+        meta, indices = read_artefact(
+            directory, _META_FILE, _TENSORS_FILE, what="mask", version=_FORMAT_VERSION, error=MaskManifestError
+        )
         try:
             mask = cls(
                 granularity=meta["granularity"],
@@ -363,17 +354,6 @@ class Mask:
             raise MaskManifestError(f"{directory}: {err}") from err
         _check_counts(mask, meta, directory)
         return mask
-
-
-def _read_manifest(path: Path) -> dict[str, Any]:
-    """``mask.json`` as a dict, or a :class:`MaskManifestError` naming the file."""
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise MaskManifestError(f"{path} cannot be read as JSON ({err}); save the mask again") from err
-    if not isinstance(meta, dict):
-        raise MaskManifestError(f"{path} holds no JSON object; save the mask again")
-    return meta
 
 
 def _check_counts(mask: Mask, meta: dict[str, Any], directory: Path) -> None:
