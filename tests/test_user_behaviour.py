@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from tiny_models import tiny_model
 from tiny_tokenizer import WORDS, tiny_tokenizer
+from transformers import AutoModelForCausalLM
 
 from hf_lrp_surgery.cli import main
 from hf_lrp_surgery.correction import (
@@ -29,8 +31,10 @@ from hf_lrp_surgery.correction import (
 )
 from hf_lrp_surgery.evaluation import Generation
 from hf_lrp_surgery.exceptions import ReferenceSetError, ScorerError
-from hf_lrp_surgery.modelcard import _recipe_command, build_card
+from hf_lrp_surgery.masks import select
+from hf_lrp_surgery.modelcard import _recipe_command, write_card
 from hf_lrp_surgery.references import shipped_set
+from hf_lrp_surgery.scoring import Scores
 from hf_lrp_surgery.surgeon import Surgeon
 
 PROMPTS = [f"{a} {b}" for a in ("the cat", "a dog", "the sun", "one tree") for b in ("sat on the", "is very", "and")]
@@ -188,11 +192,14 @@ def test_fix_command_end_to_end_with_a_python_scorer(
     command = _recipe_command(report, None)
     assert command is not None and command.startswith("hf-lrp-surgery fix") and "--prompts" in command
     assert f"--scorer {scorer_module}" in command and "--no-chat-template" in command
-    if report["chosen_budget"]:
-        assert (output / "adapter").is_dir() and (output / "baked").is_dir() and (output / "mask").is_dir()
-        card = build_card(output / "baked")
-        assert f"Scorer: {scorer_module}" in card.text and "threshold 0.5" in card.text
-        assert "hf-lrp-surgery fix" in card.text and "--prompts" in card.text
+    # The card of a model corrected for this behaviour (whatever budget the tiny model's search chose).
+    model = AutoModelForCausalLM.from_pretrained(text_checkpoint)
+    mask = select(Scores.load(output / "scores"), "neurons", 2)
+    baked = Surgeon(model, tiny_tokenizer(), progress=False).apply(mask, carrier="bake")
+    baked.save(tmp_path / "baked")
+    card = ModelCard.load(write_card(tmp_path / "baked", report=output / "report.json", command=command))
+    assert f"Scorer: {scorer_module}" in card.text and "threshold 0.5" in card.text
+    assert "hf-lrp-surgery fix" in card.text and "--prompts" in card.text
     # Bad input fails before the model loads, as one line.
     capsys.readouterr()
     assert main([*arguments, "regex:(", *common, "--output", str(tmp_path / "bad")]) == 2
