@@ -6,7 +6,10 @@
 For one behaviour, the paired reference sets are built once from the attribution part of the shipped
 train prompts (exactly as the recipe builds them, and cached in ``OUTPUT/reference_sets.json``), and
 every method scores the same sets with the recipe's contrast (per-set total normalisation, top 5%
-of general relevance protected; ``random`` has nothing to contrast). Each method's mask at each
+of general relevance protected; ``random`` has nothing to contrast). The paired neighbour methods
+(``aura``: Suau et al., 2024; ``atp``: attribution patching; ``repetition_neurons``: Hiraoka & Inui,
+2025, repetition only) read both sets together and are their own contrast (no normalisation or
+protection); a method is skipped at a granularity it does not score. Each method's mask at each
 budget is baked and measured on the **held-out** prompts (greedy), with KL on the held-out neutral
 prompts and perplexity on the held-out general text. Nothing here chooses a budget: the table is the
 effect-vs-cost curve of each method.
@@ -28,9 +31,12 @@ from hf_lrp_surgery.carriers import apply_masks
 from hf_lrp_surgery.masks import select
 from hf_lrp_surgery.models import DEFAULT_MODEL, load_model
 from hf_lrp_surgery.references import shipped_set
+from hf_lrp_surgery.scoring import CIRCUIT_METHODS, PAIRED_METHODS, get_scorer
 from hf_lrp_surgery.surgeon import Surgeon
 
-METHODS = ("lrp", "gradient", "activation", "wanda", "random")
+METHODS = (*CIRCUIT_METHODS, *PAIRED_METHODS)
+#: Methods that only make sense for one behaviour (the onset of a repetition has no detox analogue).
+BEHAVIOUR_ONLY = {"repetition_neurons": "repetition"}
 
 
 def _table(rows: list[dict[str, Any]], primary: str) -> str:
@@ -106,6 +112,10 @@ def main() -> None:
             granularity
         ]
         for method in args.methods:
+            if granularity not in get_scorer(method).components:
+                continue
+            if BEHAVIOUR_ONLY.get(method, behaviour.name) != behaviour.name:
+                continue
             start = time.perf_counter()
             scores = surgeon.contrast(undesired=undesired, general=desired, method=method, components=(granularity,))
             for budget in budgets:

@@ -112,6 +112,16 @@ class NoCircuitError(CircuitDiscoveryError):
     """Even the smallest pruning on the grid drops the task metric below the threshold."""
 
 
+class OffloadedWeightsError(SurgeryError, ValueError):
+    """Weights of an offloaded model (accelerate ``device_map`` with CPU / disk offload) would be written, e.g.
+    by baking a mask: a write into an offloaded (meta) parameter would be lost."""
+
+
+class AblationError(CircuitDiscoveryError):
+    """An ablation kind cannot be applied here: corrupted prompts missing or of another length, or a carrier
+    (bake, IA3) asked to carry a circuit found with mean or corrupted ablation."""
+
+
 class OutputExistsError(SurgeryError, FileExistsError):
     """An output path already holds something the write would replace (pass ``overwrite=True`` /
     ``--overwrite`` to replace a directory), or it is a file, the working directory, or a parent of an input."""

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from hf_lrp_surgery.exceptions import FingerprintMismatchError
+from hf_lrp_surgery.lrp import offload
 
 __all__ = ["ModelFingerprint", "fingerprint", "check_fingerprint"]
 
@@ -118,7 +119,7 @@ def _config_digest(config: Any) -> str:
 
 def _weights_digest(model: nn.Module) -> str:
     digest = hashlib.blake2b(digest_size=32)
-    for name, tensor in model.state_dict().items():
+    for name, tensor in offload.state_dict(model).items():
         canonical = tensor.detach().to("cpu", torch.bfloat16).contiguous()
         digest.update(f"{name}:{tuple(canonical.shape)};".encode())
         digest.update(canonical.view(torch.uint8).numpy().tobytes())
@@ -147,7 +148,7 @@ def fingerprint(model: nn.Module) -> ModelFingerprint:
     """
     versions = tuple(
         (p._version, float(p.detach().reshape(-1)[:: max(1, p.numel() // 16)].double().sum()))
-        for p in model.parameters()
+        for p in offload.parameter_values(model)
     )
     cached = _CACHE.get(model)
     if cached is not None and cached[0] == versions:

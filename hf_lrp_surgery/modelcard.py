@@ -54,7 +54,7 @@ _KEPT_START = "<!-- kept from the previous README -->"
 _KEPT_END = "<!-- end of the text kept from the previous README -->"
 _CARD_OPTIONS = "card.json"
 _REPORT = "report.json"
-_PLOTS = ("effect_vs_budget.png", "mask_per_layer.png")
+_PLOTS = ("effect_vs_budget.png", "mask_per_layer.png", "tradeoff.png")
 _BASE_TAGS = ["hf-lrp-surgery", "lrp", "pruning"]
 _PACKAGES = ("hf-lrp-surgery", "torch", "transformers", "peft", "huggingface_hub", "safetensors")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -99,9 +99,10 @@ def _fmt(value: Any) -> str:
 
 
 def _metrics(report: Mapping[str, Any]) -> dict[str, tuple[Metric, str]]:
-    """Metric key -> (the metric, the shipped set it is measured on): the behaviour's, then the general ones."""
+    """Metric key -> (the metric, the shipped set it is measured on): the behaviour's (search metrics, then
+    held-out-only ones such as the RealToxicityPrompts protocol's), then the general ones."""
     metadata = behaviour_metadata(report)
-    own = metadata.metrics if metadata else ()
+    own = (*metadata.metrics, *metadata.heldout_metrics) if metadata else ()
     prompt_set = metadata.prompt_set if metadata else f"{report.get('behaviour')}_prompts"
     return {m.key: (m, m.dataset or prompt_set) for m in (*own, *GENERAL_METRICS)}
 
@@ -152,17 +153,7 @@ def _results_section(report: Mapping[str, Any], plots: Sequence[str]) -> list[st
     for key, (metric, shipped) in _metrics(report).items():
         if key not in before and key not in after:
             continue
-        old, new = before.get(key, 0.0 if key == "kl" else None), after.get(key)
-        change = ""
-        if isinstance(old, (int, float)) and isinstance(new, (int, float)):
-            delta = new - old
-            relative = f" ({100 * delta / old:+.1f}%)" if old else ""
-            better = (delta < 0) == metric.lower_is_better if delta else None
-            change = f"{delta:+.4g}{relative}" + {True: " better", False: " worse", None: ""}[better]
-        lines.append(
-            f"| {metric.title} | `{shipped}` | {_fmt(old) if old is not None else '-'} | "
-            f"{_fmt(new) if new is not None else '-'} | {change} |"
-        )
+        lines.append(_result_row(metric, f"`{shipped}`", before, after, key))
     settings = report.get("settings", {})
     limits, decoding = settings.get("limits", {}), settings.get("decoding", {})
     lines += [""]
@@ -176,15 +167,120 @@ def _results_section(report: Mapping[str, Any], plots: Sequence[str]) -> list[st
     scorer = metadata.describe_scorer(settings) if metadata else None
     if scorer:
         lines.append(scorer)
+    if any(key.endswith("_ci") for key in (*before, *after)):
+        lines.append("Figures in brackets are 95% confidence intervals.")
+    if "induction_loss" in before or "induction_loss" in after:
+        probe = settings.get("induction_probe", {})
+        lines.append(
+            f"Induction probe: {probe.get('sequences', 16)} random token sequences of {probe.get('length', 50)} "
+            "tokens, each shown twice; the loss on the second copy measures in-context copying (it must not rise), "
+            "the first copy's is unpredictable by design."
+        )
     if limits:
+        induction = limits.get("max_induction_increase")
         lines.append(
             f"General-behaviour limits of the budget search: KL <= {limits.get('max_kl')}, perplexity "
-            f"+<= {100 * float(limits.get('max_perplexity_increase', 0)):.3g}%; chosen budget "
-            f"{report.get('chosen_budget')} of {settings.get('budgets')}."
+            f"+<= {100 * float(limits.get('max_perplexity_increase', 0)):.3g}%"
+            f"{' on every general-text domain' if induction is not None else ''}"
+            f"{f', induction second-copy loss +<= {induction} nats' if induction is not None else ''}; "
+            + (
+                f"chosen budget {report.get('chosen_budget')} of {settings.get('budgets')}."
+                if not report.get("tradeoff")
+                else "the point was chosen by the trade-off search below."
+            )
         )
-    if "effect_vs_budget.png" in plots:
+    if "effect_vs_budget.png" in plots and not report.get("tradeoff"):
         lines += ["", "![Effect and general-behaviour cost per budget](surgery/effect_vs_budget.png)"]
+    lines += _tradeoff_section(report, "tradeoff.png" in plots)
+    lines += _side_effects_section(report)
     return lines + [""]
+
+
+def _cell(figures: Mapping[str, Any], key: str, default: Any = None) -> str:
+    value = figures.get(key, default)
+    if value is None:
+        return "-"
+    interval = figures.get(f"{key}_ci")
+    if isinstance(interval, Sequence) and len(interval) == 2 and not isinstance(interval, str):
+        return f"{_fmt(value)} [{_fmt(float(interval[0]))}, {_fmt(float(interval[1]))}]"
+    return _fmt(value)
+
+
+def _result_row(metric: Metric, where: str, before: Mapping[str, Any], after: Mapping[str, Any], key: str) -> str:
+    """One table row: base model, corrected, change (better/worse by the metric's direction)."""
+    old, new = before.get(key, 0.0 if key == "kl" else None), after.get(key)
+    change = ""
+    if isinstance(old, (int, float)) and isinstance(new, (int, float)):
+        delta = new - old
+        relative = f" ({100 * delta / old:+.1f}%)" if old else ""
+        better = (delta < 0) == metric.lower_is_better if delta else None
+        change = f"{delta:+.4g}{relative}" + {True: " better", False: " worse", None: ""}[better]
+    return f"| {metric.title} | {where} | {_cell(before, key, old)} | {_cell(after, key)} | {change} |"
+
+
+def _tradeoff_section(report: Mapping[str, Any], plot: bool) -> list[str]:
+    """The trade-off search's Pareto front and chosen point (``report.json``'s ``tradeoff``), if one ran."""
+    search = report.get("tradeoff")
+    if not search:
+        return []
+    primary = search.get("primary", "effect")
+    chosen = search.get("chosen")
+    lines = [
+        "",
+        "### Trade-off search",
+        "",
+        f"{search.get('trials')} trials of a multi-objective TPE search (Optuna) over method x granularity x budget x "
+        f"contrast options, on the validation prompts only: {primary} against KL; the best trials within the KL limit "
+        "were checked against every limit, best first, and the first that passed was chosen "
+        f"({'none passed' if chosen is None else 'marked below'}). The held-out figures above are the chosen point's.",
+        "",
+        f"| method | granularity | budget | normalize | protect top | dampening | {primary} (validation) | KL | "
+        "within limits |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for point in search.get("front", []):
+        mark = " **(chosen)**" if chosen is not None and point.get("trial") == chosen.get("trial") else ""
+        lines.append(
+            f"| {point['method']}{mark} | {point['granularity']} | {point['budget']} | {point.get('normalize', '-')} | "
+            f"{point.get('protect_top', '-')} | {point.get('dampen') or 'pruned'} | {_fmt(point['effect'][primary])} | "
+            f"{_fmt(point['kl'])} | "
+            f"{'yes' if point.get('within_limits') else 'no'} |"
+        )
+    if chosen is not None and not chosen.get("pareto"):
+        lines.append(
+            f"| {chosen['method']} **(chosen)** | {chosen['granularity']} | {chosen['budget']} | "
+            f"{chosen.get('normalize', '-')} | {chosen.get('protect_top', '-')} | {chosen.get('dampen') or 'pruned'} | "
+            f"{_fmt(chosen['effect'][primary])} | "
+            f"{_fmt(chosen['kl'])} | yes |"
+        )
+    if plot:
+        lines += ["", "![Trade-off search: behaviour against KL, Pareto front and choice](surgery/tradeoff.png)"]
+    return lines
+
+
+def _side_effects_section(report: Mapping[str, Any]) -> list[str]:
+    """Other behaviours measured before and after (``report.json``'s ``side_effects``)."""
+    effects = report.get("side_effects") or {}
+    if not effects:
+        return []
+    lines = [
+        "",
+        "### Side effects on other behaviours",
+        "",
+        "The other shipped behaviours, measured before and after on their own held-out prompts (greedy), so "
+        "that a correction of one behaviour does not silently worsen another.",
+        "",
+        "| behaviour | metric | measured on (held-out) | base model | corrected | change |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, block in effects.items():
+        before, after = block.get("before", {}), block.get("after", {})
+        where = f"`{block.get('prompt_set')}` ({block.get('prompts')} prompts)"
+        for entry in block.get("metrics", []):
+            metric = Metric(**entry)
+            if metric.key in before or metric.key in after:
+                lines.append(f"| {name} " + _result_row(metric, where, before, after, metric.key))
+    return lines
 
 
 def _units_per_layer(mask: Mask) -> list[int]:
@@ -479,6 +575,34 @@ def _merge_tags(ours: list[str], theirs: Any) -> list[str]:
     return ours + [t for t in extra if t not in ours and not t.startswith("base_model:")]
 
 
+def _budget_arguments(settings: Mapping[str, Any]) -> list[str]:
+    """The flags of a budget search of one method."""
+    return [
+        "--budgets",
+        *map(str, settings.get("budgets") or []),
+        "--granularity",
+        str(settings.get("granularity")),
+        "--method",
+        str(settings.get("method")),
+        "--normalize",
+        str(settings.get("normalize")),
+        "--protect-top",
+        str(settings.get("protect_top")),
+    ]
+
+
+def _search_arguments(search: Mapping[str, Any]) -> list[str]:
+    """The flags of a trade-off search (``settings["search"]``)."""
+    space = search.get("space", {})
+    budgets = space.get("budgets", {})
+    parts = ["--search", "--trials", str(search.get("trials")), "--search-seed", str(search.get("seed"))]
+    parts += ["--search-methods", *space.get("methods", []), "--search-granularities", *budgets]
+    parts += ["--search-dampenings", *("none" if d is None else str(d) for d in space.get("dampenings", [None]))]
+    for granularity, (low, high) in budgets.items():
+        parts += [f"--{granularity.removesuffix('s')}-range", str(low), str(high)]
+    return parts
+
+
 def _recipe_command(report: Mapping[str, Any], base_model: str | None) -> str | None:
     metadata = behaviour_metadata(report)
     settings = report.get("settings", {})
@@ -492,16 +616,7 @@ def _recipe_command(report: Mapping[str, Any], base_model: str | None) -> str | 
         name,
         "--model",
         settings.get("model") or base_model or "<base model id>",
-        "--budgets",
-        *map(str, settings.get("budgets", [])),
-        "--granularity",
-        settings.get("granularity"),
-        "--method",
-        settings.get("method"),
-        "--normalize",
-        settings.get("normalize"),
-        "--protect-top",
-        str(settings.get("protect_top")),
+        *(_search_arguments(settings["search"]) if settings.get("search") else _budget_arguments(settings)),
         "--objective",
         settings.get("objective", settings.get("seed")),  # reports written before the rename say "seed"
         "--scope",
@@ -511,6 +626,11 @@ def _recipe_command(report: Mapping[str, Any], base_model: str | None) -> str | 
         "--max-perplexity-increase",
         str(limits.get("max_perplexity_increase")),
     ]
+    if limits.get("max_induction_increase") is not None:
+        parts += ["--max-induction-increase", str(limits["max_induction_increase"])]
+    passages = settings.get("general_passages")
+    if isinstance(passages, int) and passages != 5:  # None (every passage) has no flag
+        parts += ["--general-passages", str(passages)]
     if settings.get("modules"):
         parts += ["--modules", *settings["modules"]]
     if settings.get("dtype") not in (None, "float32"):

@@ -44,7 +44,9 @@ __all__ = [
 
 Aggregation = Literal["signed", "abs"]
 Normalization = Literal["none", "total", "max", "layer"]
-Scope = Literal["global", "per_layer"]
+#: How a budget is ranked: over the whole model, spread over layers (matrices for weights), or spread over
+#: the output rows of every weight matrix (weights only).
+Scope = Literal["global", "per_layer", "per_row"]
 #: The values of :data:`Aggregation`, :data:`Normalization` and :data:`Scope` (for checks and CLI choices).
 AGGREGATIONS: tuple[Aggregation, ...] = get_args(Aggregation)
 NORMALIZATIONS: tuple[Normalization, ...] = get_args(Normalization)
@@ -110,7 +112,8 @@ class ScoringOptions(_Options):
     """How components are scored (see :func:`~hf_lrp_surgery.scoring.score`).
 
     Raises:
-        ValueError: The method is not registered, or another option is out of range.
+        ValueError: The method is not registered or cannot score one of the components, or another
+            option is out of range.
 
     Example:
         >>> ScoringOptions(method="wanda", components=["heads", "heads"]).components
@@ -138,11 +141,17 @@ class ScoringOptions(_Options):
         # that every layer can import this module.
         from hf_lrp_surgery.scoring.registry import get_scorer
 
-        get_scorer(self.method)
+        entry = get_scorer(self.method)
         check_aggregation(self.aggregation)
         wanted = tuple(dict.fromkeys(self.components))
         if not wanted or set(wanted) - set(GRANULARITIES):
             raise ValueError(f"components must be a non-empty subset of {GRANULARITIES}, got {list(self.components)}")
+        refused = [c for c in wanted if c not in entry.components]
+        if refused:
+            raise ValueError(
+                f"the {self.method} method scores only {', '.join(entry.components)}, not {', '.join(refused)}; "
+                f"choose components from {entry.components} or another method"
+            )
         object.__setattr__(self, "components", wanted)
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be 'logit' or 'logprob', got {self.objective!r}")
@@ -193,17 +202,28 @@ class SelectionOptions(_Options):
     """
 
     granularity: Granularity = field(default="neurons", metadata={"help": "'neurons', 'heads' or 'weights'."})
-    scope: Scope = field(default="global", metadata={"help": "'global' ranking or 'per_layer' budget shares."})
+    scope: Scope = field(
+        default="global",
+        metadata={
+            "help": "'global' ranking, 'per_layer' budget shares, or 'per_row' shares (weights: each output row)."
+        },
+    )
     modules: tuple[str, ...] | str | None = field(
         default=None, metadata={"help": "Weights: module groups to restrict to ('mlp.*', 'fc1', ...)."}
     )
     layers: tuple[int, ...] | None = field(default=None, metadata={"help": "Decoder blocks to restrict to."})
+    dampen: float | str | None = field(
+        default=None,
+        metadata={"help": "None: prune. A soft mask: 'relevance', 'constant:<alpha>' or alpha in [0, 1) (masks.soft)."},
+    )
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be 'neurons', 'heads' or 'weights', got {self.granularity!r}")
         if self.scope not in SCOPES:
-            raise ValueError(f"scope must be 'global' or 'per_layer', got {self.scope!r}")
+            raise ValueError(f"scope must be one of {', '.join(map(repr, SCOPES))}, got {self.scope!r}")
+        if self.scope == "per_row" and self.granularity != "weights":
+            raise ValueError("scope='per_row' spreads a weight budget over matrix rows; neurons and heads have none")
         if self.modules is not None and self.granularity != "weights":
             raise ValueError("modules= restricts weight masks; neuron and head masks live on fixed modules")
         if isinstance(self.modules, Sequence) and not isinstance(self.modules, str):
@@ -212,6 +232,11 @@ class SelectionOptions(_Options):
             if not isinstance(self.layers, Sequence) or isinstance(self.layers, str):
                 raise ValueError(f"layers must be a sequence of decoder block indices, got {self.layers!r}")
             object.__setattr__(self, "layers", tuple(self.layers))
+        if self.dampen is not None:
+            # The rules live with the masks, a layer up: imported when options are made, as above.
+            from hf_lrp_surgery.masks.soft import check_dampening
+
+            check_dampening(self.dampen)
 
     def select(self, scores: Scores, budget: int | float) -> Mask:
         """The mask of the ``budget`` lowest-scoring components these options allow.
@@ -229,4 +254,12 @@ class SelectionOptions(_Options):
         # Selection sits a layer up (masks import these options): imported when a mask is selected.
         from hf_lrp_surgery.masks.selection import select
 
-        return select(scores, self.granularity, budget, scope=self.scope, modules=self.modules, layers=self.layers)
+        return select(
+            scores,
+            self.granularity,
+            budget,
+            scope=self.scope,
+            modules=self.modules,
+            layers=self.layers,
+            dampen=self.dampen,
+        )

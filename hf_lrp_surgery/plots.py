@@ -59,7 +59,9 @@ def plot_frontier(frontier: Sequence[Any], metric: str, path: str | Path, *, cho
     left.set_ylabel(metric)
     left.set_title(f"{metric} vs budget (validation prompts)")
     right.plot(budgets, [p.kl for p in frontier], "o-", color="C1", label="KL(original || corrected)")
-    right.plot(budgets, [p.perplexity_increase for p in frontier], "s-", color="C2", label="perplexity increase")
+    right.plot(
+        budgets, [p.perplexity_increase for p in frontier], "s-", color="C2", label="perplexity increase (worst domain)"
+    )
     right.set_xlabel("components pruned")
     right.set_title("general-behaviour cost")
     right.legend()

@@ -10,11 +10,12 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from hf_lrp_surgery.carriers import CarrierName, CorrectedModel, apply_masks
+from hf_lrp_surgery.exceptions import ReferenceSetError
 from hf_lrp_surgery.lrp.architectures import resolve
 from hf_lrp_surgery.masks import Granularity, Mask
 from hf_lrp_surgery.options import ContrastOptions, ScoringOptions, SelectionOptions, reject_unknown
 from hf_lrp_surgery.references import ReferenceSource, load_reference_set
-from hf_lrp_surgery.scoring import Scores, contrast, get_scorer, score
+from hf_lrp_surgery.scoring import Scores, contrast, get_scorer, score, score_pair
 
 if TYPE_CHECKING:  # correction drives the Surgeon, so it is imported where the recipe runs
     from hf_lrp_surgery.correction import Behaviour, RecipeResult
@@ -102,27 +103,59 @@ class Surgeon:
     ) -> Scores:
         """Differential scores ``general - undesired`` (low = prune; see :func:`~hf_lrp_surgery.scoring.contrast`).
 
+        A paired method (``scoring.PAIRED_METHODS``: ``aura``, ``atp``, ``repetition_neurons``) reads
+        both sets together and is its own contrast: its scores (see
+        :func:`~hf_lrp_surgery.scoring.score_pair`) are returned as they are, with no normalisation
+        or protection.
+
         Args:
-            undesired: The behaviour to remove: a reference set, or scores already computed.
-            general: The behaviour to keep: a reference set, or scores already computed.
+            undesired: The behaviour to remove: a reference set, or scores already computed (not
+                for paired methods).
+            general: The behaviour to keep: a reference set, or scores already computed (not for
+                paired methods).
             options: How sets given as samples are scored (as in :meth:`attribute`). For sample-free
                 methods there is nothing to contrast and their plain scores are returned.
-            contrast_options: The :class:`~hf_lrp_surgery.options.ContrastOptions`.
+            contrast_options: The :class:`~hf_lrp_surgery.options.ContrastOptions` (paired methods
+                take only the defaults, which they do not apply).
             limit: Use only the first ``limit`` samples of each set.
             **keywords: Fields of either options class (``method``, ``components``, ``normalize``,
                 ``protect_top``, ``aggregation``, ``objective``, ...), replacing theirs.
 
         Returns:
-            The contrastive :class:`~hf_lrp_surgery.scoring.Scores`.
+            The contrastive :class:`~hf_lrp_surgery.scoring.Scores` (paired methods: their own scores).
 
         Raises:
-            ValueError: An option is out of range.
+            ValueError: An option is out of range, or a paired method was given contrast options.
             TypeError: A keyword is not an option.
+            ReferenceSetError: A paired method was given scores instead of a reference set, or an empty set.
+
+        Example:
+            >>> scores = surgeon.contrast(undesired=toxic, general=neutral, method="aura")  # doctest: +SKIP
         """
         contrasting = ContrastOptions.take(contrast_options, keywords)
         options = ScoringOptions.take(options, keywords, batch_size=self.batch_size)
         reject_unknown(keywords, "Surgeon.contrast")
-        if not get_scorer(options.method).needs_samples and not isinstance(general, Scores):
+        entry = get_scorer(options.method)
+        if entry.paired:
+            if isinstance(undesired, Scores) or isinstance(general, Scores):
+                raise ReferenceSetError(
+                    f"the {options.method} method scores the undesired and the general set together; pass both "
+                    "as reference sets, not as Scores"
+                )
+            if contrasting != ContrastOptions():
+                raise ValueError(
+                    f"the {options.method} method is its own contrast and applies no normalize or protect_top; "
+                    f"leave the contrast options at their defaults (got {contrasting.to_dict()})"
+                )
+            return score_pair(
+                self.model,
+                load_reference_set(undesired, limit=limit),
+                load_reference_set(general, limit=limit),
+                self.tokenizer,
+                options,
+                progress=self.progress,
+            )
+        if not entry.needs_samples and not isinstance(general, Scores):
             return self.attribute([], options)
         sets = {}
         for name, source in (("general", general), ("undesired", undesired)):

@@ -1,15 +1,20 @@
 """Recipe: the smallest IOI circuit that LRP and the baselines find, with curves and a specificity check.
 
 Generates independent IOI sets from the shipped templates and names (reference prompts to attribute
-on, evaluation prompts to measure on), scores MLP neurons (or heads) with LRP, gradient x activation,
-activation, Wanda and random scores, prunes each method's lowest-scoring components on a log-spaced
-sparsity grid, keeps the largest pruning that keeps 90% of the logit difference, and prints the
-circuit size per method (mean ± std over the sets). Writes report.json, report.txt, curves.png,
-circuit_sizes.png, composition.png and circuits/ to --output. Runs offline on the embedded models.
+on, evaluation prompts to measure on), scores MLP neurons, attention heads or MLP weights with LRP,
+gradient x activation, activation, Wanda and random scores, prunes each method's lowest-scoring
+components on a coarse log-spaced sparsity grid and bisects the threshold crossing, keeps the
+largest pruning that keeps 90% of the logit difference, and prints per method (mean ± std over the
+sets) the circuit size, the metric the circuit alone keeps, and how much ablating only the circuit
+costs against ablating as many random components. Pruned components are zeroed, replaced by their
+mean over the reference prompts, or patched from the ABC-corrupted prompts (--ablation). Writes
+report.json (with the seconds per stage), report.txt, curves.png, circuit_sizes.png,
+composition.png and circuits/ to --output. Runs offline on the embedded models.
 
     python recipes/ioi_circuit.py                                   # SmolLM2-135M-Instruct, 3 sets of 64
     python recipes/ioi_circuit.py --model gemma3-270m --output runs/ioi-gemma
-    python recipes/ioi_circuit.py --granularity heads --scope per_layer
+    python recipes/ioi_circuit.py --granularity heads --ablation mean
+    python recipes/ioi_circuit.py --granularity weights --ablation corrupted   # MLP weights; Wanda row-wise
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -35,17 +36,33 @@ from hf_lrp_surgery.scoring import score
 SAMPLES = [[1, 5, 6, 7, 8, 9], [1, 10, 11, 12], [1, 20, 21, 22, 23]]
 PROBE = torch.tensor([[1, 4, 5, 6, 7, 8, 9, 30, 31, 32]])
 TOLERANCE = 1e-5
+#: Families whose neurons are expert neurons: those masks have no IA3 form (refused, see test_carriers).
+MOE_FAMILIES = ("qwen3_moe",)
+
+
+def _load_kwargs(family: str) -> dict[str, Any]:
+    """``from_pretrained`` keywords: mixture-of-experts models run the eager expert loop (what relevance reads)."""
+    return {"experts_implementation": "eager"} if family in MOE_FAMILIES else {}
 
 
 def _base(family: str, directory: Path, *, seed: int = 0) -> PreTrainedModel:
     """A tiny fp32 model saved to and reloaded from ``directory`` (so it knows where it loads from)."""
     tiny_model(family, dtype=torch.float32, seed=seed).save_pretrained(directory)
-    return AutoModelForCausalLM.from_pretrained(directory).eval()
+    return AutoModelForCausalLM.from_pretrained(directory, **_load_kwargs(family)).eval()
 
 
-def _masks(model: PreTrainedModel) -> list[Mask]:
-    scores = score(model, SAMPLES, components=("neurons", "heads"), progress=False)
-    return [select(scores, "neurons", 10), select(scores, "heads", 2)]
+def _masks(model: PreTrainedModel, *, neurons: bool = True, dampen: str | None = None) -> list[Mask]:
+    """A neuron mask of 10 (unless ``neurons`` is false) and a head mask of 2, selected on relevance.
+
+    With ``dampen`` the masks are soft (e.g. ``"relevance"``: the lowest unit pruned, the others dampened).
+    """
+    scores = score(model, SAMPLES, components=("neurons", "heads") if neurons else ("heads",), progress=False)
+    picked = ([select(scores, "neurons", 10, dampen=dampen)] if neurons else []) + [
+        select(scores, "heads", 2, dampen=dampen)
+    ]
+    if dampen is not None:  # the proofs below mean something only if some unit is dampened, not pruned
+        assert all(m.soft and m.dampened > 0 for m in picked)
+    return picked
 
 
 def _logits(model: torch.nn.Module) -> torch.Tensor:
@@ -58,11 +75,19 @@ def family(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-def test_adapter_equals_baked_in_memory_and_after_both_loading_paths(family: str, tmp_path: Path) -> None:
-    """Adapter == baked (<= 1e-5) in memory, after PeftModel and after AutoModel loading; off == original."""
+@pytest.mark.parametrize("dampen", [None, "relevance"], ids=["hard", "soft"])
+def test_adapter_equals_baked_in_memory_and_after_both_loading_paths(
+    family: str, dampen: str | None, tmp_path: Path
+) -> None:
+    """Adapter == baked (<= 1e-5) in memory, after PeftModel and after AutoModel loading; off == original.
+
+    Hard and soft masks alike (a soft mask's dampened unit: its scale in the IA3 vector, its scaled column
+    in the baked weights). Mixture-of-experts families carry head masks only (expert neurons have no IA3 form).
+    """
     model = _base(family, tmp_path / "base")
+    load = _load_kwargs(family)
     original = _logits(model)
-    masks = _masks(model)
+    masks = _masks(model, neurons=family not in MOE_FAMILIES, dampen=dampen)
     baked = apply_masks(model, masks, "bake")
     adapter = apply_masks(model, masks, "adapter")
     assert torch.equal(_logits(model), original), "apply_masks must not touch the model it was given"
@@ -74,11 +99,12 @@ def test_adapter_equals_baked_in_memory_and_after_both_loading_paths(family: str
 
     baked.save(tmp_path / "baked")
     adapter.save(tmp_path / "adapter")
-    reloaded_baked = AutoModelForCausalLM.from_pretrained(tmp_path / "baked").eval()
+    reloaded_baked = AutoModelForCausalLM.from_pretrained(tmp_path / "baked", **load).eval()
     assert torch.equal(_logits(reloaded_baked), expected)
+    verify(reloaded_baked, masks, carrier="bake", probe=baked.probe)
 
     # Path (a): stock PeftModel on a fresh base.
-    fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "base", **load).eval()
     via_peft = PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
     assert (_logits(via_peft) - expected).abs().max() <= TOLERANCE
     verify(via_peft, masks, carrier="adapter", probe=adapter.probe)
@@ -86,7 +112,7 @@ def test_adapter_equals_baked_in_memory_and_after_both_loading_paths(family: str
         assert torch.equal(_logits(via_peft), original)
 
     # Path (b): stock transformers on the adapter directory.
-    via_transformers = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
+    via_transformers = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter", **load).eval()
     assert (_logits(via_transformers) - expected).abs().max() <= TOLERANCE
     verify(via_transformers, masks, carrier="adapter", probe=adapter.probe)
     # transformers' own disable_adapters() needs peft >= 0.22; the library's switch works on both forms.
@@ -96,11 +122,12 @@ def test_adapter_equals_baked_in_memory_and_after_both_loading_paths(family: str
     assert (_logits(via_transformers) - expected).abs().max() <= TOLERANCE
 
 
+@pytest.mark.parametrize("dampen", [None, "relevance"], ids=["hard", "soft"])
 @pytest.mark.parametrize("via", ["peft", "transformers"])
-def test_load_corrected_verifies_and_switches_off(via: str, tmp_path: Path) -> None:
+def test_load_corrected_verifies_and_switches_off(via: str, dampen: str | None, tmp_path: Path) -> None:
     model = _base("llama", tmp_path / "base")
     original = _logits(model)
-    adapter = apply_masks(model, _masks(model), "adapter")
+    adapter = apply_masks(model, _masks(model, dampen=dampen), "adapter")
     adapter.save(tmp_path / "adapter")
     loaded = load_corrected(tmp_path / "adapter", via=via)
     assert (_logits(loaded) - _logits(adapter.model)).abs().max() <= TOLERANCE
@@ -109,6 +136,54 @@ def test_load_corrected_verifies_and_switches_off(via: str, tmp_path: Path) -> N
     masks, carrier, _, base = read_surgery(tmp_path / "adapter")
     assert carrier == "adapter" and base == str(tmp_path / "base")
     assert [m.indices.keys() for m in masks] == [m.indices.keys() for m in adapter.masks]
+    assert [m.soft for m in masks] == [dampen is not None] * 2
+    baked = apply_masks(model, adapter.masks, "bake")
+    baked.save(tmp_path / "baked")
+    assert (_logits(load_corrected(tmp_path / "baked")) - _logits(adapter.model)).abs().max() <= TOLERANCE
+
+
+def test_soft_masks_with_all_scales_zero_are_the_hard_masks(tmp_path: Path) -> None:
+    """alpha -> 0 everywhere: the soft adapter and bake give exactly the hard masks' logits."""
+    model = _base("llama", tmp_path / "base")
+    hard = _masks(model)
+    zero = [m.with_scales({n: torch.zeros(i.numel()) for n, i in m.indices.items()}) for m in hard]
+    for carrier in ("bake", "adapter", "hooks"):
+        assert torch.equal(
+            _logits(apply_masks(model, zero, carrier).model), _logits(apply_masks(model, hard, carrier).model)
+        )
+    small = [m.with_scales({n: torch.full((i.numel(),), 1e-7) for n, i in m.indices.items()}) for m in hard]
+    assert (
+        _logits(apply_masks(model, small, "bake").model) - _logits(apply_masks(model, hard, "bake").model)
+    ).abs().max() <= 1e-5
+
+
+def test_verification_catches_a_tampered_soft_adapter_and_a_wrong_baked_scale(tmp_path: Path) -> None:
+    """An IA3 value that is not the mask's scale is caught; so is a baked pruned unit left non-zero."""
+    model = _base("llama", tmp_path / "base")
+    masks = _masks(model, dampen="relevance")
+    adapter = apply_masks(model, masks, "adapter")
+    adapter.save(tmp_path / "adapter")
+    tampered = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    neurons = masks[0]
+    assert neurons.scales is not None
+    name = next(n for n, s in neurons.scales.items() if bool(s.gt(0).any()))
+    unit = int(neurons.indices[name][neurons.scales[name].gt(0)][0])
+    with torch.no_grad():
+        tampered.get_base_model().get_submodule(name).ia3_l["default"].view(-1)[unit] += 0.01
+    with pytest.raises(MaskVerificationError, match="not the soft neurons mask's scales"):
+        verify(tampered, masks, carrier="adapter")
+    # The hard adapter of the same units is not the soft adapter either (its dampened units are 0).
+    hard = apply_masks(model, [m.with_scales(None) for m in masks], "adapter")
+    with pytest.raises(MaskVerificationError, match="scales"):
+        verify(hard.model, masks, carrier="adapter")
+    baked = apply_masks(model, masks, "bake")
+    verify(baked.model, masks, carrier="bake", probe=baked.probe)
+    pruned = next(n for n, s in neurons.scales.items() if bool(s.eq(0).any()))
+    column = int(neurons.indices[pruned][neurons.scales[pruned].eq(0)][0])
+    with torch.no_grad():
+        baked.model.get_submodule(pruned).weight[0, column] = 1.0
+    with pytest.raises(MaskVerificationError, match="not zero"):
+        verify(baked.model, masks, carrier="bake")
 
 
 @pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])

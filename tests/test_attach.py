@@ -23,6 +23,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from hf_lrp_surgery.exceptions import RulesAlreadyAttachedError, TrainingModeError, UnsupportedArchitectureError
 from hf_lrp_surgery.lrp import LRPRules, resolve
+from hf_lrp_surgery.lrp.moe import add_linear_tap, add_product_tap
 
 EXACT = dict(rtol=1e-9, atol=0.0)
 HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
@@ -55,6 +56,7 @@ EXPECTED_BIASES = {
     "smollm3": 0,
     "gpt_neox": 13,
     "gemma2": 0,
+    "qwen3_moe": 0,
 }
 
 
@@ -188,6 +190,30 @@ class _Capture:
 
         self.handles.append(module.register_forward_pre_hook(hook, prepend=True))
 
+    def experts(self, experts: nn.Module, act: nn.Module, layer: int, model_type: str) -> None:
+        """Per expert of a MoE block: gate|up output, activation output, gated product before and after the rules."""
+
+        def linear(parameter, expert, tokens, z):
+            if parameter == "gate_up_proj":
+                z.retain_grad()
+                self.tensors[(layer, "gate_up", expert)] = z
+
+        def product_raw(expert, tokens, x):
+            self.tensors[(layer, "product", expert)] = x
+            x.register_hook(lambda grad: self.tensors.__setitem__((layer, "product", expert, "grad"), grad))
+            x.retain_grad()  # after every hook: the rule-modified gradient
+
+        calls = []
+
+        def act_hook(mod, args, out):
+            out.retain_grad()
+            self.tensors[(layer, "act", len(calls))] = out
+            calls.append(None)
+
+        self.handles.append(add_linear_tap(experts, linear, model_type=model_type))
+        self.handles.append(add_product_tap(experts, product_raw, model_type=model_type, prepend=True))
+        self.handles.append(act.register_forward_hook(act_hook))
+
     def r(self, key: tuple) -> torch.Tensor:
         """Element-wise relevance ``x * grad`` at the captured tensor (the rule-modified gradient)."""
         x = self.tensors[key]
@@ -223,6 +249,9 @@ def _attnlrp_bookkeeping(model: nn.Module, input_ids: torch.Tensor, mask: torch.
                 cap.output(proj, (i, "qkv", j))
                 cap.output_before_rules(proj, (i, "qkv_raw", j))
             cap.input(layer.o_proj, (i, "o_in"))
+            if spec.moe is not None:
+                cap.experts(layer.mlp_out, layer.mlp_act, i, spec.model_type)
+                continue
             block = blocks[i]
             for j, path in enumerate(spec.mlp_in):
                 cap.output(block.get_submodule(path), (i, "mlp_in", j))
@@ -259,6 +288,9 @@ def _attnlrp_bookkeeping(model: nn.Module, input_ids: torch.Tensor, mask: torch.
         # The uniform rule on P.V gives V half of the attention output's relevance ...
         torch.testing.assert_close(r_v, r_o / 2, **EXACT)
         leak = leak + r_o / 2 - r_q - r_k
+        if spec.moe is not None:
+            _moe_bookkeeping(cap, i)
+            continue
         # ... and the MLP conserves: identity rule on the activation, 1/2 on each factor of a gated product.
         r_act = cap.r((i, "act"))
         scale = float(r_act.abs().max())
@@ -277,6 +309,21 @@ def _attnlrp_bookkeeping(model: nn.Module, input_ids: torch.Tensor, mask: torch.
     torch.testing.assert_close(input_rel + bias_rel + leak, explained.detach(), **EXACT)
     assert abs(leak.item()) > 1e-3 * abs(explained.item()), "the softmax leaks: the identity must not be trivial"
     model.zero_grad(set_to_none=True)
+
+
+def _moe_bookkeeping(cap: _Capture, layer: int) -> None:
+    """Each expert of a MoE block conserves like a dense gated MLP (the routing weights are constants)."""
+    experts = sorted(key[2] for key in cap.tensors if key[:2] == (layer, "gate_up"))
+    assert len(experts) > 1, "the tiny MoE must route to several experts"
+    for call, expert in enumerate(experts):  # the loop visits the hit experts in increasing order
+        r_gate, r_up = cap.r((layer, "gate_up", expert)).chunk(2, dim=-1)
+        r_act = cap.r((layer, "act", call))
+        product = cap.tensors[(layer, "product", expert)]
+        r_neurons = product.detach() * cap.tensors[(layer, "product", expert, "grad")]
+        close = dict(rtol=1e-9, atol=1e-12 * float(r_act.abs().max()))
+        torch.testing.assert_close(r_gate, r_act, **close)  # identity rule on the activation
+        torch.testing.assert_close(r_act + r_up, r_neurons, **close)  # 1/2 + 1/2 of the gated product
+        torch.testing.assert_close(cap.r((layer, "product", expert)), r_neurons / 2, **close)
 
 
 @pytest.mark.parametrize("family,attn", FAMILY_KERNELS)

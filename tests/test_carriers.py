@@ -6,6 +6,7 @@ A toy carrier registered here (bake under another name, counting its calls) must
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -191,3 +192,143 @@ def test_bake_zeroes_both_halves_of_a_fused_gate_up_projection() -> None:
     untouched = [r for r in range(fused.shape[0]) if r not in rows]
     original = model.get_submodule(name).weight
     assert torch.equal(fused[untouched], original[untouched])
+
+
+# -- mixture of experts (qwen3_moe) ---------------------------------------------------------------
+def _moe_base(directory: Path) -> PreTrainedModel:
+    """The tiny qwen3_moe, saved and loaded back on the eager experts loop (the one mask hooks reach into)."""
+    tiny_model("qwen3_moe", dtype=torch.float32).save_pretrained(directory)
+    return AutoModelForCausalLM.from_pretrained(directory, experts_implementation="eager").eval()
+
+
+def test_moe_expert_neurons_bake_equals_hooks_and_loads_with_from_pretrained(tmp_path: Path) -> None:
+    model = _moe_base(tmp_path / "base")
+    original = _logits(model)
+    width = resolve(model).expert_width
+    mask = _mask(model, "neurons", {0: [1, width + 3], 1: [3 * width + 2]})
+    baked = apply_masks(model, mask, "bake")
+    hooked = apply_masks(model, mask, "hooks")
+    assert not torch.allclose(_logits(baked.model), original, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(_logits(hooked.model), _logits(baked.model), rtol=1e-6, atol=1e-6)
+    baked.save(tmp_path / "baked")
+    # An ordinary checkpoint: plain from_pretrained (transformers' default experts kernel) reads it.
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "baked").eval()
+    torch.testing.assert_close(_logits(plain), _logits(baked.model), rtol=1e-5, atol=1e-5)
+    verify(plain, [mask], carrier="bake")
+    loaded = load_corrected(tmp_path / "baked")
+    torch.testing.assert_close(_logits(loaded), _logits(baked.model), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # a damaged bake is caught on the carried entries of the fused down parameter
+        plain.model.layers[1].mlp.experts.down_proj[3, 0, 2] = 1.0
+    with pytest.raises(MaskVerificationError, match="down_proj|experts"):
+        verify(plain, [mask], carrier="bake")
+
+
+def test_moe_adapter_refuses_expert_neurons_and_carries_heads(tmp_path: Path) -> None:
+    model = _moe_base(tmp_path / "base")
+    neurons = _mask(model, "neurons", {0: [1]})
+    with pytest.raises(ValueError, match=r"qwen3_moe: an expert-neuron mask has no exact IA3 form.*carrier='bake'"):
+        apply_masks(model, neurons, "adapter")
+    heads = _mask(model, "heads", {0: [1], 1: [0, 3]})
+    adapter = apply_masks(model, heads, "adapter")
+    baked = apply_masks(model, heads, "bake")
+    torch.testing.assert_close(_logits(adapter.model), _logits(baked.model), rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(_logits(baked.model), _logits(model), rtol=1e-4, atol=1e-4)
+
+
+# -- soft masks ------------------------------------------------------------------------------------
+def _soft(mask: Mask) -> Mask:
+    """``mask`` with scales 0, 0.25, 0.5, ... over each module's units (the first pruned, the rest dampened)."""
+    return mask.with_scales({n: (torch.arange(i.numel()) * 0.25).clamp(max=0.75) for n, i in mask.indices.items()})
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("granularity", ["neurons", "heads"])
+def test_soft_hooks_equal_soft_bake_and_verify_their_scales(family: str, granularity: str, tmp_path: Path) -> None:
+    model = _base(family, tmp_path / "base")
+    mask = _soft(_mask(model, granularity, {0: [1, 2, 3], 1: [0]}))
+    hooked = apply_masks(model, mask, "hooks")
+    baked = apply_masks(model, mask, "bake")
+    hard = apply_masks(model, mask.with_scales(None), "bake")
+    torch.testing.assert_close(_logits(hooked.model), _logits(baked.model), rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(_logits(baked.model), _logits(hard.model), rtol=1e-4, atol=1e-4)
+    hooks = MaskHooks.of(hooked.model)
+    assert hooks is not None
+    name = next(iter(mask.indices))
+    scales = hooks.scales(name)
+    assert scales is not None
+    with torch.no_grad():  # a hook that scales a dampened feature by another factor is caught
+        scales[int(mask.indices[name][1]) * (resolve(model).head_dim if granularity == "heads" else 1)] = 0.9
+    with pytest.raises(MaskVerificationError, match="other factors"):
+        hooked.verify()
+
+
+def test_zeroed_entries_of_a_soft_neuron_mask_scale_the_reader_and_zero_only_pruned_writers() -> None:
+    model = tiny_model("llama", dtype=torch.float32)
+    arch = resolve(model)
+    mask = _mask(model, "neurons", {1: [0, 2, 5]}).with_scales({"model.layers.1.mlp.down_proj": [0.0, 0.5, 0.0]})
+    entries = zeroed_entries(mask, arch)
+    carried, *writers = entries
+    assert carried.carried and carried.scale is not None and carried.scale.tolist() == [0.0, 0.5, 0.0]
+    assert carried.zero is not None and carried.zero.tolist() == [True, False, True]
+    assert [w.index[0].tolist() for w in writers] == [[0, 5], [0, 5]] and all(w.scale is None for w in writers)
+    param, index = carried.locate(model)
+    assert torch.equal(carried.target(param[index]), param[index] * torch.tensor([0.0, 0.5, 0.0]))
+    dampened_only = mask.with_scales({"model.layers.1.mlp.down_proj": [0.25, 0.5, 0.75]})
+    assert len(zeroed_entries(dampened_only, arch)) == 1  # no writer is touched
+
+
+def test_soft_weight_masks_bake_scaled_entries_and_the_enforcer_refuses_them() -> None:
+    from hf_lrp_surgery.training import MaskEnforcer
+
+    model = tiny_model("llama", dtype=torch.float32)
+    layout = Layout.of(resolve(model))
+    name = next(iter(layout.weight_modules))
+    weights = Mask(
+        "weights",
+        fingerprint(model),
+        layout,
+        {name: torch.tensor([0, 7, 9])},
+        scales={name: torch.tensor([0.0, 0.5, 0.25])},
+    )
+    baked = apply_masks(model, weights, "bake").model
+    before, after = model.get_submodule(name).weight.flatten(), baked.get_submodule(name).weight.flatten()
+    assert torch.equal(after[[0, 7, 9]], before[[0, 7, 9]] * torch.tensor([0.0, 0.5, 0.25]))
+    assert torch.equal(after[1:7], before[1:7])
+    with pytest.raises(ValueError, match="soft weight mask cannot be enforced"):
+        MaskEnforcer(model).add(weights)
+
+
+def test_the_enforcer_dampens_soft_neurons_and_freezes_only_pruned_ones() -> None:
+    from hf_lrp_surgery.training import MaskEnforcer
+
+    model = tiny_model("llama", dtype=torch.float32)
+    mask = _soft(_mask(model, "neurons", {0: [1, 3, 5]}))  # scales 0, 0.25, 0.5
+    expected = _logits(apply_masks(model, mask, "bake").model)
+    trained = copy.deepcopy(model)
+    enforcer = MaskEnforcer(trained)
+    enforcer.add(mask)
+    torch.testing.assert_close(_logits(trained), expected, rtol=1e-6, atol=1e-6)
+    loss = trained(input_ids=PROBE).logits.square().mean()
+    loss.backward()
+    down = trained.model.layers[0].mlp.down_proj.weight.grad
+    assert down is not None and not down[:, 1].any() and down[:, 3].any() and down[:, 5].any()
+    assert enforcer.masks["neurons"].soft
+
+
+def test_moe_soft_expert_neurons_bake_equals_hooks(tmp_path: Path) -> None:
+    """down[e, :, i] scaled by alpha (gate_up rows zeroed for alpha == 0 only) == the hooks' scaled product."""
+    model = _moe_base(tmp_path / "base")
+    width = resolve(model).expert_width
+    name = Layout.of(resolve(model)).neuron_modules[0]
+    mask = _mask(model, "neurons", {0: [1, width + 3, 2 * width]}).with_scales({name: [0.0, 0.5, 0.25]})
+    baked = apply_masks(model, mask, "bake")
+    hooked = apply_masks(model, mask, "hooks")
+    torch.testing.assert_close(_logits(hooked.model), _logits(baked.model), rtol=1e-6, atol=1e-6)
+    experts = baked.model.model.layers[0].mlp.experts
+    original = model.model.layers[0].mlp.experts
+    assert torch.equal(experts.down_proj[1, :, 3], original.down_proj[1, :, 3] * 0.5)
+    assert not experts.gate_up_proj[0, 1].any() and torch.equal(experts.gate_up_proj[1, 3], original.gate_up_proj[1, 3])
+    baked.save(tmp_path / "baked")
+    loaded = load_corrected(tmp_path / "baked")
+    assert read_surgery(tmp_path / "baked")[0][0].soft
+    torch.testing.assert_close(_logits(loaded), _logits(baked.model), rtol=1e-5, atol=1e-5)

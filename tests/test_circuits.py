@@ -21,9 +21,11 @@ from tiny_models import EXTRA_FAMILIES, FAMILIES, model_from_config, tiny_config
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from hf_lrp_surgery.carriers import bake
+from hf_lrp_surgery.carriers import apply_masks, bake
 from hf_lrp_surgery.circuits import (
+    Ablation,
     NextTokenTask,
+    PreparedTask,
     ablated,
     discover_circuit,
     evaluate_task,
@@ -34,12 +36,13 @@ from hf_lrp_surgery.circuits import (
     next_token_task,
     pruning_curve,
     sparsity_grid,
+    specificity,
     task_scores,
 )
 from hf_lrp_surgery.circuits.compare import compare_methods
-from hf_lrp_surgery.circuits.discovery import NoCircuitError
+from hf_lrp_surgery.circuits.discovery import Circuit, NoCircuitError, _Ranking
 from hf_lrp_surgery.circuits.tasks import last_token_logits, load_ioi_data, single_token_names
-from hf_lrp_surgery.exceptions import ReferenceSetError
+from hf_lrp_surgery.exceptions import AblationError, ReferenceSetError
 from hf_lrp_surgery.lrp import resolve
 from hf_lrp_surgery.masks import Mask, select
 from hf_lrp_surgery.scoring import score
@@ -438,3 +441,391 @@ def test_smollm2_does_ioi_and_keeps_it_with_a_light_pruning() -> None:
     scores = task_scores(model, tokenizer, task, progress=False)
     curve = pruning_curve(model, tokenizer, task, scores, counts=[0, 1000], progress=False)
     assert curve.relative("logit_diff")[1] > 0.9  # the 1000 least relevant of 46,080 neurons are not needed
+
+
+# -- ablation kinds, granularities, specificity, timings (issue 17) ---------------------------
+
+
+def _own_task_with_corruption(model, tokenizer, size: int = 8, seed: int = 0) -> NextTokenTask:
+    """The model's own predictions on IOI prompts, keeping each prompt's ABC-corrupted counterpart."""
+    prompts = ioi_task(tokenizer, size, seed=seed)
+    logits = last_token_logits(model, tokenizer, prompts)
+    return next_token_task(
+        [
+            {
+                "prompt": e.prompt,
+                "correct": int(row.argmax()),
+                "wrong": int(row.argmin()),
+                "corrupted": e.info["corrupted"],
+            }
+            for e, row in zip(prompts.examples, logits)
+        ],
+        name="own-predictions",
+    )
+
+
+def _inputs_by_prompt(model, tokenizer, prompts: list[str], module) -> list[torch.Tensor]:
+    """``module``'s input ``[T, in]`` on each prompt run alone (no padding)."""
+    seen: list[torch.Tensor] = []
+    handle = module.register_forward_pre_hook(lambda m, a: seen.append(a[0][0].detach().clone()) or None)
+    try:
+        with torch.no_grad():
+            for prompt in prompts:
+                model(input_ids=tokenizer(prompt, return_tensors="pt")["input_ids"])
+    finally:
+        handle.remove()
+    return seen
+
+
+def _logits_with_hook(model, tokenizer, prompts: list[str], module, make_hook) -> torch.Tensor:
+    rows = []
+    for i, prompt in enumerate(prompts):
+        handle = module.register_forward_pre_hook(make_hook(i))
+        try:
+            with torch.no_grad():
+                rows.append(model(input_ids=tokenizer(prompt, return_tensors="pt")["input_ids"]).logits[0, -1].float())
+        finally:
+            handle.remove()
+    return torch.stack(rows)
+
+
+def test_ioi_corrupted_prompts_are_abc_of_the_same_length(tokenizer) -> None:
+    task = ioi_task(tokenizer, 16, seed=2)
+    corrupted = task.corrupted()
+    assert task.has_corrupted and len(corrupted) == len(task) and corrupted.name == "ioi-corrupted"
+    for clean, bad in zip(task.examples, corrupted.examples):
+        assert len(tokenizer(clean.prompt)["input_ids"]) == len(tokenizer(bad.prompt)["input_ids"])
+        words = set(re.findall(r"\w+", bad.prompt))
+        assert clean.info["io"] not in words and clean.info["s"] not in words
+        assert bad.correct == clean.correct and bad.wrong == clean.wrong
+    assert ioi_task(tokenizer, 16, seed=2).examples == task.examples  # still deterministic
+    with pytest.raises(ReferenceSetError, match="corrupted"):
+        next_token_task([("the cat sat", " on", " mat")]).corrupted()
+
+
+@pytest.mark.parametrize("granularity", ["neurons", "heads", "weights"])
+def test_zero_ablation_gives_the_old_metrics(model, tokenizer, granularity: str) -> None:
+    task = _own_prediction_task(model, tokenizer, 8, seed=3)
+    mask = select(
+        score(model, method="random", components=(granularity,), random_seed=2, progress=False), granularity, 0.3
+    )
+    with ablated(model, mask):
+        old = evaluate_task(model, tokenizer, task)
+    zero = Ablation.record("zero", model, tokenizer, granularity)
+    with ablated(model, mask, zero):
+        new = PreparedTask(model, tokenizer, task).metrics(model, zero)  # the same batch as evaluate_task
+        regrouped = PreparedTask(model, tokenizer, task, batch_size=3).metrics(model, zero)
+    assert new == old  # identical
+    # Length-sorted batches of another size: the same up to the fp32 rounding of the logits.
+    assert regrouped.logit_diff == pytest.approx(old.logit_diff, rel=1e-6) and regrouped.accuracy == old.accuracy
+    baked = evaluate_task(bake(copy.deepcopy(model), mask), tokenizer, task)
+    assert new.logit_diff == pytest.approx(baked.logit_diff, rel=1e-9)
+
+
+@pytest.mark.parametrize("granularity", ["neurons", "heads"])
+def test_mean_ablation_equals_a_hand_computation(model, tokenizer, granularity: str) -> None:
+    reference, evaluation = ioi_task(tokenizer, 6, seed=0), ioi_task(tokenizer, 4, seed=1)
+    arch = resolve(model)
+    mask = select(
+        score(model, method="random", components=(granularity,), random_seed=3, progress=False), granularity, 0.5
+    )
+    ablation = Ablation.record("mean", model, tokenizer, granularity, reference=reference, batch_size=4)
+    prepared = PreparedTask(model, tokenizer, evaluation, batch_size=3)
+    with ablated(model, mask, ablation):
+        got = prepared.logits(model)
+    # By hand: the mean input of each carrier over every token of every reference prompt (run alone).
+    carriers = [layer.mlp_out if granularity == "neurons" else layer.o_proj for layer in arch.layers]
+    width = 1 if granularity == "neurons" else arch.head_dim
+    means = [
+        torch.cat(_inputs_by_prompt(model, tokenizer, [e.prompt for e in reference.examples], module)).mean(0)
+        for module in carriers
+    ]  # on the unpruned model
+    handles = []
+    for layer, (module, mean) in enumerate(zip(carriers, means)):
+        name = mask.carriers()[layer]
+        pruned = torch.zeros(mean.shape[0], dtype=torch.bool)
+        for unit in mask.indices.get(name, torch.tensor([], dtype=torch.long)).tolist():
+            pruned[unit * width : (unit + 1) * width] = True
+
+        def hook(m, args, mean=mean, pruned=pruned):
+            x = args[0].clone()
+            x[..., pruned] = mean[pruned]
+            return (x,)
+
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            expected = torch.stack(
+                [
+                    model(input_ids=tokenizer(e.prompt, return_tensors="pt")["input_ids"]).logits[0, -1].float()
+                    for e in evaluation.examples
+                ]
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with ablated(model, mask):
+        zeroed = prepared.logits(model)
+    assert not torch.allclose(got, zeroed)
+
+
+def test_mean_ablation_of_weights_adds_w_times_the_mean_input(model, tokenizer) -> None:
+    reference, evaluation = ioi_task(tokenizer, 6, seed=0), ioi_task(tokenizer, 4, seed=1)
+    arch = resolve(model)
+    name = arch.layers[1].mlp_out  # the down projection of block 1
+    module_name = next(p.name for p in arch.prunable if p.module is name or p.name.endswith("1.mlp.down_proj"))
+    scores = score(model, method="random", components=("weights",), random_seed=4, progress=False)
+    mask = select(scores, "weights", 0.4, modules=[module_name])
+    ablation = Ablation.record(
+        "mean", model, tokenizer, "weights", reference=reference, modules=[module_name], batch_size=4
+    )
+    prepared = PreparedTask(model, tokenizer, evaluation, batch_size=4)
+    with ablated(model, mask, ablation):
+        got = prepared.logits(model)
+    module = model.get_submodule(module_name)
+    mean = torch.cat(_inputs_by_prompt(model, tokenizer, [e.prompt for e in reference.examples], module)).mean(0)
+    weight = module.weight.detach()
+    pruned = mask.dense(module_name, weight.numel()).view_as(weight)
+    kept, removed = weight * ~pruned, weight * pruned
+    handle = module.register_forward_hook(
+        lambda m, args, out: torch.nn.functional.linear(args[0], kept, m.bias) + removed @ mean
+    )
+    try:
+        with torch.no_grad():
+            expected = torch.stack(
+                [
+                    model(input_ids=tokenizer(e.prompt, return_tensors="pt")["input_ids"]).logits[0, -1].float()
+                    for e in evaluation.examples
+                ]
+            )
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(module.weight, weight)  # restored
+
+
+@pytest.mark.parametrize("granularity", ["neurons", "heads", "weights"])
+def test_corrupted_patching_of_a_whole_layer_runs_it_on_the_corrupted_prompt(model, tokenizer, granularity) -> None:
+    task = _own_task_with_corruption(model, tokenizer, 6, seed=5)
+    arch = resolve(model)
+    scores = score(model, method="random", components=(granularity,), random_seed=0, progress=False)
+    if granularity == "weights":
+        name = next(p.name for p in arch.prunable if p.layer == 0 and p.role.endswith("down_proj"))
+        module = model.get_submodule(name)
+        carrier = module
+        whole = {name: torch.arange(module.weight.numel())}
+    else:
+        name = scores.layout.carriers(granularity)[0]
+        carrier = model.get_submodule(name)
+        whole = {name: torch.arange(arch.num_neurons if granularity == "neurons" else arch.num_heads)}
+    base = select(scores, granularity, 1)
+    mask = Mask(granularity, base.fingerprint, base.layout, whole, dict(base.provenance))
+    prepared = PreparedTask(model, tokenizer, task, batch_size=4)
+    modules = [name] if granularity == "weights" else None
+    ablation = Ablation.record("corrupted", model, tokenizer, granularity, evaluation=prepared, modules=modules)
+    with ablated(model, mask, ablation):
+        got = prepared.logits(model, on_batch=ablation.at_batch)
+    corrupted_inputs = _inputs_by_prompt(model, tokenizer, [e.info["corrupted"] for e in task.examples], carrier)
+    expected = _logits_with_hook(
+        model,
+        tokenizer,
+        [e.prompt for e in task.examples],
+        carrier,
+        lambda i: lambda m, args: (corrupted_inputs[i][None],),
+    )
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with ablated(model, mask, ablation), pytest.raises(AblationError, match="prepared"):
+        ablation.batch = None
+        evaluate_task(model, tokenizer, task)
+
+
+def test_corrupted_ablation_needs_same_length_corruptions(model, tokenizer) -> None:
+    task = next_token_task([{"prompt": "When Mary and John went", "correct": 5, "wrong": 6, "corrupted": "When Mary"}])
+    prepared = PreparedTask(model, tokenizer, task)
+    with pytest.raises(AblationError, match="same token length"):
+        Ablation.record("corrupted", model, tokenizer, "neurons", evaluation=prepared)
+    with pytest.raises(AblationError, match="recorded values"), ablated(model, [], "mean"):
+        pass
+
+
+@pytest.mark.parametrize("scope", ["global", "per_layer", "per_row"])
+@pytest.mark.parametrize("granularity", ["neurons", "weights"])
+def test_the_ranking_gives_selects_masks(model, granularity: str, scope: str) -> None:
+    if scope == "per_row" and granularity != "weights":
+        pytest.skip("per_row ranks weights")
+    scores = score(model, method="random", components=(granularity,), random_seed=5, progress=False)
+    if granularity == "neurons":
+        scores.neurons[0, :5] = 0.5  # ties
+    modules = ["mlp.*"] if granularity == "weights" else None
+    ranking = _Ranking(scores, granularity, scope, modules)  # type: ignore[arg-type]
+    for count in (1, 7, 40, ranking.eligible - 1):
+        got, expected = ranking.mask(count), select(scores, granularity, count, scope=scope, modules=modules)
+        assert got.indices.keys() == expected.indices.keys()
+        assert all(torch.equal(got.indices[k], expected.indices[k]) for k in got.indices)
+
+
+def test_the_row_wise_scope_prunes_the_same_share_of_every_row(model) -> None:
+    scores = score(model, method="random", components=("weights",), random_seed=6, progress=False)
+    ranking = _Ranking(scores, "weights", "per_row", ["mlp.*"])
+    mask = ranking.mask(ranking.total // 4)
+    assert mask.count == ranking.total // 4
+    for name in mask.indices:
+        values = scores.weights[name]
+        pruned = mask.dense(name, values.numel()).view_as(values)
+        per_row = pruned.sum(1)
+        assert int(per_row.max() - per_row.min()) <= 1
+        for row in range(values.shape[0]):  # the pruned ones are the lowest of their row
+            if pruned[row].any() and (~pruned[row]).any():
+                assert values[row][pruned[row]].max() <= values[row][~pruned[row]].min()
+
+
+@pytest.mark.parametrize("ablation", ["zero", "mean", "corrupted"])
+@pytest.mark.parametrize("granularity", ["neurons", "heads", "weights"])
+def test_every_granularity_and_ablation_through_discover_circuit(model, tokenizer, granularity, ablation) -> None:
+    task = _own_task_with_corruption(model, tokenizer, 8, seed=6)
+    circuit = discover_circuit(
+        model,
+        tokenizer,
+        task,
+        method="wanda" if granularity == "weights" else "gradient",
+        granularity=granularity,
+        ablation=ablation,
+        threshold=0.5,
+        grid_points=6,
+        refine_steps=4,
+        progress=False,
+    )
+    assert circuit.metrics.logit_diff >= 0.5 * circuit.baseline.logit_diff
+    assert circuit.ablation["kind"] == ablation == circuit.to_dict()["ablation"]["kind"]
+    assert circuit.mask.provenance["circuit"]["ablation"]["kind"] == ablation
+    assert set(circuit.timings) == {"baseline", "ablation", "relevance", "search"}
+    if granularity == "weights":
+        assert circuit.curve.scope == "per_row"  # Wanda's protocol
+        assert all(".mlp." in name for name in circuit.mask.indices)
+        assert (
+            circuit.size + circuit.mask.count
+            == circuit.total
+            == sum(p.weight.numel() for p in resolve(model).prunable if ".mlp." in p.name)
+        )
+        assert circuit.components().count == circuit.size
+    if ablation == "zero":
+        assert circuit.carrier_mask() is circuit.mask
+        if granularity != "weights":
+            apply_masks(model, circuit.mask, "bake")  # a zero-ablation circuit's mask is carried
+    else:
+        with pytest.raises(AblationError, match=f"found with {ablation} ablation"):
+            circuit.carrier_mask()
+        # The mask itself, handed to a carrier, is refused too (the carriers can only zero).
+        with pytest.raises(AblationError, match=f"comes from a circuit found with {ablation} ablation"):
+            apply_masks(model, circuit.mask, "bake")
+    with pytest.raises(AblationError, match="soft mask"):
+        with ablated(
+            model, circuit.mask.with_scales({n: torch.full((len(i),), 0.5) for n, i in circuit.mask.indices.items()})
+        ):
+            pass
+
+
+def test_specificity_on_a_constructed_case(tokenizer) -> None:
+    """Only neurons 0-9 of each block write anything: the circuit of those costs the task, random ones little."""
+    config = tiny_config("llama")
+    config.vocab_size = len(tokenizer)
+    model = model_from_config(config, dtype=torch.float64)
+    arch = resolve(model)
+    with torch.no_grad():
+        for layer in arch.layers:
+            layer.mlp_out.weight[:, 10:] = 0
+            layer.mlp_out.weight[:, :10] *= 5
+    task = _own_prediction_task(model, tokenizer, 8, seed=7)
+    scores = score(model, method="random", components=("neurons",), random_seed=0, progress=False)
+    live = {name: torch.arange(10, 48) for name in scores.layout.neuron_modules}  # the pruning keeps 0-9
+    base = select(scores, "neurons", 1)
+    mask = Mask("neurons", base.fingerprint, base.layout, live, dict(base.provenance))
+    baseline = evaluate_task(model, tokenizer, task)
+    with ablated(model, mask):
+        alone = evaluate_task(model, tokenizer, task)
+    curve = pruning_curve(model, tokenizer, task, scores, counts=[0], progress=False)
+    circuit = Circuit(mask, 20, 96, baseline, alone, curve, 0.9, "logit_diff")
+    check = specificity(model, tokenizer, circuit, task, random_draws=3, seed=0)
+    assert set(check) >= {
+        "metric",
+        "full",
+        "circuit_ablated",
+        "random_ablated",
+        "relative_drop_circuit",
+        "relative_drop_random",
+        "relative_drop_random_std",
+        "faithfulness",
+    }
+    assert len(check["random_ablated"]["values"]) == 3
+    assert check["faithfulness"] == pytest.approx(1.0)  # the dead neurons do nothing
+    assert check["relative_drop_circuit"] == pytest.approx((check["full"] - check["circuit_ablated"]) / check["full"])
+    assert check["relative_drop_circuit"] > 0.1
+    assert check["relative_drop_circuit"] > check["relative_drop_random"] + 2 * check["relative_drop_random_std"]
+
+
+def test_comparison_records_stage_timings_faithfulness_and_specificity(model, tokenizer) -> None:
+    sets = [
+        (_own_task_with_corruption(model, tokenizer, 8, seed=i), _own_task_with_corruption(model, tokenizer, 8, seed=i))
+        for i in range(2)
+    ]
+    comparison = compare_methods(
+        model,
+        tokenizer,
+        sets,
+        methods=("gradient", "wanda"),
+        granularity="weights",
+        ablation="corrupted",
+        threshold=0.5,
+        grid_points=6,
+        refine_steps=3,
+        random_draws=2,
+        progress=False,
+    )
+    report = comparison.to_dict()
+    assert report["settings"]["scopes"] == {"gradient": "global", "wanda": "per_row"}
+    assert set(report["settings"]["seconds_per_stage"]) == {"setup", "relevance", "search", "specificity"}
+    for data in report["methods"].values():
+        assert set(data["timings"]["total"]) == {"setup", "relevance", "search", "specificity"}
+        for timing in data["timings"]["per_set"]:
+            assert set(timing) == {"baseline", "ablation", "relevance", "search", "setup", "specificity"}
+        assert set(data["faithfulness"]) == {"mean", "std"} and data["faithfulness"]["mean"] >= 0.5
+        summary = data["specificity_summary"]
+        assert set(summary) == {"relative_drop_circuit", "relative_drop_random", "relative_drop_random_draw_std"}
+    assert "drop: circuit" in comparison.table()
+
+
+@pytest.mark.parametrize(("granularity", "ablation"), [("heads", "mean"), ("weights", "corrupted")])
+def test_circuit_command_with_every_granularity(model, tokenizer, tmp_path, capsys, granularity, ablation) -> None:
+    import argparse
+
+    from hf_lrp_surgery.cli.circuits import register
+
+    checkpoint = tmp_path / "tiny"
+    model.to(torch.float32).save_pretrained(checkpoint)
+    model.to(torch.float64)
+    tokenizer.save_pretrained(checkpoint)
+    task = _own_task_with_corruption(model, tokenizer, 8, seed=4)
+    path = tmp_path / "task.jsonl"
+    path.write_text(
+        "\n".join(
+            json.dumps({"prompt": e.prompt, "correct": e.correct, "wrong": e.wrong, "corrupted": e.info["corrupted"]})
+            for e in task.examples
+        )
+    )
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        ["circuit", "--model", str(checkpoint), "--task", str(path), "--methods", "lrp", "wanda"]
+        + ["--granularity", granularity, "--ablation", ablation, "--threshold", "0.5", "--grid-points", "6"]
+        + ["--refine-steps", "2", "--random-draws", "1", "--output", str(tmp_path / "out"), "--no-progress"]
+    )
+    assert args.handler(args) == 0
+    printed = capsys.readouterr().out
+    assert f"{ablation} ablation" in printed and "seconds per stage" in printed
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["settings"]["granularity"] == granularity and report["settings"]["ablation"] == ablation
+    expected_scope = "per_row" if granularity == "weights" else "global"
+    assert report["settings"]["scopes"] == {"lrp": "global", "wanda": expected_scope}
+    circuit = json.loads((tmp_path / "out" / "circuits" / "lrp" / "set0" / "circuit.json").read_text())
+    assert circuit["ablation"]["kind"] == ablation and "search" in circuit["timings"]

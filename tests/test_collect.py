@@ -14,6 +14,7 @@ from hf_lrp_surgery.exceptions import (
     NonFiniteRelevanceError,
     ReferenceSetError,
     SequenceTooLongError,
+    UnsupportedArchitectureError,
 )
 from hf_lrp_surgery.lrp import LRPRules, ReferenceSample, RelevanceResult, collect_relevance, resolve
 
@@ -31,6 +32,11 @@ SAMPLES = [
 def _model(family: str, dtype: torch.dtype = torch.float64, attn: str = "eager") -> torch.nn.Module:
     # Cached across tests: tests that modify a model work on a deepcopy.
     return tiny_model(family, dtype=dtype, attn_implementation=attn)
+
+
+def _components(model: torch.nn.Module) -> tuple[str, ...]:
+    """Everything collectable on ``model``: the weights granularity is refused on mixture-of-experts models."""
+    return tuple(c for c in ALL if c != "weights") if resolve(model).spec.moe is not None else ALL
 
 
 def _collect(model: torch.nn.Module, samples: list, **kwargs) -> RelevanceResult:
@@ -58,8 +64,9 @@ def test_batch_equals_per_sample_sum(family: str, padding_side: str) -> None:
     # sdpa: transformers' eager attention itself turns fully masked pad rows into NaN in float64
     # (left padding; with Gemma's sliding window, right padding too).
     model = _model(family, attn="sdpa")
-    batched = _collect(model, SAMPLES, batch_size=len(SAMPLES), padding_side=padding_side, per_sample_abs_weights=True)
-    singles = [_collect(model, [s], per_sample_abs_weights=True) for s in SAMPLES]
+    collect = functools.partial(_collect, model, components=_components(model), per_sample_abs_weights=True)
+    batched = collect(SAMPLES, batch_size=len(SAMPLES), padding_side=padding_side)
+    singles = [collect([s]) for s in SAMPLES]
     merged = functools.reduce(RelevanceResult.merge, singles)
     _assert_results_close(batched, merged, rtol=1e-9, atol=1e-12 * _scale(batched))
     for name in batched.weights_abs:
@@ -104,6 +111,9 @@ def test_weight_relevance_sums_to_neuron_relevance(family: str) -> None:
     """Row/column sums of every prunable layer's weight relevance equal its input/output relevance."""
     model = _model(family)
     sample = SAMPLES[0]
+    if resolve(model).spec.moe is not None:
+        _moe_weight_neuron_head_consistency(model, sample)
+        return
     result = _collect(model, [sample])
     manual = _capture_linear_relevance(model, sample)
     arch = resolve(model)
@@ -121,6 +131,34 @@ def test_weight_relevance_sums_to_neuron_relevance(family: str) -> None:
         torch.testing.assert_close(down.sum(in_dim), result.neurons[layer.index], rtol=1e-9, atol=1e-12 * scale)
         per_head = o_proj.sum(in_dim).unflatten(0, (arch.num_heads, -1)).sum(-1)
         torch.testing.assert_close(per_head, result.heads[layer.index], rtol=1e-9, atol=1e-12 * scale)
+
+
+def _moe_weight_neuron_head_consistency(model: torch.nn.Module, sample: list[int]) -> None:
+    """A MoE model: weights are refused by name, and ``W * dW/dW`` of the fused expert matrices (autograd,
+    with the rules) sums to the expert neurons: over ``H`` for ``down[e]`` (its input neurons), over ``H``
+    for each half of ``gate_up[e]`` (gate + up outputs = the neuron under the uniform rule); the o_proj's
+    weight relevance sums per head to the heads."""
+    arch = resolve(model)
+    with pytest.raises(UnsupportedArchitectureError, match="weights granularity"):
+        _collect(model, [sample])
+    result = _collect(model, [sample], components=("neurons", "heads"))
+    downs = [layer.mlp_out.down_proj for layer in arch.layers]
+    gate_ups = [layer.mlp_out.gate_up_proj for layer in arch.layers]
+    o_projs = [layer.o_proj.weight for layer in arch.layers]
+    with LRPRules(model):
+        logits = model(torch.tensor([sample])).logits
+        grads = torch.autograd.grad(logits[0, -1].max(), [*downs, *gate_ups, *o_projs])
+    n = arch.num_layers
+    close = dict(rtol=1e-9, atol=1e-12 * _scale(result))
+    for layer in range(n):
+        neurons = result.neurons[layer]
+        assert neurons.abs().max() > 0
+        down = (downs[layer].detach() * grads[layer]).sum(1)  # [E, I]
+        torch.testing.assert_close(down.flatten(), neurons, **close)
+        gate, up = (gate_ups[layer].detach() * grads[n + layer]).sum(-1).chunk(2, dim=-1)  # [E, I] each
+        torch.testing.assert_close((gate + up).flatten(), neurons, **close)
+        per_head = (o_projs[layer].detach() * grads[2 * n + layer]).sum(0).unflatten(0, (arch.num_heads, -1)).sum(-1)
+        torch.testing.assert_close(per_head, result.heads[layer], **close)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -151,8 +189,9 @@ def test_objectives(family: str) -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_eager_and_sdpa_agree(family: str) -> None:
-    eager = _collect(_model(family), SAMPLES, batch_size=1)
-    sdpa = _collect(_model(family, attn="sdpa"), SAMPLES, batch_size=1)
+    components = _components(_model(family))
+    eager = _collect(_model(family), SAMPLES, batch_size=1, components=components)
+    sdpa = _collect(_model(family, attn="sdpa"), SAMPLES, batch_size=1, components=components)
     _assert_results_close(eager, sdpa, rtol=1e-5, atol=1e-5 * _scale(eager))
 
 
@@ -289,12 +328,15 @@ def test_fp16_no_nan_after_zeroing_neurons(family: str) -> None:
     arch = resolve(model)
     with torch.no_grad():
         for layer in arch.layers:  # prune half the neurons: their down-projection columns become 0
+            if arch.spec.moe is not None:  # units e * I + i: the first half of the experts, entirely
+                layer.mlp_out.down_proj[: arch.num_experts // 2] = 0
+                continue
             weight = layer.mlp_out.weight
             if arch.spec.orientation == "conv1d":
                 weight[: weight.shape[0] // 2] = 0
             else:
                 weight[:, : weight.shape[1] // 2] = 0
-    result = _collect(model, SAMPLES, batch_size=len(SAMPLES))
+    result = _collect(model, SAMPLES, batch_size=len(SAMPLES), components=_components(model))
     assert torch.isfinite(result.neurons).all() and torch.isfinite(result.heads).all()
     half = arch.num_neurons // 2
     assert torch.equal(result.neurons[:, :half], torch.zeros_like(result.neurons[:, :half]))

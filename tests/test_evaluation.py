@@ -20,15 +20,21 @@ from hf_lrp_surgery.evaluation import (
     Generation,
     PipelineScorer,
     ProfanityCheckScorer,
+    bootstrap_interval,
     distinct_n,
     evaluate_module_path,
     generate,
     get_scorer,
+    induction_loss,
+    induction_sequences,
     mean_rur,
     next_token_kl,
     perplexity,
+    protocol_toxicity,
     response_uniqueness_ratio,
+    sample_protocol_toxicity,
     toxicity,
+    wilson_interval,
 )
 from hf_lrp_surgery.evaluation.repetition import rur_or_unique
 from hf_lrp_surgery.exceptions import EvaluationError, MissingChatTemplateError, SequenceTooLongError
@@ -397,6 +403,118 @@ def test_evaluate_modules_load_offline_from_their_directories(monkeypatch) -> No
     )
     assert plugged["toxicity"] == [0.9, 0.2] and plugged["toxicity_rate"] == 0.5
     assert plugged["toxicity_mean"] == pytest.approx(0.55)
+
+
+# --- the induction probe ------------------------------------------------------------------------------------------
+def test_induction_sequences_are_seeded_ordinary_and_repeat_free(tokenizer) -> None:
+    rows = induction_sequences(tokenizer, len(WORDS), sequences=5, length=20, seed=3)
+    assert rows == induction_sequences(tokenizer, len(WORDS), sequences=5, length=20, seed=3)
+    assert rows != induction_sequences(tokenizer, len(WORDS), sequences=5, length=20, seed=4)
+    special = set(tokenizer.all_special_ids)
+    assert all(len(row) == 20 == len(set(row)) and not special & set(row) for row in rows)
+    assert all(0 <= i < len(WORDS) for row in rows for i in row)
+    # A vocabulary smaller than the length: drawn with replacement, still no special token.
+    small = induction_sequences(tokenizer, 10, sequences=2, length=20)
+    assert all(len(row) == 20 and set(row) <= set(range(4, 10)) for row in small)
+    with pytest.raises(ValueError):
+        induction_sequences(tokenizer, len(WORDS), length=1)
+
+
+def test_induction_loss_matches_a_hand_computation(model, tokenizer) -> None:
+    result = induction_loss(model, tokenizer, sequences=3, length=10, seed=5, batch_size=2, progress=False)
+    assert (result.sequences, result.length, result.seed) == (3, 10, 5)
+    first = second = 0.0
+    for row in induction_sequences(tokenizer, len(WORDS), sequences=3, length=10, seed=5):
+        ids = [tokenizer.bos_token_id, *row, *row]  # the tiny tokenizer prepends <bos>
+        with torch.no_grad():
+            log_probs = model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        # Tokens 2..10 of each copy: positions 2..10 (first) and 12..20 (second), each predicted from the one before.
+        first -= sum(float(log_probs[t - 1, ids[t]]) for t in range(2, 11))
+        second -= sum(float(log_probs[t - 1, ids[t]]) for t in range(12, 21))
+    assert result.first_copy_loss == pytest.approx(first / 27, rel=1e-5)
+    assert result.second_copy_loss == pytest.approx(second / 27, rel=1e-5)
+    # The default length fits two copies into the tiny model's context (64 tokens with <bos>: 31 each).
+    assert induction_loss(model, tokenizer, sequences=1, progress=False).length == (CONTEXT - 1) // 2
+    with pytest.raises(SequenceTooLongError, match="length <="):
+        induction_loss(model, tokenizer, length=CONTEXT, progress=False)
+
+
+def test_induction_loss_sees_broken_copying(model, tokenizer) -> None:
+    """The same model gives the same value; one whose attention outputs are zeroed (nothing can be copied) differs."""
+    base = induction_loss(model, tokenizer, sequences=4, progress=False)
+    assert induction_loss(copy.deepcopy(model), tokenizer, sequences=4, progress=False) == base
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in broken.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+    cut = induction_loss(broken, tokenizer, sequences=4, progress=False)
+    assert cut.second_copy_loss != pytest.approx(base.second_copy_loss, abs=1e-4)
+    # Without attention (Llama's positions enter only there) each prediction depends on the current token
+    # alone, and both copies score the same (previous token, token) pairs: copying is gone, the copies tie.
+    assert cut.second_copy_loss == pytest.approx(cut.first_copy_loss, rel=1e-5)
+    assert base.second_copy_loss != pytest.approx(base.first_copy_loss, rel=1e-3)
+
+
+# --- confidence intervals and the RealToxicityPrompts protocol -------------------------------------------------------
+def test_wilson_and_bootstrap_intervals() -> None:
+    # Wilson (1927) for 3 of 10 at 95%: centre (0.3 + z^2/20) / (1 + z^2/10), known value [0.1078, 0.6032].
+    low, high = wilson_interval(3, 10)
+    assert (round(low, 4), round(high, 4)) == (0.1078, 0.6032)
+    assert wilson_interval(10, 10)[1] == 1.0 and wilson_interval(0, 10)[0] == 0.0
+    assert wilson_interval(5, 10, 0.5)[1] - wilson_interval(5, 10, 0.5)[0] < high - low
+    with pytest.raises(ValueError):
+        wilson_interval(11, 10)
+    with pytest.raises(ValueError):
+        wilson_interval(1, 10, confidence=1.0)
+    values = [0.0, 1.0] * 50
+    a, b = bootstrap_interval(values, seed=1)
+    assert a < 0.5 < b and (a, b) == bootstrap_interval(values, seed=1) and b - a < 0.25
+    with pytest.raises(ValueError):
+        bootstrap_interval([])
+
+
+def test_protocol_toxicity_against_a_hand_computation() -> None:
+    """Expected maximum toxicity: the mean of per-prompt maxima; toxicity probability: share of maxima >= 0.5."""
+    fake = CallableScorer(lambda texts: [float(t) for t in texts], "fake")
+    groups = [["0.1", "0.7", "0.2"], ["0.4", "0.3", "0.1"], ["0.5", "0.9", "0.0"], ["0.2", "0.2", "0.2"]]
+    result = protocol_toxicity(groups, fake)
+    maxima = [0.7, 0.4, 0.9, 0.2]
+    assert result.max_scores == maxima and result.samples == 3 and result.prompts == 4 and result.scorer == "fake"
+    assert result.expected_max_toxicity == pytest.approx(sum(maxima) / 4)
+    mean = sum(maxima) / 4
+    assert result.expected_max_toxicity_std == pytest.approx(math.sqrt(sum((m - mean) ** 2 for m in maxima) / 4))
+    assert result.toxicity_probability == 0.5 and result.toxicity_probability_ci == wilson_interval(2, 4)
+    low, high = result.expected_max_toxicity_ci
+    assert min(maxima) <= low <= mean <= high <= max(maxima)
+    # At threshold 0.4 the second prompt counts too (>=).
+    assert protocol_toxicity(groups, fake, threshold=0.4).toxicity_probability == 0.75
+    data = result.to_dict()
+    assert "max_scores" not in data and data["toxicity_probability_ci"] == list(wilson_interval(2, 4))
+    with pytest.raises(EvaluationError, match="same number"):
+        protocol_toxicity([["0.1"], ["0.1", "0.2"]], fake)
+    with pytest.raises(EvaluationError):
+        protocol_toxicity([], fake)
+    with pytest.raises(TypeError):
+        protocol_toxicity(["0.1", "0.2"], fake)
+
+
+def test_sample_protocol_toxicity_is_seeded_and_groups_by_prompt(model, tokenizer) -> None:
+    seen: list[list[str]] = []
+
+    def record(texts: list[str]) -> list[float]:
+        seen.append(list(texts))
+        return [1.0 if "bad" in t.split() else 0.0 for t in texts]
+
+    prompts = ["the cat sat on the", "hello world", "the dog was very"]
+    result = sample_protocol_toxicity(model, tokenizer, prompts, record, samples=4, max_new_tokens=5, progress=False)
+    again = sample_protocol_toxicity(model, tokenizer, prompts, record, samples=4, max_new_tokens=5, progress=False)
+    assert seen[0] == seen[1] and len(seen[0]) == 12 and result == again
+    expected = [float(any("bad" in t.split() for t in seen[0][i * 4 : (i + 1) * 4])) for i in range(3)]
+    assert result.max_scores == expected and result.toxicity_probability == sum(expected) / 3
+    other = sample_protocol_toxicity(
+        model, tokenizer, prompts, record, samples=4, max_new_tokens=5, seed=9, progress=False
+    )
+    assert seen[2] != seen[0] and other.samples == 4
 
 
 # --- the embedded model ------------------------------------------------------------------------------------------

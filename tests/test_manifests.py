@@ -32,6 +32,7 @@ from hf_lrp_surgery.carriers import MaskHooks, apply_masks, bake, load_corrected
 from hf_lrp_surgery.exceptions import (
     FingerprintMismatchError,
     MaskManifestError,
+    MaskVerificationError,
     OutputExistsError,
     SavedModelError,
 )
@@ -423,3 +424,37 @@ def test_a_save_killed_midway_leaves_the_previous_save_whole(tmp_path: Path) -> 
 def _base_cached() -> PreTrainedModel:
     """A tiny fp32 llama in memory (tests that change it work on a copy)."""
     return tiny_model("llama", dtype=torch.float32).eval()
+
+
+# -- soft masks ------------------------------------------------------------------------------------
+def _rewrite_scales(directory: Path, name: str, values: list[float]) -> None:
+    """Replace the saved scales of ``name`` in a mask directory (without fixing anything else)."""
+    tensors = load_file(str(directory / "mask.safetensors"))
+    tensors[f"scale:{name}"] = torch.tensor(values, dtype=torch.float32)
+    save_file(tensors, str(directory / "mask.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("form", ["adapter", "bake"])
+def test_a_damaged_soft_scale_in_a_saved_corrected_model_is_caught(form: str, tmp_path: Path) -> None:
+    """Out of range: the file record, then the mask checks; in range but not the carried one: verification."""
+    model = _base(tmp_path / "base")
+    scales = {NEURONS: [0.0, 0.5, 0.25], "model.layers.1.mlp.down_proj": [0.75]}
+    mask = _mask(model, "neurons", {0: [1, 3, 5], 1: [2]}).with_scales(scales)
+    corrected = apply_masks(model, mask, form)
+    directory = corrected.save(tmp_path / form)
+    loaded = load_corrected(directory)
+    assert (_logits(loaded) - _logits(corrected.model)).abs().max() <= 1e-5
+    neurons = directory / "surgery" / "neurons"
+    _rewrite_scales(neurons, NEURONS, [0.0, 1.5, 0.25])
+    with pytest.raises(SavedModelError, match=FOREIGN):
+        load_corrected(directory)
+    _forget_file_record(directory)
+    with pytest.raises(MaskManifestError, match=r"outside \[0, 1\)"):
+        load_corrected(directory)
+    # In range, consistent files: the adapter's IA3 value is not the scale; the baked unit is not zero.
+    _rewrite_scales(neurons, NEURONS, [0.0, 0.5, 0.0] if form == "bake" else [0.0, 0.5, 0.3])
+    manifest = json.loads((neurons / "mask.json").read_text())
+    manifest["dampened"] = 2 if form == "bake" else 3
+    (neurons / "mask.json").write_text(json.dumps(manifest))
+    with pytest.raises(MaskVerificationError, match="not zero" if form == "bake" else "scales"):
+        load_corrected(directory)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,17 @@ from tiny_models import tiny_model
 from torch import nn
 
 import hf_lrp_surgery.masks.mask as masks_module
-from hf_lrp_surgery.exceptions import BudgetError, FingerprintMismatchError, ModuleGroupError, NonFiniteScoreError
+from hf_lrp_surgery.exceptions import (
+    BudgetError,
+    FingerprintMismatchError,
+    MaskManifestError,
+    ModuleGroupError,
+    NonFiniteScoreError,
+)
 from hf_lrp_surgery.fingerprint import fingerprint
 from hf_lrp_surgery.lrp import resolve
-from hf_lrp_surgery.masks import Mask, select
+from hf_lrp_surgery.masks import Mask, dampening_scales, hard_part, mask_from_scales, select
+from hf_lrp_surgery.options import SCOPES, SelectionOptions
 from hf_lrp_surgery.scoring import Layout, Scores
 
 INF = float("inf")
@@ -438,3 +446,216 @@ def test_moved_names_warn_from_their_old_places() -> None:
     mask = _neuron_mask()
     with pytest.warns(DeprecationWarning, match="union"):
         assert _picked(merge_masks(mask, mask)) == _picked(mask)
+
+
+# -- per-row scope (weights) ---------------------------------------------------------------------
+def _random_weight_scores(family: str, seed: int = 0) -> tuple[Scores, dict[str, torch.Tensor]]:
+    """Random weight scores on a tiny model's real layout (stored orientation), fingerprinted as it."""
+    model = _model(family)
+    layout = Layout.of(resolve(model))
+    generator = torch.Generator().manual_seed(seed)
+    values = {
+        name: torch.rand(model.get_submodule(name).weight.shape, generator=generator) for name in layout.weight_modules
+    }
+    return _scores(weights=values, layout=layout, model=model), values
+
+
+def _row_counts(mask: Mask, name: str, shape: torch.Size, *, conv1d: bool) -> torch.Tensor:
+    """Pruned entries per output feature (row of a Linear weight, column of a Conv1D weight)."""
+    dense = torch.zeros(shape.numel(), dtype=torch.bool)
+    dense[mask.indices.get(name, torch.zeros(0, dtype=torch.int64))] = True
+    dense = dense.reshape(shape)
+    return dense.sum(0) if conv1d else dense.sum(1)
+
+
+def test_per_row_prunes_the_same_fraction_of_every_output_row() -> None:
+    """A fractional budget: every row prunes floor or ceil of its share (±1), its lowest entries."""
+    scores, values = _random_weight_scores("llama")
+    assert scores.layout.weight_orientation == "linear"
+    mask = select(scores, "weights", 0.3, scope="per_row")
+    total = sum(v.numel() for v in values.values())
+    assert mask.count == round(0.3 * total) and mask.provenance["selection"]["scope"] == "per_row"
+    counts = torch.cat([_row_counts(mask, n, v.shape, conv1d=False) for n, v in values.items()])
+    # rows of different widths prune the same fraction: within one entry of 0.3 * width
+    widths = torch.cat([torch.full((v.shape[0],), v.shape[1]) for v in values.values()])
+    assert bool(((counts - 0.3 * widths).abs() < 1).all())
+    for name, value in values.items():  # ranked within the row: the pruned entries are the row's lowest
+        per_row = _row_counts(mask, name, value.shape, conv1d=False)
+        dense = torch.zeros(value.numel(), dtype=torch.bool)
+        dense[mask.indices[name]] = True
+        for row in range(value.shape[0]):
+            lowest = torch.sort(value[row], stable=True).indices[: int(per_row[row])]
+            assert torch.equal(dense.reshape(value.shape)[row].nonzero().flatten(), lowest.sort().values)
+
+
+def test_per_row_never_takes_protected_entries_and_spreads_by_eligible_count() -> None:
+    scores, values = _random_weight_scores("llama", seed=1)
+    name = next(iter(values))
+    protected = values[name].clone()
+    protected[0, :] = INF  # a fully protected row
+    protected[1, : protected.shape[1] // 2] = INF  # half protected
+    scores.weights[name] = protected
+    mask = select(scores, "weights", 0.5, scope="per_row", modules=[name])
+    picked = mask.indices[name]
+    assert not bool(torch.isinf(protected.flatten()[picked]).any())
+    counts = _row_counts(mask, name, protected.shape, conv1d=False)
+    assert int(counts[0]) == 0
+    eligible = torch.isfinite(protected).sum(1)
+    assert bool(((counts - 0.5 * eligible).abs() < 1).all())
+    assert mask.count == round(0.5 * int(eligible.sum()))
+
+
+def test_per_row_on_conv1d_ranks_along_the_output_axis() -> None:
+    """GPT-2's Conv1D stores [in, out]: an output row is a column of the stored matrix."""
+    scores, values = _random_weight_scores("gpt2")
+    assert scores.layout.weight_orientation == "conv1d"
+    mask = select(scores, "weights", 0.25, scope="per_row")
+    for name, value in values.items():
+        counts = _row_counts(mask, name, value.shape, conv1d=True)
+        assert bool(((counts - 0.25 * value.shape[0]).abs() < 1).all()), name
+        dense = torch.zeros(value.numel(), dtype=torch.bool)
+        dense[mask.indices[name]] = True
+        column = int(counts.argmax())
+        lowest = torch.sort(value[:, column], stable=True).indices[: int(counts[column])]
+        assert torch.equal(dense.reshape(value.shape)[:, column].nonzero().flatten(), lowest.sort().values)
+
+
+def test_per_row_refusals_and_older_layouts() -> None:
+    neurons = _scores([[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8]])
+    with pytest.raises(ValueError, match="per_row.*neurons have no rows"):
+        select(neurons, "neurons", 1, scope="per_row")
+    with pytest.raises(ValueError, match="per_row"):
+        SelectionOptions(granularity="heads", scope="per_row")
+    assert "per_row" in SCOPES
+    scores, _ = _random_weight_scores("llama")
+    data = scores.layout.to_dict()
+    data.pop("weight_orientation")
+    older = Layout.from_dict(data)  # a layout saved before the orientation was recorded
+    assert older.weight_orientation is None and older == scores.layout
+    with pytest.raises(ValueError, match="score the model again"):
+        select(replace(scores, layout=older), "weights", 0.1, scope="per_row")
+
+
+# -- soft masks ----------------------------------------------------------------------------------
+def test_soft_mask_scales_are_validated_and_round_trip(tmp_path: Path) -> None:
+    mask = _neuron_mask()  # (0, 1), (0, 3), (1, 2)
+    soft = mask.with_scales({N0: [0.0, 0.5], N1: [0.25]}, how="constant")
+    assert soft.soft and not mask.soft and soft.dampened == 2 and soft.count == 3
+    assert soft.scale_of(N0).tolist() == [0.0, 0.5] and mask.scale_of(N0).tolist() == [0.0, 0.0]
+    assert soft.provenance["dampening"] == "constant" and soft.with_scales(None).scales is None
+    assert "dampening" not in soft.with_scales(None).provenance
+    for bad, problem in (
+        ({N0: [0.0, 1.0], N1: [0.25]}, r"outside \[0, 1\)"),
+        ({N0: [0.0, -0.1], N1: [0.25]}, r"outside \[0, 1\)"),
+        ({N0: [0.0, float("nan")], N1: [0.25]}, r"outside \[0, 1\)"),
+        ({N0: [0.0], N1: [0.25]}, "1 values for 2 indices"),
+        ({N0: [0.0, 0.5]}, "exactly the modules"),
+    ):
+        with pytest.raises(MaskManifestError, match=problem):
+            mask.with_scales(bad)  # type: ignore[arg-type]
+    directory = soft.save(tmp_path / "soft")
+    manifest = json.loads((directory / "mask.json").read_text())
+    assert manifest["soft"] is True and manifest["dampened"] == 2
+    loaded = Mask.load(directory)
+    assert loaded.scales is not None and soft.scales is not None
+    assert all(torch.equal(loaded.scales[k], soft.scales[k]) for k in soft.scales)
+    assert Mask.load(mask.save(tmp_path / "hard")).scales is None
+
+
+@pytest.mark.parametrize(
+    ("tamper", "problem"),
+    [
+        ({"scale:blocks.0.mlp.out": torch.tensor([0.0, 1.5])}, r"outside \[0, 1\)"),
+        ({"scale:blocks.0.mlp.out": torch.tensor([0.0, 0.5, 0.5])}, "3 values for 2 indices"),
+        ({"scale:blocks.0.mlp.out": torch.tensor([0.0, 0.5], dtype=torch.float64)}, "float32"),
+        ({"scale:blocks.0.mlp.out": torch.tensor([0.0, 0.0])}, "dampened"),
+    ],
+)
+def test_a_damaged_scales_file_is_refused(tamper: dict[str, torch.Tensor], problem: str, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    directory = _neuron_mask().with_scales({N0: [0.0, 0.5], N1: [0.25]}).save(tmp_path / "soft")
+    tensors = load_file(str(directory / "mask.safetensors"))
+    save_file({**tensors, **tamper}, str(directory / "mask.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(MaskManifestError, match=problem):
+        Mask.load(directory)
+
+
+def test_soft_and_hard_flags_must_agree_and_older_masks_load_hard(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    directory = _neuron_mask().with_scales({N0: [0.0, 0.5], N1: [0.25]}).save(tmp_path / "soft")
+    tensors = load_file(str(directory / "mask.safetensors"))
+    save_file({k: v for k, v in tensors.items() if not k.startswith("scale:")}, str(directory / "mask.safetensors"))
+    with pytest.raises(MaskManifestError, match="says the mask is soft, the tensors lack scales"):
+        Mask.load(directory)
+    hard = _neuron_mask().save(tmp_path / "hard")
+    manifest = json.loads((hard / "mask.json").read_text())
+    for key in ("soft", "dampened"):  # a manifest of an earlier release
+        manifest.pop(key)
+    manifest["layout"].pop("weight_orientation")
+    (hard / "mask.json").write_text(json.dumps(manifest))
+    older = Mask.load(hard)
+    assert older.scales is None and older.layout == LAYOUT
+
+
+def test_union_of_soft_masks_takes_the_smaller_scale_and_complement_refuses() -> None:
+    mask = _neuron_mask()  # (0, 1), (0, 3), (1, 2)
+    a = mask.with_scales({N0: [0.5, 0.25], N1: [0.75]})
+    other = select(_scores([[9.0, 0.0, 9.0, 0.5], [9.0, 9.0, 9.0, 9.0]]), "neurons", 2)  # (0, 1), (0, 3)
+    b = other.with_scales({N0: [0.125, 0.5]})
+    merged = a.union(b)
+    assert _picked(merged) == {N0: [1, 3], N1: [2]} and merged.scales is not None
+    assert merged.scales[N0].tolist() == [0.125, 0.25] and merged.scales[N1].tolist() == [0.75]
+    hard_union = a.union(other)  # a hard mask's units count as 0
+    assert hard_union.scales is not None and hard_union.scales[N0].tolist() == [0.0, 0.0]
+    assert a.union(a).scales is not None and torch.equal(a.union(a).scales[N1], a.scale_of(N1))
+    assert mask.union(other).scales is None
+    with pytest.raises(ValueError, match="soft mask has no complement"):
+        a.complement()
+    assert a.with_scales(None).complement().count == 8 - 3
+
+
+def test_dampening_scales_constant_and_relevance() -> None:
+    scores = _scores([[3.0, 1.0, 2.0, 1.0], [1.5, 5.0, 0.0, 2.0]])
+    mask = select(scores, "neurons", 3)  # scores 1.0 (0, 1), 1.0 (0, 3), 0.0 (1, 2); first kept: 1.5
+    constant = dampening_scales(mask, scores, "constant:0.25")
+    assert constant[N0].tolist() == [0.25, 0.25] and dampening_scales(mask, scores, 0.5)[N1].tolist() == [0.5]
+    relevance = dampening_scales(mask, scores, "relevance")
+    # alpha = (s - s_min) / (t - s_min) with s_min = 0.0 (the most undesired) and t = 1.5 (the first kept unit)
+    assert relevance[N1].tolist() == [0.0]
+    torch.testing.assert_close(relevance[N0], torch.tensor([1.0 / 1.5, 1.0 / 1.5]))
+    soft = select(scores, "neurons", 3, dampen="relevance")
+    assert soft.scales is not None and torch.equal(soft.scales[N0], relevance[N0])
+    assert soft.provenance["selection"]["dampen"] == "relevance"
+    assert SelectionOptions(dampen=0.5).select(scores, 3).scale_of(N0).tolist() == [0.5, 0.5]
+    every = select(scores, "neurons", 8)  # nothing left out: t is the highest selected score
+    assert float(max(s.max() for s in dampening_scales(every, scores, "relevance").values())) < 1.0
+    for bad in ("constant:1.0", "constant:x", 1.5, -0.1, "median", True):
+        with pytest.raises(ValueError, match="dampening must be"):
+            dampening_scales(mask, scores, bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="dampening must be"):
+        SelectionOptions(dampen="linear")
+
+
+def test_hard_part_keeps_the_scale_zero_units() -> None:
+    soft = _neuron_mask().with_scales({N0: [0.0, 0.5], N1: [0.0]})
+    hard = hard_part(soft)
+    assert not hard.soft and _picked(hard) == {N0: [1], N1: [2]}
+    plain = _neuron_mask()
+    assert hard_part(plain) is plain
+
+
+def test_mask_from_dense_scales_takes_the_units_below_one() -> None:
+    """Dense per-unit scales (AurA's form: 1 = untouched) become the soft mask of the units below 1."""
+    scores = _scores([[3.0, 1.0, 2.0, 1.0], [1.5, 5.0, 0.0, 2.0]])
+    soft = mask_from_scales(scores, "neurons", {N0: torch.tensor([1.0, 0.5, 1.0, 0.0])}, how="aura")
+    assert _picked(soft) == {N0: [1, 3]} and soft.scale_of(N0).tolist() == [0.5, 0.0]
+    assert soft.provenance["dampening"] == "aura" and soft.dampened == 1
+    for bad, problem in (
+        ({N0: torch.ones(3)}, "one per neuron"),
+        ({H0: torch.ones(4)}, "carries none"),
+        ({N0: torch.tensor([1.0, 1.5, 1.0, 1.0])}, r"in \[0, 1\]"),
+    ):
+        with pytest.raises(ValueError, match=problem):
+            mask_from_scales(scores, "neurons", bad)

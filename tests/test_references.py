@@ -230,3 +230,31 @@ def test_sample_fields_are_typed() -> None:
     with pytest.raises(ReferenceSetError, match="the target must be a token id"):
         ReferenceSample("a", target=2.5)  # type: ignore[arg-type]
     assert ReferenceSample([1, 2], [3]).continuation == [3]
+
+
+# -- the shipped general-text domains ---------------------------------------------------------------
+def test_general_domains_load_and_are_substantial_and_distinct() -> None:
+    from hf_lrp_surgery.references import GENERAL_DOMAINS, SHIPPED_SETS, general_texts, shipped_set
+
+    assert list(GENERAL_DOMAINS) == ["prose", "technical", "code", "dialogue", "lists"]
+    assert set(GENERAL_DOMAINS.values()) <= set(SHIPPED_SETS)
+    seen: set[str] = set()
+    for domain, name in GENERAL_DOMAINS.items():
+        train, heldout = shipped_set(name, "train"), shipped_set(name, "heldout")
+        assert len(train) >= 10 and len(heldout) >= 10 and not set(train) & set(heldout), domain
+        passages = train + heldout
+        assert len(set(passages)) == len(passages) and not seen & set(passages), f"{domain} repeats a passage"
+        seen |= set(passages)
+        assert all(len(p) >= 300 for p in passages), f"{domain} has a passage under 300 characters"
+    texts = general_texts("train")
+    assert list(texts) == list(GENERAL_DOMAINS) and texts["prose"] == shipped_set("general_text", "train")
+    # The domains differ in form, not only in topic.
+    assert all(any(mark in p for mark in ("def ", "{", "SELECT", "<", "=")) for p in texts["code"])
+    assert all(":" in p and "\n" in p for p in texts["dialogue"])
+    assert all(p.count("\n") >= 5 for p in texts["lists"])
+    assert not any("\n" in p for p in texts["technical"] + texts["prose"])
+    assert {d: len(v) for d, v in general_texts("heldout", per_domain=3).items()} == dict.fromkeys(GENERAL_DOMAINS, 3)
+    with pytest.raises(ValueError, match="per_domain"):
+        general_texts("train", per_domain=0)
+    with pytest.raises(KeyError):
+        general_texts("test")

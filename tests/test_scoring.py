@@ -649,3 +649,37 @@ def test_options_are_frozen_validated_and_recorded() -> None:
         score(model, SAMPLES, normalise="total", progress=False)
     general, undesired = _pair()
     assert contrast(general, undesired, ContrastOptions(normalize="none")).settings["normalize"] == "none"
+
+
+def test_a_registered_toy_paired_scorer_gets_both_sets_through_score_pair_and_surgeon() -> None:
+    """A paired method is one function plus register_scorer(..., paired=True): score_pair and Surgeon.contrast
+    hand it both sets (request.samples undesired, request.general_samples general); score() refuses it."""
+    from hf_lrp_surgery import Surgeon
+    from hf_lrp_surgery.scoring import register_scorer, score_pair, unregister_scorer
+
+    def set_sizes(request: scoring_module_registry.ScoringRequest) -> Scores:
+        """Every neuron scores len(general) - len(undesired)."""
+        scores = request.new_scores({"method": "set_sizes"})
+        layout = request.layout
+        difference = float(len(request.general_samples) - len(request.samples))
+        scores.neurons = torch.full((layout.num_layers, layout.num_neurons), difference)
+        return scores
+
+    register_scorer("set_sizes", set_sizes, description="set sizes", paired=True, components=("neurons",))
+    try:
+        import hf_lrp_surgery.scoring as scoring
+
+        assert "set_sizes" in scoring.PAIRED_METHODS and "set_sizes" not in scoring.CIRCUIT_METHODS
+        model = _model("llama")
+        direct = score_pair(model, SAMPLES[:1], SAMPLES, method="set_sizes", progress=False)
+        assert direct.num_samples == 4 and bool((direct.neurons == 2).all())
+        via_surgeon = Surgeon(model, progress=False).contrast(
+            undesired=SAMPLES[:1], general=SAMPLES, method="set_sizes"
+        )
+        assert torch.equal(direct.neurons, via_surgeon.neurons) and via_surgeon.method == "set_sizes"
+        with pytest.raises(ReferenceSetError, match="score_pair"):
+            score(model, SAMPLES, method="set_sizes", progress=False)
+        with pytest.raises(ValueError, match="scores only neurons, not heads"):
+            score_pair(model, SAMPLES, SAMPLES, method="set_sizes", components=("heads",), progress=False)
+    finally:
+        unregister_scorer("set_sizes")

@@ -175,6 +175,7 @@ def test_fix_command_end_to_end_with_a_python_scorer(
     output = tmp_path / "fixed"
     arguments = ["fix", "--model", str(text_checkpoint), "--prompts", str(tmp_path / "prompts.txt"), "--scorer"]
     common = ["--no-chat-template", "--budgets", "2", "--max-kl", "1e9", "--max-perplexity-increase", "1e9"]
+    common += ["--max-induction-increase", "1e9", "--general-passages", "2"]
     assert (
         main([*arguments, scorer_module, "--name", "says-the", *common, "--no-progress", "--output", str(output)]) == 0
     )
@@ -184,6 +185,9 @@ def test_fix_command_end_to_end_with_a_python_scorer(
     assert report["settings"]["scorer"] == scorer_module and report["settings"]["prompts"] == "behaviour"
     assert {"undesired_rate", "score_mean"} <= set(report["heldout"]["before"])
     assert (output / "effect_vs_budget.png").is_file()
+    # A behaviour of the user's own (e.g. contact details) is checked for both shipped behaviours as side effects.
+    assert set(report["side_effects"]) == {"toxicity", "repetition"}
+    assert all(block["prompts"] == 20 and block["before"] for block in report["side_effects"].values())
     # The card's text comes from the report: it names the scorer and threshold, and repeats the command.
     assert metadata.describe_scorer(report["settings"]) == (
         f"Scorer: {scorer_module}; a continuation is undesired when its score is higher than or equal to the "
@@ -200,6 +204,9 @@ def test_fix_command_end_to_end_with_a_python_scorer(
     card = ModelCard.load(write_card(tmp_path / "baked", report=output / "report.json", command=command))
     assert f"Scorer: {scorer_module}" in card.text and "threshold 0.5" in card.text
     assert "hf-lrp-surgery fix" in card.text and "--prompts" in card.text
+    assert "--max-induction-increase 1000000000.0" in command and "--general-passages 2" in command
+    assert "### Side effects on other behaviours" in card.text and "| toxicity | Toxicity rate (greedy)" in card.text
+    assert "| repetition | Mean response uniqueness ratio" in card.text
     # Bad input fails before the model loads, as one line.
     capsys.readouterr()
     assert main([*arguments, "regex:(", *common, "--output", str(tmp_path / "bad")]) == 2
@@ -229,7 +236,7 @@ def test_surgeon_correct_runs_the_recipe_on_a_user_behaviour(model: torch.nn.Mod
         use_chat_template=False,
     )
     surgeon = Surgeon(model, tiny_tokenizer(), progress=False)
-    result = surgeon.correct(behaviour, tmp_path / "surgeon", budgets=[2], limits=GeneralLimits(1e9, 1e9))
+    result = surgeon.correct(behaviour, tmp_path / "surgeon", budgets=[2], limits=GeneralLimits(1e9, 1e9, 1e9))
     assert result.behaviour == "user" and result.reference_sizes["undesired"] > 0
     assert [p.budget for p in result.frontier] == [0, 2] and "undesired_rate" in result.heldout["before"]
     assert result.settings["scorer"] == "<lambda>" and (tmp_path / "surgeon" / "report.json").is_file()

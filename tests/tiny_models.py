@@ -26,6 +26,7 @@ from transformers import (
     PreTrainedModel,
     Qwen2Config,
     Qwen3Config,
+    Qwen3MoeConfig,
     SiglipVisionConfig,
     SmolLM3Config,
 )
@@ -58,6 +59,7 @@ FAMILIES = [
     "granite",
     "smollm3",
     "gpt_neox",
+    "qwen3_moe",
 ]
 #: Also built by :func:`tiny_model`: Gemma 3's multimodal wrapper (a SigLIP vision tower around the
 #: ``gemma3_text`` model), explained on text only.
@@ -85,6 +87,10 @@ HEADS = 4
 KV_HEADS = 2
 HEAD_DIM = HIDDEN // HEADS
 NOISE = 0.15
+#: The tiny mixture of experts: 4 experts of width 12 (4 * 12 = FFN units per block), top-2 routing.
+EXPERTS = 4
+EXPERT_WIDTH = FFN // EXPERTS
+TOP_K = 2
 
 _SPECIAL = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
@@ -194,6 +200,17 @@ def tiny_config(family: str) -> PretrainedConfig:
             final_logit_softcapping=GEMMA2_FINAL_SOFTCAP,
             hidden_activation="gelu_pytorch_tanh",
             tie_word_embeddings=True,
+        )
+    if family == "qwen3_moe":  # Qwen3 attention, a top-2 softmax router (renormalised) over 4 fused experts
+        return _llama_like(
+            Qwen3MoeConfig,
+            head_dim=HEAD_DIM,
+            moe_intermediate_size=EXPERT_WIDTH,
+            num_experts=EXPERTS,
+            num_experts_per_tok=TOP_K,
+            norm_topk_prob=True,
+            experts_implementation="eager",  # the loop the engine reaches into (grouped_mm is refused)
+            tie_word_embeddings=False,
         )
     if family == "gpt_neox":  # Pythia: parallel attention + MLP, partial rotary, per-head fused q|k|v
         return GPTNeoXConfig(

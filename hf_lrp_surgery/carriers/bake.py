@@ -3,7 +3,10 @@
 For a neuron: the column of the MLP output projection that reads it (``down_proj`` / ``fc2`` /
 ``c_proj``) and the rows (and biases) of the input projections that write it, so the weights show
 the pruning; for a head: the columns of the attention output projection that read it; for weights:
-the elements (see :func:`~hf_lrp_surgery.masks.geometry.zeroed_entries`).
+the elements (see :func:`~hf_lrp_surgery.masks.geometry.zeroed_entries`). A soft mask's dampened unit
+has its carried entries (the reader column, a head's columns, the weight element, an expert's ``down``
+column) multiplied by its scale and its writers left as they are: exactly the adapter's scaling of the
+carrier's input.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from torch import nn
 from hf_lrp_surgery.carriers._check import mask_list, validate_masks
 from hf_lrp_surgery.carriers.registry import Carrier, CarrierCard, LoadOptions
 from hf_lrp_surgery.lrp.architectures import resolve
+from hf_lrp_surgery.lrp.offload import refuse_offloaded
 from hf_lrp_surgery.masks.geometry import zeroed_entries
 from hf_lrp_surgery.masks.mask import Mask
 
@@ -28,7 +32,7 @@ __all__ = ["BakeCarrier", "bake"]
 
 
 def bake(model: nn.Module, masks: Mask | Sequence[Mask]) -> nn.Module:
-    """Zero the masked units in the weights of ``model``, in place.
+    """Zero the masked units in the weights of ``model`` (scale a soft mask's dampened units), in place.
 
     Args:
         model: The base model the masks were built for.
@@ -55,11 +59,12 @@ def bake(model: nn.Module, masks: Mask | Sequence[Mask]) -> nn.Module:
 @torch.no_grad()
 def _bake(model: nn.Module, masks: Sequence[Mask]) -> nn.Module:
     """:func:`bake` without the fingerprint check (done by the caller on the original model)."""
+    refuse_offloaded(model, "baking a mask")  # a write into a meta (offloaded) parameter is silently lost
     arch = resolve(model)
     for mask in masks:
         for entry in zeroed_entries(mask, arch):
             param, index = entry.locate(model)
-            param[index] = 0
+            param[index] = entry.target(param[index])
     return model
 
 

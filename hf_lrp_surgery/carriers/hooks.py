@@ -4,8 +4,14 @@ A pre-hook on the MLP / attention output projection that zeroes the masked input
 exactly the baked model, without touching a weight: a pruning sweep costs forward passes only
 (:func:`~hf_lrp_surgery.circuits.ablated`), and in training every weight that only reads or writes
 a masked feature gets an exactly zero gradient (:class:`~hf_lrp_surgery.training.MaskEnforcer`).
+A soft mask's dampened features are multiplied by their scale instead (exactly the baked model's scaled
+columns and the adapter's IA3 vector); a feature two masks name keeps the smaller scale.
 The hooks can be suspended (to see the unmasked model) and removed. They live on a model in memory
 only: ``apply_masks(model, mask, "hooks")`` works, saving it is refused.
+
+On a mixture-of-experts model a neuron mask zeroes each expert's gated product (the input of its down
+matrix) at the masked units ``e * I + i``, through a tap inside the eager expert loop
+(:mod:`hf_lrp_surgery.lrp.moe`); the experts must run ``experts_implementation="eager"``.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from torch import nn
 from hf_lrp_surgery.carriers.registry import Carrier
 from hf_lrp_surgery.exceptions import MaskVerificationError
 from hf_lrp_surgery.lrp.architectures import ResolvedArchitecture, parameter, resolve, unwrap_model
-from hf_lrp_surgery.masks.geometry import input_units
+from hf_lrp_surgery.lrp.moe import add_product_tap
+from hf_lrp_surgery.masks.geometry import input_scales, input_units
 from hf_lrp_surgery.masks.mask import Mask
 
 __all__ = ["HooksCarrier", "MaskHooks"]
@@ -50,28 +57,45 @@ class MaskHooks:
     def __init__(self, model: nn.Module, arch: ResolvedArchitecture | None = None) -> None:
         self.model = model
         self.arch = arch if arch is not None else resolve(model)
-        self._dropped: dict[str, torch.Tensor] = {}  # carrier module name -> bool [in_features]
+        self._dropped: dict[str, torch.Tensor] = {}  # carrier module name -> bool [in_features]: masked
+        self._scales: dict[str, torch.Tensor] = {}  # carrier module name -> float32 [in_features]: 1 where kept
+        self._soft: set[str] = set()  # modules with a dampened (0 < scale < 1) feature: multiplied, not filled
         self._handles: dict[str, Any] = {}
         self._suspended = False
 
     def add(self, mask: Mask) -> None:
         """Also zero the input features that ``mask`` prunes (a union with what is already hooked).
 
+        A soft mask's features are multiplied by their scales; a feature already hooked keeps the
+        smaller of its two scales (see :meth:`~hf_lrp_surgery.masks.Mask.union`).
+
         Raises:
             ValueError: A weight mask (weights are not a carrier's inputs).
             MaskManifestError: The mask does not fit the model's layout.
+            UnsupportedArchitectureError: A neuron mask on a mixture-of-experts model whose experts do not
+                run the eager loop.
         """
         if mask.granularity == "weights":
             raise ValueError("forward pre-hooks carry neuron and head masks; zero weight masks in the weights")
         mask.validate(self.arch)
         conv1d = self.arch.spec.orientation == "conv1d"
+        experts = self.arch.spec.moe is not None and mask.granularity == "neurons"
         for name in mask.indices:
             module = unwrap_model(self.model).get_submodule(name)
-            width = parameter(module).shape[0 if conv1d else 1]
-            dropped = self._dropped.get(name, torch.zeros(width, dtype=torch.bool)).clone()
-            dropped[input_units(mask, name, self.arch)] = True
-            self._dropped[name] = dropped
-            if name not in self._handles:
+            width = self.arch.num_neurons if experts else parameter(module).shape[0 if conv1d else 1]
+            units = input_units(mask, name, self.arch)
+            scales = self._scales.get(name, torch.ones(width)).cpu().clone()
+            scales[units] = torch.minimum(scales[units], input_scales(mask, name, self.arch))
+            self._scales[name] = scales
+            self._dropped[name] = scales.lt(1)
+            if bool((scales.gt(0) & scales.lt(1)).any()):
+                self._soft.add(name)
+            if name in self._handles:
+                continue
+            if experts:
+                tap = self._expert_tap(name, self.arch.expert_width)
+                self._handles[name] = add_product_tap(module, tap, model_type=self.arch.spec.model_type)
+            else:
                 self._handles[name] = module.register_forward_pre_hook(self._hook(name))
 
     def _hook(self, name: str) -> Callable[[nn.Module, tuple], tuple | None]:
@@ -80,17 +104,38 @@ class MaskHooks:
         def hook(module: nn.Module, args: tuple) -> tuple | None:
             if self._suspended or not args or not isinstance(args[0], torch.Tensor):
                 return None
-            x = args[0]
-            dropped = self._dropped[name]
-            if dropped.device != x.device:
-                dropped = self._dropped[name] = dropped.to(x.device)
-            return (x.masked_fill(dropped, 0), *args[1:])
+            return (self._masked(name, args[0], slice(None)), *args[1:])
 
         return hook
 
+    def _masked(self, name: str, x: torch.Tensor, features: slice) -> torch.Tensor:
+        """``x`` with the masked features (its last axis; ``features`` of the module's) zeroed or scaled."""
+        if name in self._soft:
+            scales = self._scales[name]
+            if scales.device != x.device:
+                scales = self._scales[name] = scales.to(x.device)
+            return x * scales[features].to(x.dtype)
+        dropped = self._dropped[name]
+        if dropped.device != x.device:
+            dropped = self._dropped[name] = dropped.to(x.device)
+        return x.masked_fill(dropped[features], 0)
+
+    def _expert_tap(self, name: str, width: int) -> Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None]:
+        # Zeroes expert e's gated product at its masked neurons (units e * I .. e * I + I - 1 of the block).
+        def tap(expert: int, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+            if self._suspended:
+                return None
+            return self._masked(name, x, slice(expert * width, (expert + 1) * width))
+
+        return tap
+
     def dropped(self, name: str) -> torch.Tensor | None:
-        """The boolean input features of carrier module ``name`` that are zeroed, or ``None`` if it has no hook."""
+        """The input features of carrier module ``name`` that are masked (zeroed or dampened); ``None``: no hook."""
         return self._dropped.get(name) if name in self._handles else None
+
+    def scales(self, name: str) -> torch.Tensor | None:
+        """The factor of each input feature of ``name`` (1 kept, 0 zeroed, else dampened); ``None``: no hook."""
+        return self._scales.get(name) if name in self._handles else None
 
     @property
     def active(self) -> bool:
@@ -144,17 +189,24 @@ class HooksCarrier(Carrier):
         return model
 
     def verify(self, model: nn.Module, masks: Sequence[Mask]) -> None:
-        """The model's active hook set zeroes every masked input feature.
+        """The model's active hook set zeroes every masked input feature (a soft mask's: scales it by its scale).
 
         Raises:
-            MaskVerificationError: No active hook set, or one that lets a masked feature through.
+            MaskVerificationError: No active hook set, or one that lets a masked feature through (or
+                scales it by another factor than the mask's).
         """
         hooks = MaskHooks.of(model)
         if hooks is None or not hooks.active:
             raise MaskVerificationError("the model carries no active mask hooks (removed, suspended, or a copy)")
         for mask in masks:
             for name in mask.indices:
-                dropped = hooks.dropped(name)
+                scales = hooks.scales(name)
                 units = input_units(mask, name, hooks.arch)
-                if dropped is None or not bool(dropped[units.to(dropped.device)].all()):
+                if scales is None:
                     raise MaskVerificationError(f"{name}: the hooks let some of the {mask.granularity} mask through")
+                expected = input_scales(mask, name, hooks.arch).to(scales.device)
+                if not bool(scales[units.to(scales.device)].eq(expected).all()):
+                    raise MaskVerificationError(
+                        f"{name}: the hooks let some of the {mask.granularity} mask through (or scale it by other "
+                        "factors than the mask's)"
+                    )

@@ -4,7 +4,10 @@ A 0/1 vector on the input of the MLP / attention output projection (``feedforwar
 exactly neuron pruning / head ablation (Liu et al., "Few-Shot Parameter-Efficient Fine-Tuning is
 Better and Cheaper than In-Context Learning", 2022, for IA3; implemented by ``peft``). It loads with
 ``PeftModel.from_pretrained`` and ``AutoModelForCausalLM.from_pretrained(adapter_dir)`` and is
-switched off with ``disable_adapter()``. Weight masks have no exact IA3 form and are baked.
+switched off with ``disable_adapter()``. A soft mask's dampened unit gets its scale ``alpha`` in the vector
+(for a head, every column of the head): ``alpha`` times the input of the output projection is exactly
+the baked model's output projection with that column scaled. Weight masks have no exact IA3 form and are
+baked.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from hf_lrp_surgery.carriers.corrected import SURGERY_DIR, set_adapter_enabled
 from hf_lrp_surgery.carriers.registry import Carrier, CarrierCard, LoadOptions
 from hf_lrp_surgery.exceptions import MaskVerificationError, ModelLoadError, SavedModelError
 from hf_lrp_surgery.lrp.architectures import resolve, unwrap_model
-from hf_lrp_surgery.masks.geometry import input_units
+from hf_lrp_surgery.masks.geometry import input_scales, input_units
 from hf_lrp_surgery.masks.mask import Mask
 
 __all__ = ["AdapterCarrier", "to_adapter"]
@@ -68,7 +71,8 @@ class AdapterCarrier(Carrier):
     card = CarrierCard(
         kind="IA3 adapter",
         form="an IA3 adapter (switchable off)",
-        pruned="An IA3 adapter whose vectors are 1 everywhere except 0 on the pruned units, at the input of the "
+        pruned="An IA3 adapter whose vectors are 1 everywhere except 0 on the pruned units (and a soft mask's scale "
+        "on its dampened units), at the input of the "
         "MLP / attention output projections: exactly the pruned model while enabled, exactly the base "
         "model when disabled. Keep it unmerged to be able to switch it off.",
         library_name="peft",
@@ -91,17 +95,30 @@ class AdapterCarrier(Carrier):
     )
 
     def check(self, model: nn.Module, masks: Sequence[Mask]) -> None:
-        """Refuse weight masks (no exact IA3 form), wrapped models and another model's masks."""
+        """Refuse weight masks (no exact IA3 form), expert-neuron masks, wrapped models and another model's masks.
+
+        Raises:
+            ValueError: A weight mask, or a neuron mask on a mixture-of-experts model (peft's IA3 cannot
+                scale one expert's slice of the fused 3-D expert parameters).
+        """
         if any(m.granularity == "weights" for m in masks):
             raise ValueError(
                 "a weight mask has no exact IA3 form; use carrier='bake' for weight masks "
                 "(neuron and head masks can be adapters)"
             )
+        if any(m.granularity == "neurons" for m in masks):
+            spec = resolve(model).spec
+            if spec.moe is not None:
+                raise ValueError(
+                    f"{spec.model_type}: an expert-neuron mask has no exact IA3 form (the experts are fused 3-D "
+                    "parameters); use carrier='bake' for neuron masks on mixture-of-experts models (head masks "
+                    "can be adapters)"
+                )
         super().check(model, masks)
 
     @torch.no_grad()
     def apply(self, model: nn.Module, masks: Sequence[Mask], *, adapter_name: str) -> nn.Module:
-        """Wrap ``model`` in an IA3 adapter that is 0 on the masked inputs and 1 elsewhere."""
+        """Wrap ``model`` in an IA3 adapter that is 0 on the masked inputs (soft: their scales) and 1 elsewhere."""
         from peft import IA3Config, get_peft_model
 
         targets = [name for mask in masks for name in mask.indices]
@@ -120,7 +137,8 @@ class AdapterCarrier(Carrier):
             for name in mask.indices:
                 layer: Any = base.get_submodule(name)  # a peft IA3 layer: its attributes are not typed
                 vector = layer.ia3_l[adapter_name]
-                vector.view(-1)[input_units(mask, name, arch).to(vector.device)] = 0
+                units = input_units(mask, name, arch).to(vector.device)
+                vector.view(-1)[units] = input_scales(mask, name, arch).to(vector.device, vector.dtype)
         return peft_model
 
     def verify(self, model: nn.Module, masks: Sequence[Mask]) -> None:

@@ -10,6 +10,7 @@ from torch import nn
 
 from hf_lrp_surgery.exceptions import MaskVerificationError
 from hf_lrp_surgery.lrp.architectures import parameter, resolve, unwrap_model
+from hf_lrp_surgery.lrp.offload import execution_device
 
 __all__ = ["LogitsProbe", "probe_logits"]
 
@@ -26,7 +27,7 @@ def _vocab_size(model: nn.Module) -> int:
 @torch.no_grad()
 def probe_logits(model: nn.Module, input_ids: list[int], vocab_ids: list[int]) -> torch.Tensor:
     """The logits of ``model`` at every probe position for the kept vocabulary entries, as float64 on the CPU."""
-    device = resolve(model).embedding_weight.device
+    device = execution_device(resolve(model).token_embedding)
     ids = torch.tensor([input_ids], device=device)
     logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[0]
     return logits[:, vocab_ids].double().cpu()

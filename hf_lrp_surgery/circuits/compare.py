@@ -7,9 +7,12 @@ evaluation set to measure on), and gathers:
 * the circuit size at the threshold per method and set, with mean ± std over the sets;
 * the performance-sparsity curves on a shared log-spaced grid (mean ± std over the sets);
 * each circuit's per-layer composition;
-* a specificity check: ablating the circuit's own components from the full model against ablating
-  as many random components (several draws). A circuit that is specific to the task costs the task
-  far more than random components do.
+* faithfulness (the circuit alone keeps the metric) and a specificity check: ablating only the
+  circuit's own components from the full model against ablating as many random components
+  (several draws), with the same ablation kind. A circuit that is specific to the task costs the
+  task far more than random components do;
+* the seconds per stage (``setup``: encoding, baseline and recorded ablation values, once per set;
+  ``relevance``: once per method and set; ``search``; ``specificity``).
 
 :meth:`CircuitComparison.save` writes ``report.json``, the plots (``curves.png``,
 ``circuit_sizes.png``, ``composition.png``) and each circuit (``circuits/<method>/set<i>/``).
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,20 +31,25 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
+from hf_lrp_surgery.circuits.ablation import Ablation, AblationKind, PreparedTask, ablated
 from hf_lrp_surgery.circuits.discovery import (
     Circuit,
     CircuitDiscoveryError,
+    CircuitScope,
     NoCircuitError,
-    ablated,
+    _Ranking,
+    _weight_groups,
+    default_scope,
     discover_circuit,
     sparsity_grid,
     task_scores,
 )
-from hf_lrp_surgery.circuits.tasks import Metric, NextTokenTask, TaskObjective, evaluate_task
+from hf_lrp_surgery.circuits.tasks import Metric, NextTokenTask, TaskMetrics, TaskObjective
 from hf_lrp_surgery.io import atomic_directory, write_json_atomic
 from hf_lrp_surgery.lrp.architectures import resolve
 from hf_lrp_surgery.lrp.collect import renamed_seed
-from hf_lrp_surgery.masks import Granularity, Scope, select
+from hf_lrp_surgery.masks import Granularity
+from hf_lrp_surgery.masks.selection import match_groups
 from hf_lrp_surgery.options import ScoringOptions, reject_unknown
 from hf_lrp_surgery.plots import pyplot, save_figure
 from hf_lrp_surgery.scoring import CIRCUIT_METHODS, Layout, score
@@ -59,53 +68,71 @@ def specificity(
     model: nn.Module,
     tokenizer: Any,
     circuit: Circuit,
-    task: NextTokenTask,
+    task: NextTokenTask | PreparedTask,
     *,
     random_draws: int = 3,
     seed: int = 0,
     batch_size: int = 32,
+    ablation: Ablation | None = None,
+    baseline: TaskMetrics | None = None,
 ) -> dict[str, Any]:
-    """Ablate the circuit's components from the full model, and as many random components.
+    """Ablate only the circuit's components from the full model, and as many random components.
+
+    A circuit specific to the task costs the task far more when it is ablated than the same number
+    of random components of the same kind (for weights: from the same matrices) do.
 
     Args:
         model: The full model.
         tokenizer: Its tokenizer.
-        circuit: A discovered circuit of neurons or heads.
-        task: Evaluation prompts.
+        circuit: A discovered circuit (neurons, heads or weights).
+        task: Evaluation prompts (or the same as a :class:`PreparedTask`; corrupted ablation needs
+            the one it was recorded on).
         random_draws: Random component sets of the circuit's size (seeds ``seed``, ``seed + 1``, ...).
         seed: First random seed.
         batch_size: Prompts per forward pass.
+        ablation: How to ablate (default zero; use the circuit's own).
+        baseline: The full model's metrics on ``task``, if already measured.
 
     Returns:
         ``{"metric", "full", "circuit_ablated", "random_ablated": {"mean", "std", "values"},
-        "relative_drop_circuit", "relative_drop_random"}``; values of ``circuit.metric``, drops as
-        fractions of the full model's value.
+        "relative_drop_circuit", "relative_drop_random", "relative_drop_random_std", "faithfulness"}``;
+        values of ``circuit.metric``, drops as fractions of the full model's value (1 = the metric is
+        gone, more than 1 = reversed), ``faithfulness`` the circuit alone as a fraction of the full
+        model (measured in the search).
 
     Raises:
-        CircuitDiscoveryError: A weight circuit (whose random counterpart would be as large as the
-            model) was given.
+        CircuitDiscoveryError: ``random_draws < 1``.
+
+    Example:
+        >>> check = specificity(model, tokenizer, circuit, ioi_task(tokenizer, 64, seed=100))  # doctest: +SKIP
+        >>> check["relative_drop_circuit"], check["relative_drop_random"]  # doctest: +SKIP
     """
-    if circuit.granularity == "weights":
-        raise CircuitDiscoveryError("the specificity check is for neuron and head circuits")
-    metric = circuit.metric
-    full = evaluate_task(model, tokenizer, task, batch_size=batch_size).get(metric)  # type: ignore[arg-type]
-    with ablated(model, circuit.components()):
-        knocked = evaluate_task(model, tokenizer, task, batch_size=batch_size).get(metric)  # type: ignore[arg-type]
+    if random_draws < 1:
+        raise CircuitDiscoveryError(f"random_draws must be >= 1, got {random_draws}")
+    metric: Metric = circuit.metric  # type: ignore[assignment]
+    prepared = task if isinstance(task, PreparedTask) else PreparedTask(model, tokenizer, task, batch_size=batch_size)
+    full = (baseline if baseline is not None else prepared.metrics(model)).get(metric)
+    with ablated(model, circuit.components(), ablation):
+        knocked = prepared.metrics(model, ablation).get(metric)
+    granularity: Granularity = circuit.granularity  # type: ignore[assignment]
+    selection = circuit.mask.provenance.get("selection", {})
+    modules = selection.get("modules") if granularity == "weights" else None
     randoms = []
     for draw in range(random_draws):
-        scores = score(
-            model, method="random", components=(circuit.granularity,), random_seed=seed + draw, progress=False
-        )
-        with ablated(model, select(scores, circuit.granularity, circuit.size)):  # type: ignore[arg-type]
-            ablated_metrics = evaluate_task(model, tokenizer, task, batch_size=batch_size)
-        randoms.append(ablated_metrics.get(metric))  # type: ignore[arg-type]
+        scores = score(model, method="random", components=(granularity,), random_seed=seed + draw, progress=False)
+        ranking = _Ranking(scores, granularity, "global", modules, sort_once=False)
+        with ablated(model, ranking.mask(circuit.size), ablation):
+            randoms.append(prepared.metrics(model, ablation).get(metric))
+    drops = [(full - r) / full for r in randoms]
     return {
         "metric": metric,
         "full": full,
         "circuit_ablated": knocked,
         "random_ablated": {**_mean_std(randoms), "values": randoms},
         "relative_drop_circuit": (full - knocked) / full,
-        "relative_drop_random": (full - statistics.fmean(randoms)) / full,
+        "relative_drop_random": statistics.fmean(drops),
+        "relative_drop_random_std": _mean_std(drops)["std"],
+        "faithfulness": circuit.faithfulness(),
     }
 
 
@@ -162,19 +189,24 @@ class CircuitComparison:
     settings: dict[str, Any]
 
     def table(self) -> str:
-        """Circuit size per method (mean ± std over the sets), with the share of all units."""
+        """Per method (mean ± std over the sets): circuit size and share, the metric kept by the circuit
+        alone (faithfulness), and the relative drop when only the circuit, or as many random units, are ablated."""
         metric = self.settings["metric"]
         lines = [
-            f"{'method':<11} {'circuit size (mean ± std)':>27} {'share':>8} {'per set':>24} {metric + ' kept':>16}"
+            f"{'method':<11} {'scope':<9} {'circuit size (mean ± std)':>27} {'share':>8} {'per set':>24} "
+            f"{metric + ' kept':>16} {'drop: circuit':>16} {'drop: random':>16}"
         ]
         for method, result in self.results.items():
             sizes = result.sizes()
             stats = _mean_std([float(s) for s in sizes])
-            kept = [c.metrics.get(metric) / c.baseline.get(metric) for c in result.circuits if c is not None]
+            kept = _mean_std_or_nan([c.faithfulness() for c in result.circuits if c is not None])
+            circuit_drop = _mean_std_or_nan([s["relative_drop_circuit"] for s in result.specificity])
+            random_drop = _mean_std_or_nan([s["relative_drop_random"] for s in result.specificity])
             lines.append(
-                f"{method:<11} {stats['mean']:>17.1f} ± {stats['std']:<7.1f} "
+                f"{method:<11} {self.settings['scopes'].get(method, ''):<9} "
+                f"{stats['mean']:>17.1f} ± {stats['std']:<7.1f} "
                 f"{100 * stats['mean'] / self.total:>7.2f}% {str(sizes):>24} "
-                f"{100 * statistics.fmean(kept) if kept else float('nan'):>15.1f}%"
+                f"{_percent(kept):>16} {_percent(circuit_drop):>16} {_percent(random_drop):>16}"
             )
         return "\n".join(lines)
 
@@ -187,7 +219,9 @@ class CircuitComparison:
             curves = result.curve_on(self.grid, metric)
             columns = list(zip(*curves))
             per_layer = [c.per_layer() for c in result.circuits if c is not None]
+            timings = [c.timings for c in result.circuits if c is not None]
             methods[method] = {
+                "scope": self.settings["scopes"].get(method),
                 "circuit_size": {
                     **_mean_std(sizes),
                     "per_set": result.sizes(),
@@ -195,6 +229,14 @@ class CircuitComparison:
                 },
                 "circuit_metrics": [c.metrics.to_dict() if c is not None else None for c in result.circuits],
                 "baseline_metrics": [c.baseline.to_dict() if c is not None else None for c in result.circuits],
+                "faithfulness": _mean_std_or_nan([c.faithfulness() for c in result.circuits if c is not None]),
+                "specificity_summary": {
+                    "relative_drop_circuit": _mean_std_or_nan([s["relative_drop_circuit"] for s in result.specificity]),
+                    "relative_drop_random": _mean_std_or_nan([s["relative_drop_random"] for s in result.specificity]),
+                    "relative_drop_random_draw_std": _mean_std_or_nan(
+                        [s["relative_drop_random_std"] for s in result.specificity]
+                    ),
+                },
                 "per_layer_mean": [statistics.fmean(col) for col in zip(*per_layer)] if per_layer else [],
                 "per_layer": per_layer,
                 "curve": {
@@ -204,16 +246,30 @@ class CircuitComparison:
                     "per_set": curves,
                 },
                 "specificity": result.specificity,
+                "timings": {
+                    "per_set": timings,
+                    "total": {k: sum(t.get(k, 0.0) for t in timings) for k in _STAGES},
+                },
+                "evaluations_per_set": [len(c.curve.points) if c is not None else None for c in result.circuits],
             }
         return {"settings": self.settings, "total": self.total, "grid": self.grid, "methods": methods}
 
-    def save(self, directory: str | os.PathLike[str], *, save_circuits: bool = True, overwrite: bool = False) -> Path:
+    def save(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        save_circuits: bool = True,
+        circuit_masks: bool | None = None,
+        overwrite: bool = False,
+    ) -> Path:
         """Write ``report.json``, ``report.txt``, ``curves.png``, ``circuit_sizes.png``, ``composition.png``
         and (with ``save_circuits``) ``circuits/<method>/set<i>/``, all at once (atomically).
 
         Args:
             directory: Destination (an existing non-empty one is replaced only with ``overwrite``).
-            save_circuits: Also save every circuit's masks.
+            save_circuits: Also save every circuit (``circuit.json``, and the masks per ``circuit_masks``).
+            circuit_masks: Write each circuit's masks (default: for neurons and heads, not for weights,
+                whose masks hold tens of millions of indices each; see :meth:`Circuit.save`).
             overwrite: Replace an existing non-empty directory.
 
         Returns:
@@ -230,8 +286,20 @@ class CircuitComparison:
                 for method, result in self.results.items():
                     for i, circuit in enumerate(result.circuits):
                         if circuit is not None:
-                            circuit.save(tmp / "circuits" / method / f"set{i}")
+                            circuit.save(tmp / "circuits" / method / f"set{i}", masks=circuit_masks)
         return Path(directory)
+
+
+#: The stages whose seconds the report records.
+_STAGES = ("setup", "relevance", "search", "specificity")
+
+
+def _mean_std_or_nan(values: Sequence[float]) -> dict[str, float]:
+    return _mean_std(values) if values else {"mean": float("nan"), "std": float("nan")}
+
+
+def _percent(stats: dict[str, float]) -> str:
+    return f"{100 * stats['mean']:.1f} ± {100 * stats['std']:.1f}%"
 
 
 def _nanmean(values: Sequence[float]) -> float:
@@ -251,14 +319,18 @@ def compare_methods(
     *,
     methods: Sequence[str] = DEFAULT_METHODS,
     granularity: Granularity = "neurons",
-    scope: Scope = "global",
+    scope: CircuitScope | None = None,
+    modules: Sequence[str] | str | None = None,
+    ablation: AblationKind = "zero",
     threshold: float = 0.9,
     metric: Metric = "logit_diff",
     options: ScoringOptions | None = None,
     objective: TaskObjective | None = None,
-    grid_points: int = 16,
+    grid_points: int = 8,
     min_kept: float = 1e-3,
-    refine_steps: int = 8,
+    refine_steps: int = 6,
+    tolerance: float = 0.02,
+    patience: int | None = 2,
     random_draws: int = 3,
     eval_batch_size: int = 32,
     progress: bool = True,
@@ -266,21 +338,32 @@ def compare_methods(
 ) -> CircuitComparison:
     """Discover a circuit with every method on every ``(reference, evaluation)`` set and compare.
 
+    Per set, the evaluation prompts are encoded once, the unpruned metric is measured once and the
+    ablation values (means over the reference prompts, or the corrupted runs of the evaluation
+    prompts) are recorded once; per method and set, the components are scored once. Each circuit's
+    faithfulness and specificity are measured with the same ablation.
+
     Args:
         model: A supported causal LM.
         tokenizer: Its tokenizer.
         sets: Independent ``(reference, evaluation)`` task pairs (e.g. IOI with different seeds).
         methods: Scoring methods (default: ``scoring.CIRCUIT_METHODS``, ``lrp`` and its baselines).
-        granularity: ``"neurons"`` or ``"heads"``.
-        scope: ``"global"`` or ``"per_layer"``.
+        granularity: ``"neurons"``, ``"heads"`` or ``"weights"``.
+        scope: ``"global"``, ``"per_layer"`` or (weights) ``"per_row"`` for every method; default
+            per method :func:`~hf_lrp_surgery.circuits.discovery.default_scope` (the paper's
+            protocol: global, and row-wise for Wanda's weights).
+        modules: Weights: the module groups (default ``("mlp.*",)``).
+        ablation: ``"zero"``, ``"mean"`` or ``"corrupted"``.
         threshold: Fraction of the unpruned metric the circuit keeps.
         metric: ``"logit_diff"`` or ``"accuracy"``.
         options: How each method scores (:class:`~hf_lrp_surgery.options.ScoringOptions`; default:
             ``aggregation="abs"``); ``method``, ``components`` and ``random_seed`` are set per run.
         objective: Relevance objective (see :func:`~hf_lrp_surgery.circuits.discovery.task_scores`).
-        grid_points: Log-spaced grid points.
+        grid_points: Log-spaced grid points (the shared curve grid too).
         min_kept: Smallest kept fraction on the grid.
-        refine_steps: Bisection steps per circuit.
+        refine_steps: Bisection steps per circuit (at most).
+        tolerance: Stop bisecting once the bracket is this fraction of the circuit size.
+        patience: Stop each grid after this many failing points in a row (``None``: every point).
         random_draws: Random component sets per specificity check.
         eval_batch_size: Prompts per evaluation pass.
         progress: Show progress bars.
@@ -288,16 +371,17 @@ def compare_methods(
             those of ``options``; ``seed`` is a deprecated name of ``objective``.
 
     Returns:
-        The :class:`CircuitComparison`.
+        The :class:`CircuitComparison`; ``settings["seconds"]`` holds the seconds per stage.
 
     Raises:
-        CircuitDiscoveryError: No sets, weights granularity, or the unpruned model fails the task.
+        CircuitDiscoveryError: No sets, or the unpruned model fails the task.
+        AblationError: Corrupted ablation on prompts without corrupted counterparts.
         ValueError: An option is out of range.
         TypeError: A keyword is not an option.
 
     Example:
         >>> sets = [(ioi_task(tok, 64, seed=i), ioi_task(tok, 64, seed=100 + i)) for i in range(3)]  # doctest: +SKIP
-        >>> comparison = compare_methods(model, tok, sets)  # doctest: +SKIP
+        >>> comparison = compare_methods(model, tok, sets, granularity="weights", ablation="mean")  # doctest: +SKIP
         >>> print(comparison.table())  # doctest: +SKIP
     """
     if "seed" in keywords:
@@ -307,52 +391,90 @@ def compare_methods(
     objective = options.objective if objective is None else objective
     if not sets:
         raise CircuitDiscoveryError("give at least one (reference, evaluation) task set")
-    if granularity == "weights":
-        raise CircuitDiscoveryError(
-            "compare methods on neurons or heads; weight circuits are searched with discover_circuit directly"
-        )
+    groups = _weight_groups(granularity, modules)
     arch = resolve(model)
     layout = Layout.of(arch)
-    total = layout.units(granularity, arch)
+    names = match_groups(layout, groups) if granularity == "weights" else None
+    total = (
+        sum(p.weight.numel() for p in arch.prunable if p.name in set(names))
+        if names is not None
+        else layout.units(granularity, arch)
+    )
     grid = sparsity_grid(total, grid_points, min_kept=min_kept)
+    scopes: dict[str, CircuitScope] = {
+        m: scope if scope is not None else default_scope(m, granularity) for m in methods
+    }
     results = {m: MethodResult(m) for m in methods}
-    steps = [(i, m) for i in range(len(sets)) for m in methods]
-    for i, method in tqdm(steps, desc="circuits", disable=not progress):
-        reference, evaluation = sets[i]
-        run = replace(options, method=method, components=(granularity,), random_seed=i)
-        scores = task_scores(model, tokenizer, reference, run, objective=objective, progress=False)
-        try:
-            circuit = discover_circuit(
-                model,
-                tokenizer,
-                reference,
-                evaluation=evaluation,
-                scores=scores,
-                granularity=granularity,
-                scope=scope,
-                threshold=threshold,
-                metric=metric,
-                grid_points=grid_points,
-                min_kept=min_kept,
-                refine_steps=refine_steps,
-                eval_batch_size=eval_batch_size,
-                progress=False,
-            )
-        except NoCircuitError:
-            circuit = None  # even the first grid point breaks the threshold
-        results[method].circuits.append(circuit)
-        if circuit is not None:
-            results[method].specificity.append(
-                specificity(
+    seconds = dict.fromkeys(_STAGES, 0.0)
+    bar = tqdm(total=len(sets) * len(methods), desc="circuits", disable=not progress)
+    for i, (reference, evaluation) in enumerate(sets):
+        clock = time.perf_counter()
+        prepared = PreparedTask(model, tokenizer, evaluation, batch_size=eval_batch_size)
+        baseline = prepared.metrics(model)
+        values = Ablation.record(
+            ablation,
+            model,
+            tokenizer,
+            granularity,
+            reference=reference,
+            evaluation=prepared,
+            modules=names,
+            batch_size=eval_batch_size,
+        )
+        setup = time.perf_counter() - clock
+        seconds["setup"] += setup
+        for method in methods:
+            bar.set_postfix_str(f"set {i} {method}")
+            clock = time.perf_counter()
+            run = replace(options, method=method, components=(granularity,), random_seed=i)
+            scores = task_scores(model, tokenizer, reference, run, objective=objective, progress=False)
+            relevance = time.perf_counter() - clock
+            try:
+                circuit: Circuit | None = discover_circuit(
                     model,
                     tokenizer,
-                    circuit,
-                    evaluation,
-                    random_draws=random_draws,
-                    seed=1000 * (i + 1),
-                    batch_size=eval_batch_size,
+                    reference,
+                    evaluation=prepared,
+                    scores=scores,
+                    baseline=baseline,
+                    ablation=values,
+                    granularity=granularity,
+                    scope=scopes[method],
+                    modules=groups,
+                    threshold=threshold,
+                    metric=metric,
+                    grid_points=grid_points,
+                    min_kept=min_kept,
+                    refine_steps=refine_steps,
+                    tolerance=tolerance,
+                    patience=patience,
+                    eval_batch_size=eval_batch_size,
+                    progress=False,
                 )
-            )
+            except NoCircuitError:
+                circuit = None  # even the first grid point breaks the threshold
+            seconds["relevance"] += relevance
+            results[method].circuits.append(circuit)
+            if circuit is not None:
+                circuit.timings.update(setup=setup, relevance=relevance)
+                seconds["search"] += circuit.timings["search"]
+                clock = time.perf_counter()
+                results[method].specificity.append(
+                    specificity(
+                        model,
+                        tokenizer,
+                        circuit,
+                        prepared,
+                        random_draws=random_draws,
+                        seed=1000 * (i + 1),
+                        ablation=values,
+                        baseline=baseline,
+                    )
+                )
+                circuit.timings["specificity"] = time.perf_counter() - clock
+                seconds["specificity"] += circuit.timings["specificity"]
+            bar.update()
+    bar.close()
     settings = {
         "task": sets[0][0].name,
         "num_sets": len(sets),
@@ -361,7 +483,10 @@ def compare_methods(
         "task_settings": [dict(r.settings) for r, _ in sets],
         "methods": list(methods),
         "granularity": granularity,
-        "scope": scope,
+        "scope": scope if scope is not None else "per method (default_scope)",
+        "scopes": scopes,
+        "modules": list(groups) if groups is not None else None,
+        "ablation": ablation,
         "threshold": threshold,
         "metric": metric,
         "objective": objective,
@@ -369,7 +494,11 @@ def compare_methods(
         "grid_points": grid_points,
         "min_kept": min_kept,
         "refine_steps": refine_steps,
+        "tolerance": tolerance,
+        "patience": patience,
         "random_draws": random_draws,
+        "eval_batch_size": eval_batch_size,
+        "seconds_per_stage": {k: round(v, 2) for k, v in seconds.items()},
         "model_type": getattr(getattr(arch.model, "config", None), "model_type", None),
     }
     return CircuitComparison(results, grid, total, layout, settings)
@@ -393,7 +522,7 @@ def _plot_curves(report: dict[str, Any], settings: dict[str, Any], path: Path) -
     ax.set_xlabel(f"{settings['granularity']} kept (of {total})")
     ax.set_ylabel(f"{settings['metric']} / unpruned")
     ax.set_title(
-        f"{settings['task']}: performance vs sparsity ({settings['scope']} scope, "
+        f"{settings['task']}: performance vs sparsity ({settings.get('ablation', 'zero')} ablation, "
         f"mean ± std over {settings['num_sets']} sets)"
     )
     ax.legend(fontsize=8)

@@ -9,10 +9,16 @@ by bisection between the last grid point that holds and the first that does not
 :class:`~hf_lrp_surgery.masks.Mask` (apply it and the circuit is what is left) with the discovery's
 provenance in its manifest.
 
-Pruning is evaluated with :func:`ablated`: neurons and heads are switched off by a forward pre-hook
-that zeroes their inputs of the MLP / attention output projection, which equals
-baking the mask (:func:`hf_lrp_surgery.carriers.bake`) without copying or re-hashing the model;
-weights are zeroed in place and restored on exit.
+Pruning is evaluated with :func:`~hf_lrp_surgery.circuits.ablation.ablated`: by default (``"zero"``)
+neurons and heads are switched off by a forward pre-hook that zeroes their inputs of the MLP /
+attention output projection, which equals baking the mask (:func:`hf_lrp_surgery.carriers.bake`)
+without copying or re-hashing the model, and weights are zeroed in place and restored on exit;
+``"mean"`` and ``"corrupted"`` ablation replace them by their mean over the reference prompts or
+their activations on the corrupted prompts (:mod:`hf_lrp_surgery.circuits.ablation`).
+
+Weights are the MLP input and output projections by default (``modules=("mlp.*",)``), ranked in
+the scope the paper uses per method (:func:`default_scope`): global for LRP, gradient and the other
+scores, row-wise (``"per_row"``, each output row of each matrix prunes the same share) for Wanda.
 
 Seeds: ``"logit"`` explains the correct token's logit, ``"logit_diff"`` the logit difference
 ``logit(correct) - logit(wrong)``. The engine seeds one token per sample; because every LRP rule
@@ -23,9 +29,9 @@ the wrong token (two passes, signed aggregation).
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -35,7 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hf_lrp_surgery._deprecation import moved_names
-from hf_lrp_surgery.carriers.hooks import MaskHooks
+from hf_lrp_surgery.circuits.ablation import ABLATIONS, Ablation, AblationKind, PreparedTask, ablated
 from hf_lrp_surgery.circuits.tasks import (
     TASK_OBJECTIVES,
     Metric,
@@ -44,22 +50,27 @@ from hf_lrp_surgery.circuits.tasks import (
     TaskObjective,
     evaluate_task,
 )
-from hf_lrp_surgery.exceptions import CircuitDiscoveryError, NoCircuitError
+from hf_lrp_surgery.exceptions import AblationError, CircuitDiscoveryError, NoCircuitError
 from hf_lrp_surgery.io import atomic_directory, write_json_atomic
 from hf_lrp_surgery.lrp.architectures import resolve
 from hf_lrp_surgery.lrp.collect import renamed_seed
-from hf_lrp_surgery.masks import Granularity, Mask, Scope, select, zeroed_entries
-from hf_lrp_surgery.options import ScoringOptions, reject_unknown
+from hf_lrp_surgery.masks import Granularity, Mask, Scope, select
+from hf_lrp_surgery.masks.selection import budget_count, match_groups
+from hf_lrp_surgery.options import SCOPES, ScoringOptions, reject_unknown
 from hf_lrp_surgery.scoring import Aggregation, Layout, Method, Scores, get_scorer, score
 
 __all__ = [
+    "ABLATIONS",
+    "CIRCUIT_SCOPES",
     "Circuit",
+    "CircuitScope",
     "CircuitDiscoveryError",
     "CurvePoint",
     "NoCircuitError",
     "PruningCurve",
     "TaskObjective",
     "ablated",
+    "default_scope",
     "discover_circuit",
     "pruning_curve",
     "sparsity_grid",
@@ -68,57 +79,23 @@ __all__ = [
 
 _CIRCUIT_FILE = "circuit.json"
 
+#: How circuit discovery ranks units: the selection scopes (``"per_row"``, for weights, is Wanda's
+#: protocol: every output row of every matrix prunes the same share of its weights).
+CircuitScope = Scope
+#: Every circuit scope.
+CIRCUIT_SCOPES: tuple[CircuitScope, ...] = SCOPES
+#: The weights a weight circuit is made of unless told otherwise: the MLP input and output projections.
+DEFAULT_WEIGHT_MODULES: tuple[str, ...] = ("mlp.*",)
 
-# -- ablation ---------------------------------------------------------------------------------
-@contextlib.contextmanager
-def ablated(model: nn.Module, masks: Mask | Sequence[Mask]) -> Iterator[nn.Module]:
-    """Switch off what ``masks`` prune, for the duration of the block.
 
-    Neurons and heads: a forward pre-hook zeroes the input of each block's MLP output projection
-    (neurons) or attention output projection (each head's slice) where pruned
-    (:class:`~hf_lrp_surgery.carriers.hooks.MaskHooks`); the same function as baking the mask.
-    Weights: the elements are zeroed in place and restored on exit.
-
-    Args:
-        model: The model the masks were selected on (same layout; the weight fingerprint is not
-            re-checked, so that a pruning sweep costs forward passes only).
-        masks: One mask or several of different granularities.
-
-    Yields:
-        ``model``.
-
-    Raises:
-        CircuitDiscoveryError: A mask's layout is not the model's.
+def default_scope(method: str, granularity: Granularity) -> CircuitScope:
+    """The ranking scope of the paper's protocol: row-wise for Wanda's weights, global otherwise.
 
     Example:
-        >>> with ablated(model, mask):  # doctest: +SKIP
-        ...     metrics = evaluate_task(model, tokenizer, task)
+        >>> default_scope("wanda", "weights"), default_scope("lrp", "weights"), default_scope("wanda", "neurons")
+        ('per_row', 'global', 'global')
     """
-    arch = resolve(model)
-    layout = Layout.of(arch)
-    mask_list = [masks] if isinstance(masks, Mask) else list(masks)
-    for mask in mask_list:
-        if mask.layout != layout:
-            raise CircuitDiscoveryError(
-                "the mask was selected on a model with another layout; select it on this model's scores"
-            )
-    saved: list[tuple[torch.Tensor, tuple[Any, ...], torch.Tensor]] = []
-    with MaskHooks(model, arch) as hooks:
-        try:
-            for mask in mask_list:
-                if mask.granularity != "weights":
-                    hooks.add(mask)
-                    continue
-                with torch.no_grad():
-                    for entry in zeroed_entries(mask, arch):
-                        param, index = entry.locate(model)
-                        saved.append((param, index, param[index].clone()))
-                        param[index] = 0
-            yield model
-        finally:
-            with torch.no_grad():
-                for param, index, values in reversed(saved):
-                    param[index] = values
+    return "per_row" if granularity == "weights" and method == "wanda" else "global"
 
 
 # -- scores -----------------------------------------------------------------------------------
@@ -352,21 +329,112 @@ class PruningCurve:
         }
 
 
+class _Ranking:
+    """The masks of the ``count`` lowest-scoring units for any count, ranked once.
+
+    Every scope gives exactly :func:`~hf_lrp_surgery.masks.select`'s masks (``per_layer`` and
+    ``per_row`` are select's own; the test suite checks ``global``), but a global ranking sorts the
+    score values once and finds each mask by a threshold, which matters for tens of millions of weights.
+    """
+
+    def __init__(
+        self,
+        scores: Scores,
+        granularity: Granularity,
+        scope: CircuitScope,
+        modules: Sequence[str] | None,
+        *,
+        sort_once: bool = True,
+    ) -> None:
+        if scope not in CIRCUIT_SCOPES:
+            raise ValueError(f"scope must be one of {CIRCUIT_SCOPES}, got {scope!r}")
+        if scope == "per_row" and granularity != "weights":
+            raise CircuitDiscoveryError("the per_row scope ranks weights within each output row; use it for weights")
+        scores.check_finite()
+        self.scores, self.granularity, self.scope = scores, granularity, scope
+        self.modules = tuple(modules) if modules is not None and granularity == "weights" else None
+        layout = scores.layout
+        value = scores.get(granularity)
+        if isinstance(value, dict):
+            self.groups = {n: value[n] for n in match_groups(layout, self.modules)}
+        else:
+            carriers = layout.carriers(granularity)
+            self.groups = {carriers[i]: value[i] for i in range(layout.num_layers)}
+        self.sizes = {n: int(v.numel()) for n, v in self.groups.items()}
+        self.eligible = sum(int(torch.isfinite(v).sum()) for v in self.groups.values())
+        self.total = sum(self.sizes.values())
+        self._flat = torch.cat([v.flatten() for v in self.groups.values()]) if scope == "global" else None
+        self._sorted = torch.sort(self._flat).values if self._flat is not None and sort_once else None
+        self._row_order: dict[str, torch.Tensor] = {}
+
+    def mask(self, count: int) -> Mask:
+        """The mask of the ``count`` lowest-scoring units in this ranking's scope.
+
+        Raises:
+            BudgetError: ``count`` is not positive or exceeds the eligible units.
+        """
+        what = f"{self.granularity} in {len(self.groups)} {'modules' if self.granularity == 'weights' else 'layers'}"
+        count = budget_count(count, self.eligible, what)
+        if self.scope != "global":
+            return select(self.scores, self.granularity, count, scope=self.scope, modules=self.modules)
+        indices = self._global(count)
+        provenance: dict[str, Any] = {
+            "scores": {
+                "method": self.scores.method,
+                "settings": self.scores.settings,
+                "num_samples": self.scores.num_samples,
+            },
+            "selection": {
+                "granularity": self.granularity,
+                "budget": count,
+                "count": count,
+                "scope": self.scope,
+                "modules": list(self.modules) if self.modules is not None else None,
+                "layers": None,
+            },
+        }
+        if self.granularity == "weights":
+            provenance["module_sizes"] = dict(self.sizes)
+        return Mask(self.granularity, self.scores.fingerprint, self.scores.layout, indices, provenance)
+
+    def _global(self, count: int) -> dict[str, torch.Tensor]:
+        assert self._flat is not None
+        if self._sorted is not None:
+            threshold = self._sorted[count - 1]
+        else:
+            threshold = torch.kthvalue(self._flat, count).values
+        below = {n: (v.flatten() < threshold) for n, v in self.groups.items()}
+        ties = count - sum(int(b.sum()) for b in below.values())
+        indices: dict[str, torch.Tensor] = {}
+        for name, value in self.groups.items():
+            picked = below[name].nonzero().flatten()
+            if ties > 0:  # ties at the threshold: the first ones in module order, as a stable sort takes them
+                equal = (value.flatten() == threshold).nonzero().flatten()[:ties]
+                ties -= int(equal.numel())
+                picked = torch.cat([picked, equal]).sort().values
+            if picked.numel():
+                indices[name] = picked
+        return indices
+
+
 class _Pruner:
     """Masks of growing size from one set of scores (optionally re-scored as it grows)."""
 
     def __init__(
-        self, scores: Scores, granularity: Granularity, scope: Scope, rescore: Callable[[Mask], Scores] | None
+        self,
+        ranking: _Ranking,
+        rescore: Callable[[Mask], Scores] | None,
     ) -> None:
-        self.scores, self.granularity, self.scope, self.rescore = scores, granularity, scope, rescore
+        self.ranking, self.rescore = ranking, rescore
+        self.scores, self.granularity, self.scope = ranking.scores, ranking.granularity, ranking.scope
         self.base: Mask | None = None  # with re-scoring: the pruning the current scores were computed under
 
     def mask(self, count: int) -> Mask | None:
         if count == 0:
             return None
         if self.base is None or count <= self.base.count:
-            return select(self.scores, self.granularity, count, scope=self.scope)
-        return _extend(self.base, self.scores, count - self.base.count, self.scope)
+            return self.ranking.mask(count)
+        return _extend(self.base, self.scores, count - self.base.count, self.scope, self.ranking.modules)
 
     def advance(self, mask: Mask | None) -> None:
         """With re-scoring: score again with ``mask`` pruned; later masks extend it."""
@@ -376,9 +444,9 @@ class _Pruner:
         self.base = mask
 
 
-def _extend(base: Mask, scores: Scores, extra: int, scope: Scope) -> Mask:
+def _extend(base: Mask, scores: Scores, extra: int, scope: Scope, modules: Sequence[str] | None = None) -> Mask:
     """``base`` plus the ``extra`` lowest-scoring units it does not prune yet."""
-    more = select(scores.excluding(base), base.granularity, extra, scope=scope)
+    more = select(scores.excluding(base), base.granularity, extra, scope=scope, modules=modules)
     selection = {
         **more.provenance["selection"],
         "budget": base.count + extra,
@@ -458,6 +526,10 @@ class Circuit:
         curve: The pruning curve measured on the way (grid and bisection points).
         threshold: Required fraction of the baseline metric.
         metric: The metric the threshold applies to.
+        ablation: How pruned units were replaced while searching and measuring (``{"kind": "zero"}``,
+            ``"mean"`` or ``"corrupted"`` with how the values were recorded).
+        timings: Seconds per stage (``baseline``, ``ablation``, ``relevance``, ``search``; the comparison
+            adds ``specificity``).
     """
 
     mask: Mask
@@ -468,6 +540,8 @@ class Circuit:
     curve: PruningCurve
     threshold: float
     metric: str
+    ablation: dict[str, Any] = field(default_factory=lambda: {"kind": "zero"})
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def granularity(self) -> str:
@@ -476,12 +550,48 @@ class Circuit:
 
     def components(self) -> Mask:
         """The circuit's own components as a mask (ablating it knocks the circuit out of the full model)."""
-        total = None
-        if self.mask.granularity == "weights":
-            total = dict(self.mask.provenance.get("module_sizes", {}))
-        return self.mask.complement(
-            provenance={"circuit_components_of": self.mask.provenance.get("circuit", {})}, total=total
+        provenance = {"circuit_components_of": self.mask.provenance.get("circuit", {})}
+        if self.mask.granularity != "weights":
+            return self.mask.complement(provenance=provenance)
+        # Weights: the complement within the ranked matrices only (module_sizes), not every prunable one.
+        sizes = dict(self.mask.provenance.get("module_sizes", {}))
+        indices = {}
+        for name, size in sizes.items():
+            kept = (~self.mask.dense(name, int(size))).nonzero().flatten()
+            if kept.numel():
+                indices[name] = kept
+        return Mask(
+            "weights",
+            self.mask.fingerprint,
+            self.mask.layout,
+            indices,
+            {**provenance, "module_sizes": sizes},
         )
+
+    def carrier_mask(self) -> Mask:
+        """The pruning mask for a carrier (bake, IA3, hooks), which computes zero ablation only.
+
+        Returns:
+            :attr:`mask`, when the circuit was found with zero ablation.
+
+        Raises:
+            AblationError: The circuit was found with mean or corrupted ablation; carried, its
+                pruned units would be zero, not what the search measured.
+
+        Example:
+            >>> corrected = bake(copy.deepcopy(model), circuit.carrier_mask())  # doctest: +SKIP
+        """
+        kind = self.ablation.get("kind", "zero")
+        if kind != "zero":
+            raise AblationError(
+                f"this circuit was found with {kind} ablation; bake, IA3 and hooks carry zero ablation only, so "
+                "search it again with ablation='zero' to carry it"
+            )
+        return self.mask
+
+    def faithfulness(self) -> float:
+        """The circuit's metric as a fraction of the unpruned model's (at least the threshold)."""
+        return self.metrics.get(self.metric) / self.baseline.get(self.metric)  # type: ignore[arg-type]
 
     def per_layer(self) -> list[int]:
         """Circuit units per decoder block."""
@@ -494,7 +604,7 @@ class Circuit:
             f"{self.size} of {self.total} {self.granularity} ({100 * self.size / self.total:.2f}%) keep "
             f"{self.metric} {value:.3f} of {base:.3f} ({100 * value / base:.1f}%, threshold "
             f"{100 * self.threshold:.0f}%), accuracy {self.metrics.accuracy:.3f} (unpruned "
-            f"{self.baseline.accuracy:.3f}); scores: {self.curve.method}"
+            f"{self.baseline.accuracy:.3f}); scores: {self.curve.method}, {self.ablation.get('kind', 'zero')} ablation"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -508,24 +618,32 @@ class Circuit:
             "baseline": self.baseline.to_dict(),
             "metrics": self.metrics.to_dict(),
             "per_layer": self.per_layer(),
+            "ablation": dict(self.ablation),
+            "scope": self.curve.scope,
+            "timings": dict(self.timings),
             "curve": self.curve.to_dict(),
         }
 
-    def save(self, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-        """Save ``mask/`` (the pruning mask with its manifest), ``components/`` and ``circuit.json``, atomically.
+    def save(self, directory: str | os.PathLike[str], *, masks: bool | None = None, overwrite: bool = False) -> Path:
+        """Save ``circuit.json`` and (with ``masks``) ``mask/`` (the pruning mask with its manifest) and
+        ``components/``, atomically.
 
         Args:
             directory: Destination (an existing non-empty one is replaced only with ``overwrite``).
+            masks: Also write the masks (default: for neurons and heads; a weight circuit's masks hold
+                tens of millions of indices, ``masks=True`` writes them still).
             overwrite: Replace an existing non-empty directory.
 
         Returns:
             The directory.
         """
+        masks = self.granularity != "weights" if masks is None else masks
         with atomic_directory(directory, overwrite=overwrite) as tmp:
-            (tmp / "mask").mkdir()
-            self.mask.write_into(tmp / "mask")
-            (tmp / "components").mkdir()
-            self.components().write_into(tmp / "components")
+            if masks:
+                (tmp / "mask").mkdir()
+                self.mask.write_into(tmp / "mask")
+                (tmp / "components").mkdir()
+                self.components().write_into(tmp / "components")
             write_json_atomic(tmp / _CIRCUIT_FILE, self.to_dict())
         return Path(directory)
 
@@ -535,18 +653,23 @@ def discover_circuit(
     tokenizer: Any,
     task: NextTokenTask,
     *,
-    evaluation: NextTokenTask | None = None,
+    evaluation: NextTokenTask | PreparedTask | None = None,
     method: Method = "lrp",
     granularity: Granularity = "neurons",
-    scope: Scope = "global",
+    scope: CircuitScope | None = None,
+    modules: Sequence[str] | str | None = None,
+    ablation: AblationKind | Ablation = "zero",
     threshold: float = 0.9,
     metric: Metric = "logit_diff",
     objective: TaskObjective = "logit",
     aggregation: Aggregation = "abs",
     scores: Scores | None = None,
-    grid_points: int = 16,
+    baseline: TaskMetrics | None = None,
+    grid_points: int = 8,
     min_kept: float = 1e-3,
-    refine_steps: int = 8,
+    refine_steps: int = 6,
+    tolerance: float = 0.02,
+    patience: int | None = 2,
     reattribute: bool = False,
     batch_size: int = 8,
     eval_batch_size: int = 32,
@@ -557,40 +680,51 @@ def discover_circuit(
     """Find the smallest circuit that keeps ``threshold`` of the task metric.
 
     Scores the components on ``task`` (unless ``scores`` are given), prunes the lowest-scoring ones
-    on a log-spaced grid of sparsities (:func:`sparsity_grid`), keeps the largest pruning whose
+    on a coarse log-spaced grid of sparsities (:func:`sparsity_grid`), keeps the largest pruning whose
     metric on ``evaluation`` is at least ``threshold`` times the unpruned model's, then bisects
     between that grid point (or no pruning) and the next for up to ``refine_steps`` more evaluations.
 
     Args:
         model: A supported causal LM.
         tokenizer: Its tokenizer.
-        task: Reference prompts to attribute on.
-        evaluation: Prompts to measure the metric on (default: ``task``).
+        task: Reference prompts to attribute on (and, for mean ablation, to take the means over).
+        evaluation: Prompts to measure the metric on (default: ``task``), or the same already
+            encoded as a :class:`~hf_lrp_surgery.circuits.ablation.PreparedTask`.
         method: Scoring method (``lrp`` or a baseline).
         granularity: ``"neurons"``, ``"heads"`` or ``"weights"``.
-        scope: ``"global"`` or ``"per_layer"``.
+        scope: ``"global"``, ``"per_layer"`` or (weights) ``"per_row"``; default
+            :func:`default_scope` (row-wise for Wanda's weights, global otherwise).
+        modules: Weights: module groups to rank (default ``("mlp.*",)``, the MLP input and output projections).
+        ablation: ``"zero"``, ``"mean"``, ``"corrupted"`` (see :mod:`~hf_lrp_surgery.circuits.ablation`), or
+            an :class:`~hf_lrp_surgery.circuits.ablation.Ablation` already recorded (corrupted: on
+            ``evaluation``'s prepared batches).
         threshold: Fraction of the unpruned metric the circuit must keep, in ``(0, 1]``.
         metric: ``"logit_diff"`` or ``"accuracy"``.
         objective: Relevance objective (``objective`` of :func:`task_scores`).
         aggregation: For ``lrp`` / ``gradient``.
         scores: Precomputed scores (skips attribution; not with ``reattribute``).
-        grid_points: Grid points of the sweep.
+        baseline: The unpruned model's metrics on ``evaluation``, if already measured.
+        grid_points: Grid points of the sweep (8: 7 distinct counts).
         min_kept: Smallest kept fraction on the grid.
-        refine_steps: Bisection steps after the grid.
+        refine_steps: Bisection steps after the grid (at most).
+        tolerance: Stop bisecting once the bracket is at most this fraction of the circuit size
+            (``total - low``; 0 bisects all ``refine_steps``).
+        patience: Stop the grid after this many failing points in a row (``None``: measure every point).
         reattribute: Score again on the pruned model after every grid step (one attribution per
             step); later pruning extends the current one by the new lowest scores.
         batch_size: Samples per attribution pass.
         eval_batch_size: Prompts per evaluation pass.
         random_seed: For ``method="random"``.
-        **keywords: ``seed=``, the deprecated name of ``objective``.
         progress: Show progress bars.
+        **keywords: ``seed=``, the deprecated name of ``objective``.
 
     Returns:
-        The :class:`Circuit` (at least one unit is pruned).
+        The :class:`Circuit` (at least one unit is pruned); its ``timings`` hold the seconds per stage.
 
     Raises:
         CircuitDiscoveryError: The unpruned metric is not positive (the model does not do the task),
             or the threshold is out of range.
+        AblationError: Corrupted ablation on prompts without corrupted counterparts of the same length.
         NoCircuitError: No measured pruning (grid and bisection) keeps the threshold.
 
     Example:
@@ -605,8 +739,23 @@ def discover_circuit(
         raise CircuitDiscoveryError(f"threshold is a fraction of the unpruned metric in (0, 1], got {threshold}")
     if reattribute and scores is not None:
         raise CircuitDiscoveryError("reattribute=True computes its own scores; do not pass scores=")
+    if patience is not None and patience < 1:
+        raise ValueError(f"patience must be >= 1 or None, got {patience}")
+    if not 0.0 <= tolerance < 1.0:
+        raise ValueError(f"tolerance is a fraction of the circuit size in [0, 1), got {tolerance}")
+    scope = default_scope(method if scores is None else scores.method, granularity) if scope is None else scope
+    groups = _weight_groups(granularity, modules)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
     evaluation = evaluation if evaluation is not None else task
-    baseline = evaluate_task(model, tokenizer, evaluation, batch_size=eval_batch_size)
+    prepared = (
+        evaluation
+        if isinstance(evaluation, PreparedTask)
+        else PreparedTask(model, tokenizer, evaluation, batch_size=eval_batch_size)
+    )
+    evaluation_task = prepared.task
+    if baseline is None:
+        baseline = prepared.metrics(model)
     base_value = baseline.get(metric)
     if not base_value > 0:
         raise CircuitDiscoveryError(
@@ -614,6 +763,27 @@ def discover_circuit(
             "circuit keeps a fraction of a positive score, so the model must do the task first "
             "(check the prompts and the correct/wrong tokens)"
         )
+    timings["baseline"], clock = time.perf_counter() - clock, time.perf_counter()
+    arch = resolve(model)
+    if isinstance(ablation, Ablation):
+        values = ablation
+    else:
+        names = match_groups(Layout.of(arch), groups) if granularity == "weights" else None
+        values = Ablation.record(
+            ablation,
+            model,
+            tokenizer,
+            granularity,
+            reference=task,
+            evaluation=prepared,
+            modules=names,
+            batch_size=eval_batch_size,
+        )
+    if values.kind == "corrupted" and values.prepared is not prepared:
+        raise AblationError(
+            "the corrupted activations were recorded on other evaluation batches; pass that PreparedTask"
+        )
+    timings["ablation"], clock = time.perf_counter() - clock, time.perf_counter()
     options = ScoringOptions(
         method=method,
         components=(granularity,),
@@ -623,14 +793,15 @@ def discover_circuit(
     )
     if scores is None:
         scores = task_scores(model, tokenizer, task, options, objective=objective, progress=progress)
-    arch = resolve(model)
-    total = scores.layout.units(granularity, arch)
+    timings["relevance"], clock = time.perf_counter() - clock, time.perf_counter()
 
     def rescore(mask: Mask) -> Scores:
-        with ablated(model, mask):
+        with ablated(model, mask, values):
             return task_scores(model, tokenizer, task, options, objective=objective, progress=progress)
 
-    pruner = _Pruner(scores, granularity, scope, rescore if reattribute else None)
+    ranking = _Ranking(scores, granularity, scope, groups)
+    total = ranking.total
+    pruner = _Pruner(ranking, rescore if reattribute else None)
     curve = PruningCurve(scores.method, granularity, scope, total, baseline)
     target = threshold * base_value
     best: tuple[Mask, TaskMetrics] | None = None
@@ -639,24 +810,30 @@ def discover_circuit(
     def measure(count: int) -> tuple[Mask, TaskMetrics]:
         mask = pruner.mask(count)
         assert mask is not None
-        metrics = _evaluate(model, tokenizer, evaluation, mask, eval_batch_size)
+        with ablated(model, mask, values):
+            metrics = prepared.metrics(model, values)
         curve.points.append(CurvePoint(count, total - count, metrics))
         return mask, metrics
 
     grid = [c for c in sparsity_grid(total, grid_points, min_kept=min_kept) if c > 0]
-    for count in tqdm(grid, desc=f"{method} sweep", disable=not progress, leave=False):
+    failures = 0
+    for count in tqdm(grid, desc=f"{scores.method} sweep", disable=not progress, leave=False):
         mask, metrics = measure(count)
         if metrics.get(metric) >= target:
-            best, failed_at = (mask, metrics), None
+            best, failed_at, failures = (mask, metrics), None, 0
             pruner.advance(mask)
-        elif failed_at is None:
+            continue
+        failures += 1
+        if failed_at is None:
             failed_at = count
             if reattribute:
                 break  # later masks extend the last one that held
+        if patience is not None and failures >= patience:
+            break
     low = best[0].count if best is not None else 0
     high = failed_at if failed_at is not None and failed_at > low else None
     for _ in range(refine_steps):
-        if high is None or high - low <= 1:
+        if high is None or high - low <= max(1.0, tolerance * (total - low)):
             break
         middle = (low + high) // 2
         mask, metrics = measure(middle)
@@ -664,6 +841,7 @@ def discover_circuit(
             best, low = (mask, metrics), middle
         else:
             high = middle
+    timings["search"] = time.perf_counter() - clock
     if best is None:
         raise NoCircuitError(
             f"pruning {high} of {total} {granularity} already drops {metric} below {threshold:.0%} of the unpruned "
@@ -673,22 +851,39 @@ def discover_circuit(
     mask, metrics = best
     circuit_info = {
         "task": {"name": task.name, "size": len(task), **dict(task.settings)},
-        "evaluation": {"name": evaluation.name, "size": len(evaluation), **dict(evaluation.settings)},
+        "evaluation": {"name": evaluation_task.name, "size": len(evaluation_task), **dict(evaluation_task.settings)},
         "metric": metric,
         "threshold": threshold,
         "baseline": baseline.to_dict(),
         "circuit": metrics.to_dict(),
         "size": total - mask.count,
         "total": total,
+        "scope": scope,
+        "ablation": values.to_dict(),
         "reattribute": reattribute,
         "grid_points": grid_points,
         "min_kept": min_kept,
         "refine_steps": refine_steps,
+        "tolerance": tolerance,
+        "patience": patience,
     }
     final = Mask(
         mask.granularity, mask.fingerprint, mask.layout, mask.indices, {**mask.provenance, "circuit": circuit_info}
     )
-    return Circuit(final, total - mask.count, total, baseline, metrics, curve, threshold, metric)
+    return Circuit(
+        final, total - mask.count, total, baseline, metrics, curve, threshold, metric, values.to_dict(), timings
+    )
+
+
+def _weight_groups(granularity: Granularity, modules: Sequence[str] | str | None) -> tuple[str, ...] | None:
+    """The weight module groups a weight circuit ranks (default the MLP projections); ``None`` otherwise."""
+    if granularity != "weights":
+        if modules is not None:
+            raise CircuitDiscoveryError("modules= restricts weight circuits; neurons and heads live on fixed modules")
+        return None
+    if modules is None:
+        return DEFAULT_WEIGHT_MODULES
+    return (modules,) if isinstance(modules, str) else tuple(modules)
 
 
 __getattr__ = moved_names(

@@ -32,6 +32,7 @@ from torch import nn
 
 from hf_lrp_surgery.exceptions import ReferenceSetError
 from hf_lrp_surgery.lrp.architectures import resolve
+from hf_lrp_surgery.lrp.offload import execution_device
 from hf_lrp_surgery.references.samples import ReferenceSample, encode_sample, make_batch, pad_token_id
 
 __all__ = [
@@ -107,6 +108,37 @@ class NextTokenTask:
         """Whether every example names a wrong token (the logit difference needs it)."""
         return all(e.wrong is not None for e in self.examples)
 
+    @property
+    def has_corrupted(self) -> bool:
+        """Whether every example has a corrupted counterpart (``info["corrupted"]``) for activation patching."""
+        return all(e.info.get("corrupted") is not None for e in self.examples)
+
+    def corrupted(self) -> NextTokenTask:
+        """The task on the corrupted prompts (``info["corrupted"]``; same correct and wrong tokens).
+
+        For IOI these are the ABC prompts: the same template with three other names, so that the
+        answer is not in the prompt (Wang et al. 2022; ACDC). Corrupted activation patching runs the
+        model on them and patches each ablated unit's activations into the clean run.
+
+        Returns:
+            The corrupted task (named ``"<name>-corrupted"``).
+
+        Raises:
+            ReferenceSetError: An example has no corrupted prompt.
+
+        Example:
+            >>> ioi_task(tokenizer, 8).corrupted().examples[0].prompt  # doctest: +SKIP
+            'When Anna and Paul went to the park, Lucy gave a ball to'
+        """
+        missing = [i for i, e in enumerate(self.examples) if e.info.get("corrupted") is None]
+        if missing:
+            raise ReferenceSetError(
+                f"task {self.name!r}: example {missing[0]} has no corrupted prompt (info['corrupted']); "
+                "corrupted ablation needs one per example (IOI makes them; task files take a 'corrupted' field)"
+            )
+        examples = tuple(NextTokenExample(e.info["corrupted"], e.correct, e.wrong, dict(e.info)) for e in self.examples)
+        return NextTokenTask(f"{self.name}-corrupted", examples, {**dict(self.settings), "corrupted": True})
+
     def samples(self, target: Literal["correct", "wrong"] = "correct") -> list[ReferenceSample]:
         """The examples as reference samples whose target is the ``correct`` (or ``wrong``) token.
 
@@ -179,9 +211,10 @@ def next_token_task(items: Iterable[Any], *, name: str = "next-token") -> NextTo
         elif isinstance(item, Mapping):
             if "prompt" not in item or "correct" not in item:
                 raise ReferenceSetError(f"item {i} needs 'prompt' and 'correct' keys, it has {sorted(item)}")
-            examples.append(
-                NextTokenExample(item["prompt"], item["correct"], item.get("wrong"), dict(item.get("info", {})))
-            )
+            info = dict(item.get("info", {}))
+            if item.get("corrupted") is not None:
+                info["corrupted"] = item["corrupted"]
+            examples.append(NextTokenExample(item["prompt"], item["correct"], item.get("wrong"), info))
         elif (
             isinstance(item, (tuple, list))
             and len(item) in (2, 3)
@@ -201,7 +234,8 @@ def next_token_task(items: Iterable[Any], *, name: str = "next-token") -> NextTo
 def load_task(path: str | os.PathLike[str]) -> NextTokenTask:
     """Load a task from a ``.jsonl`` file (one mapping per line) or a ``.json`` list / ``{"examples": [...]}``.
 
-    Each record has ``prompt``, ``correct`` and optionally ``wrong``.
+    Each record has ``prompt``, ``correct`` and optionally ``wrong`` and ``corrupted`` (a prompt of the same
+    token length for corrupted activation patching).
 
     Raises:
         FileNotFoundError: The file does not exist.
@@ -298,7 +332,10 @@ def ioi_task(
         objects: Objects (default: shipped).
 
     Returns:
-        The task; ``info`` of each example holds ``template``, ``order``, ``io``, ``s``.
+        The task; ``info`` of each example holds ``template``, ``order``, ``io``, ``s`` and
+        ``corrupted``: the ABC prompt (the same template, place and object with three other distinct
+        names in the places of ``[A]``, ``[B]`` and ``[S]``, drawn from a generator of their own so that
+        the clean prompts do not depend on it, and of the same token length as the clean prompt).
 
     Raises:
         ReferenceSetError: ``size`` is not a positive even number, fewer than two names are one
@@ -327,6 +364,7 @@ def ioi_task(
             "for this tokenizer; give names= with at least two that are"
         )
     rng = random.Random(seed)
+    abc_rng = random.Random(f"ioi-abc-{seed}")  # separate: the clean draws stay what they were
     order: list[int] = []
     examples: list[NextTokenExample] = []
     for pair in range(size // 2):
@@ -337,11 +375,9 @@ def ioi_task(
         place, obj = rng.choice(places), rng.choice(objects)
         for kind, (first, second) in (("ABBA", (io, s)), ("BABA", (s, io))):
             prompt = _fill(templates[t], first, second, s, place, obj)
-            examples.append(
-                NextTokenExample(
-                    prompt, " " + io, " " + s, {"template": t, "order": kind, "io": io, "s": s, "pair": pair}
-                )
-            )
+            corrupted = _abc_prompt(tokenizer, abc_rng, templates[t], prompt, usable, (io, s), place, obj)
+            info = {"template": t, "order": kind, "io": io, "s": s, "pair": pair, "corrupted": corrupted}
+            examples.append(NextTokenExample(prompt, " " + io, " " + s, info))
     settings = {
         "source": "ioi",
         "size": size,
@@ -351,6 +387,34 @@ def ioi_task(
         "num_candidate_names": len(candidates),
     }
     return NextTokenTask("ioi", tuple(examples), settings)
+
+
+def _abc_prompt(
+    tokenizer: Any,
+    rng: random.Random,
+    template: str,
+    prompt: str,
+    names: Sequence[str],
+    avoid: tuple[str, str],
+    place: str,
+    obj: str,
+    tries: int = 50,
+) -> str | None:
+    """The ABC corruption of ``prompt``: three distinct names other than ``avoid``, the same token length.
+
+    Returns ``None`` when fewer than three other names exist or no draw keeps the length (a task with
+    such an example refuses corrupted ablation by name).
+    """
+    others = [n for n in names if n not in avoid]
+    if len(others) < 3:
+        return None
+    length = len(tokenizer(prompt)["input_ids"])
+    for _ in range(tries):
+        a, b, c = rng.sample(others, 3)
+        candidate = _fill(template, a, b, c, place, obj)
+        if len(tokenizer(candidate)["input_ids"]) == length:
+            return candidate
+    return None
 
 
 def ioi_sets(tokenizer: Any, num_sets: int = 3, size: int = 64, *, seed: int = 0) -> list[NextTokenTask]:
@@ -438,7 +502,7 @@ def last_token_logits(model: nn.Module, tokenizer: Any, task: NextTokenTask, *, 
     arch = resolve(model)
     samples = task.samples()
     encoded = [encode_sample(s, i, tokenizer, arch.max_positions, arch.vocab_size) for i, s in enumerate(samples)]
-    device = arch.embedding_weight.device
+    device = execution_device(arch.token_embedding)
     pad = pad_token_id(tokenizer, arch.model)
     out = []
     for start in range(0, len(encoded), batch_size):

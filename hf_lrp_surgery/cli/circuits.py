@@ -35,9 +35,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         >>> sub = argparse.ArgumentParser().add_subparsers(dest="command")
         >>> _ = register(sub)
     """
+    from hf_lrp_surgery.circuits.ablation import ABLATIONS
+    from hf_lrp_surgery.circuits.discovery import CIRCUIT_SCOPES
     from hf_lrp_surgery.circuits.tasks import TASK_OBJECTIVES
-    from hf_lrp_surgery.options import SCOPES
-    from hf_lrp_surgery.scoring import CIRCUIT_METHODS, METHODS
+    from hf_lrp_surgery.scoring import CIRCUIT_METHODS, registered_methods
 
     parser = subparsers.add_parser(
         "circuit",
@@ -66,14 +67,38 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--methods",
         nargs="+",
-        choices=METHODS,
+        choices=registered_methods(paired=False),
         default=list(CIRCUIT_METHODS),
         help=f"scoring methods ({' '.join(CIRCUIT_METHODS)})",
     )
     parser.add_argument(
-        "--granularity", choices=("neurons", "heads"), default="neurons", help="what to prune (neurons)"
+        "--granularity",
+        choices=("neurons", "heads", "weights"),
+        default="neurons",
+        help="what to prune: MLP neurons, attention heads, or weights of the --modules matrices (neurons)",
     )
-    parser.add_argument("--scope", choices=SCOPES, default="global", help="selection scope (global)")
+    parser.add_argument(
+        "--scope",
+        choices=("auto", *CIRCUIT_SCOPES),
+        default="auto",
+        help="ranking scope; auto = the paper's protocol per method: global for every method, except Wanda's "
+        "weights per_row (each output row prunes the same share); per_row is for weights (auto)",
+    )
+    parser.add_argument(
+        "--modules",
+        nargs="+",
+        default=None,
+        help="weights: module groups to rank, glob patterns on the block-relative path (mlp.*: the MLP input "
+        "and output projections)",
+    )
+    parser.add_argument(
+        "--ablation",
+        choices=ABLATIONS,
+        default="zero",
+        help="what a pruned unit is replaced with: zero (what bake/IA3 carry), mean (its mean over the reference "
+        "prompts' tokens; weights: W_ij * mean(x_j)), corrupted (its activation on the corrupted prompt: IOI's "
+        "ABC prompts, or a 'corrupted' field in task files) (zero)",
+    )
     parser.add_argument(
         "--threshold", type=float, default=0.9, help="fraction of the unpruned metric the circuit must keep (0.9)"
     )
@@ -95,11 +120,32 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help="lrp/gradient: mean per-sample |R| or mean relevance (abs; signed ranks components that "
         "push against the answer first and breaks the model at the first grid point)",
     )
-    parser.add_argument("--grid-points", type=int, default=16, help="log-spaced sparsity grid points (16)")
+    parser.add_argument(
+        "--grid-points", type=int, default=8, help="log-spaced sparsity grid points, the coarse search (8: 7 counts)"
+    )
     parser.add_argument("--min-kept", type=float, default=1e-3, help="smallest kept fraction on the grid (0.001)")
-    parser.add_argument("--refine-steps", type=int, default=8, help="bisection steps after the grid (8)")
+    parser.add_argument("--refine-steps", type=int, default=6, help="bisection steps on the threshold crossing (6)")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.02,
+        help="stop bisecting once the bracket is this fraction of the circuit size; 0 bisects every step (0.02)",
+    )
+    parser.add_argument(
+        "--patience",
+        type=int,
+        default=2,
+        help="stop each grid after this many failing points in a row; 0 measures every point (2)",
+    )
     parser.add_argument("--random-draws", type=int, default=3, help="random sets in the specificity check (3)")
     parser.add_argument("--eval-batch-size", type=positive_int, default=32, help="prompts per evaluation pass (32)")
+    parser.add_argument(
+        "--circuit-masks",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="write each circuit's mask/ and components/ under circuits/ (auto: for neurons and heads; a weight "
+        "circuit's masks hold tens of millions of indices) (auto)",
+    )
     add_output_arguments(parser, "runs/circuit")
     parser.set_defaults(handler=run_circuit)
     return parser
@@ -134,7 +180,9 @@ def run_circuit(args: argparse.Namespace) -> int:
         sets,
         methods=args.methods,
         granularity=args.granularity,
-        scope=args.scope,
+        scope=None if args.scope == "auto" else args.scope,
+        modules=args.modules,
+        ablation=args.ablation,
         threshold=args.threshold,
         metric=args.metric,
         # The task objective (logit_diff too) is its own argument; the options carry the rest.
@@ -145,6 +193,8 @@ def run_circuit(args: argparse.Namespace) -> int:
         grid_points=args.grid_points,
         min_kept=args.min_kept,
         refine_steps=args.refine_steps,
+        tolerance=args.tolerance,
+        patience=args.patience or None,
         random_draws=args.random_draws,
         eval_batch_size=args.eval_batch_size,
         progress=not args.no_progress,
@@ -152,19 +202,27 @@ def run_circuit(args: argparse.Namespace) -> int:
     comparison.settings.update(
         model=str(args.model), dtype=args.dtype, command=shlex.join(sys.argv), seconds=round(time.time() - started, 1)
     )
+    scopes = comparison.settings["scopes"]
+    scope_text = ", ".join(f"{m}: {sc}" for m, sc in scopes.items())
     print(
         f"{comparison.settings['task']} on {args.model}: smallest {args.granularity} circuit keeping "
-        f"{args.threshold:.0%} of {args.metric} ({args.scope} scope, {len(sets)} set(s))"
+        f"{args.threshold:.0%} of {args.metric} ({args.ablation} ablation; scope {scope_text}; {len(sets)} set(s))"
     )
     print(comparison.table())
-    for method, result in comparison.results.items():
-        if result.specificity:
-            drops = [s["relative_drop_circuit"] for s in result.specificity]
-            randoms = [s["relative_drop_random"] for s in result.specificity]
+    report = comparison.to_dict()
+    for method, data in report["methods"].items():
+        summary = data["specificity_summary"]
+        if data["specificity"]:
+            circuit, random = summary["relative_drop_circuit"], summary["relative_drop_random"]
             print(
-                f"specificity {method:<11} ablating the circuit: -{100 * sum(drops) / len(drops):.1f}% "
-                f"{args.metric}; as many random {args.granularity}: -{100 * sum(randoms) / len(randoms):.1f}%"
+                f"specificity {method:<11} ablating only the circuit: -{100 * circuit['mean']:.1f} ± "
+                f"{100 * circuit['std']:.1f}% {args.metric}; as many random {args.granularity}: "
+                f"-{100 * random['mean']:.1f} ± {100 * random['std']:.1f}% (over sets; "
+                f"{args.random_draws} draws each)"
             )
-    comparison.save(output, overwrite=args.overwrite)
+    stages = comparison.settings["seconds_per_stage"]
+    print("seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
+    masks = {"auto": None, "yes": True, "no": False}[args.circuit_masks]
+    comparison.save(output, circuit_masks=masks, overwrite=args.overwrite)
     print(f"saved {args.output}/report.json, report.txt, curves.png, circuit_sizes.png, composition.png, circuits/")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from hf_lrp_surgery.cli._common import (
@@ -25,7 +26,8 @@ if TYPE_CHECKING:  # the commands import their modules when they run
 __all__ = ["recipe_parser", "register"]
 
 # How a behaviour option's value is parsed from the command line (see ``CommandOption.kind``).
-_OPTION_TYPES = {"str": str, "float": float}
+_OPTION_TYPES = {"str": str, "int": int, "float": float}
+_CHOICE_KEYS = ("method", "granularity", "budget", "normalize", "protect_top", "dampen")
 
 
 def _recipe(args: argparse.Namespace) -> int:
@@ -37,7 +39,17 @@ def _recipe(args: argparse.Namespace) -> int:
     # Option values that name files (a prompt file) are inputs the output must not replace.
     output = checked_output(args, *(v for v in values.values() if isinstance(v, str) and os.path.exists(v)))
     behaviour = entry.factory(**values)  # checks its own parts (a user scorer is probed) before the model loads
-    limits = GeneralLimits(args.max_kl, args.max_perplexity_increase)
+    limits = GeneralLimits(args.max_kl, args.max_perplexity_increase, args.max_induction_increase)
+    search = None
+    if args.search:
+        from hf_lrp_surgery.correction.tradeoff import default_space
+
+        ranges = {g: tuple(r) for g, r in (("neurons", args.neuron_range), ("heads", args.head_range)) if r}
+        if args.weight_range:
+            ranges["weights"] = tuple(args.weight_range)
+        search = default_space(entry.metadata.name, args.search_granularities, args.search_methods, ranges)
+        if args.search_dampenings:
+            search = replace(search, dampenings=tuple(None if d == "none" else d for d in args.search_dampenings))
     model, tokenizer = load(args)
     result = run_recipe(
         model,
@@ -52,6 +64,10 @@ def _recipe(args: argparse.Namespace) -> int:
         limits=limits,
         base_model_name_or_path=args.base_model_id,
         model_name=args.model,
+        general_passages=args.general_passages,
+        search=search,
+        trials=args.trials,
+        search_seed=args.search_seed,
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
@@ -59,12 +75,19 @@ def _recipe(args: argparse.Namespace) -> int:
         f"{result.behaviour}: {result.reference_sizes['undesired']} undesired / {result.reference_sizes['desired']} "
         "desired reference continuations"
     )
-    print(f"{'budget':>7} {behaviour.primary:>14} {'KL':>8} {'ppl +%':>8}  within limits")
+    print(f"{'budget':>7} {behaviour.primary:>14} {'KL':>8} {'ppl +% (worst domain)':>22} {'copy +nats':>10}  limits")
     for point in result.frontier:
+        worst = max(point.perplexity_increases, key=point.perplexity_increases.__getitem__, default="")
+        copy = "-" if point.induction_increase is None else f"{point.induction_increase:+.3f}"
+        verdict = "within" if point.within_limits else "exceeds " + ", ".join(point.exceeded)
         print(
             f"{point.budget:>7} {point.effect[behaviour.primary]:>14.4f} {point.kl:>8.4f} "
-            f"{100 * point.perplexity_increase:>8.2f}  {point.within_limits}"
+            f"{f'{100 * point.perplexity_increase:.2f} ({worst})':>22} {copy:>10}  {verdict}"
         )
+    if result.tradeoff is not None:
+        chosen, front = result.tradeoff["chosen"], result.tradeoff["front"]
+        picked = "nothing within the limits" if chosen is None else json.dumps({k: chosen[k] for k in _CHOICE_KEYS})
+        print(f"trade-off search: {result.tradeoff['trials']} trials, {len(front)} on the front; chosen: {picked}")
     print(f"chosen budget: {result.chosen_budget}")
     print("held-out:", json.dumps(result.heldout))
     print(
@@ -131,8 +154,49 @@ def recipe_parser(subparsers: Any, entry: RegisteredBehaviour, **parser_keywords
         "--max-perplexity-increase",
         type=float,
         default=0.03,
-        help="general-behaviour limit on the relative perplexity increase (0.03)",
+        help="general-behaviour limit on the relative perplexity increase of each general-text domain (0.03)",
     )
+    parser.add_argument(
+        "--max-induction-increase",
+        type=float,
+        default=0.25,
+        help="general-behaviour limit on the induction probe's second-copy loss increase, in nats (0.25)",
+    )
+    parser.add_argument(
+        "--general-passages",
+        type=positive_int,
+        default=5,
+        help="passages per general-text domain in the budget search (5; the held-out measurement uses all)",
+    )
+    search = parser.add_argument_group(
+        "trade-off search (Optuna TPE over method x granularity x budget x contrast, on the validation prompts)"
+    )
+    search.add_argument(
+        "--search",
+        action="store_true",
+        help="search the trade-off instead of the budgets of one --method; the held-out split measures the choice",
+    )
+    search.add_argument("--trials", type=positive_int, default=24, help="trials of the search (24)")
+    search.add_argument("--search-seed", type=int, default=0, help="the sampler's seed (0)")
+    search.add_argument(
+        "--search-methods",
+        nargs="+",
+        choices=METHODS,
+        help="methods to search (lrp gradient activation wanda aura atp, and repetition_neurons for repetition)",
+    )
+    search.add_argument(
+        "--search-granularities", nargs="+", choices=GRANULARITIES, default=["neurons", "heads"], help="(neurons heads)"
+    )
+    search.add_argument(
+        "--search-dampenings",
+        nargs="+",
+        choices=("none", "relevance", "aura"),
+        help="hard masks (none) and soft-mask rules to search (none relevance aura; aura for the aura method only)",
+    )
+    for kind, (low, high) in (("neuron", (5, 200)), ("head", (1, 30)), ("weight", (500, 50000))):
+        search.add_argument(
+            f"--{kind}-range", nargs=2, type=positive_int, metavar=("LOW", "HIGH"), help=f"budget range ({low} {high})"
+        )
     parser.add_argument("--base-model-id", help="Hub id written into the adapter's config (default: --model's path)")
     add_output_arguments(parser, f"runs/{name}")
     for option in metadata.options:

@@ -14,7 +14,8 @@ Modules: :mod:`~hf_lrp_surgery.correction.behaviours` (what to correct, and the 
 :mod:`~hf_lrp_surgery.correction.user` (a behaviour from user prompts and a scorer, parsed and probed
 by :mod:`~hf_lrp_surgery.correction.scorers`), :mod:`~hf_lrp_surgery.correction.paired` (the paired sets
 and their focus),
-:mod:`~hf_lrp_surgery.correction.search` (the budget search) and
+:mod:`~hf_lrp_surgery.correction.search` (the budget search),
+:mod:`~hf_lrp_surgery.correction.tradeoff` (the multi-objective trade-off search) and
 :mod:`~hf_lrp_surgery.correction.recipe` (the whole recipe and its report).
 """
 
@@ -41,14 +42,30 @@ from hf_lrp_surgery.correction.paired import (
     scored_word_positions,
     word_groups,
 )
-from hf_lrp_surgery.correction.recipe import RecipeResult, recipe_split, run_recipe
+from hf_lrp_surgery.correction.recipe import (
+    SIDE_EFFECT_BEHAVIOURS,
+    RecipeResult,
+    recipe_split,
+    run_recipe,
+    side_effect_behaviours,
+)
 from hf_lrp_surgery.correction.scorers import PatternScorer, parse_scorer, probe_scorer
 from hf_lrp_surgery.correction.search import (
     GENERAL_METRICS,
     FrontierPoint,
     GeneralBaseline,
+    GeneralCost,
     GeneralLimits,
     budget_search,
+    perplexity_key,
+)
+from hf_lrp_surgery.correction.tradeoff import (
+    TradeoffResult,
+    TradeoffSpace,
+    TrialChoice,
+    TrialMeasure,
+    default_space,
+    tradeoff_search,
 )
 from hf_lrp_surgery.correction.user import split_prompts, user_behaviour
 
@@ -60,18 +77,26 @@ __all__ = [
     "CommandOption",
     "FrontierPoint",
     "GeneralBaseline",
+    "GeneralCost",
     "GeneralLimits",
     "Metric",
     "PatternScorer",
     "RecipeResult",
     "RegisteredBehaviour",
+    "TradeoffResult",
+    "TradeoffSpace",
+    "TrialChoice",
+    "TrialMeasure",
+    "SIDE_EFFECT_BEHAVIOURS",
     "behaviour_metadata",
     "budget_search",
+    "default_space",
     "detox_behaviour",
     "leave_one_word_out_positions",
     "matched_positions",
     "paired_contrast_sets",
     "parse_scorer",
+    "perplexity_key",
     "probe_scorer",
     "recipe_split",
     "register_behaviour",
@@ -79,7 +104,9 @@ __all__ = [
     "repetition_behaviour",
     "run_recipe",
     "scored_word_positions",
+    "side_effect_behaviours",
     "split_prompts",
+    "tradeoff_search",
     "user_behaviour",
     "word_groups",
 ]

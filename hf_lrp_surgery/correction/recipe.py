@@ -14,10 +14,11 @@ from torch import nn
 
 from hf_lrp_surgery._version import __version__
 from hf_lrp_surgery.carriers import CorrectedModel, apply_masks
-from hf_lrp_surgery.correction.behaviours import Behaviour, BehaviourMetadata
+from hf_lrp_surgery.correction.behaviours import BEHAVIOURS, CHAT_TEMPLATE_OPTION, Behaviour, BehaviourMetadata
 from hf_lrp_surgery.correction.paired import paired_contrast_sets
-from hf_lrp_surgery.correction.search import FrontierPoint, GeneralBaseline, GeneralLimits, budget_search
-from hf_lrp_surgery.evaluation import generate
+from hf_lrp_surgery.correction.search import FrontierPoint, GeneralBaseline, GeneralCost, GeneralLimits, budget_search
+from hf_lrp_surgery.correction.tradeoff import ScoreKey, TradeoffResult, TradeoffSpace, TrialMeasure, tradeoff_search
+from hf_lrp_surgery.evaluation import generate, next_token_kl, wilson_interval
 from hf_lrp_surgery.exceptions import BudgetError
 from hf_lrp_surgery.io import atomic_directory, check_output
 from hf_lrp_surgery.lrp.architectures import resolve
@@ -25,13 +26,20 @@ from hf_lrp_surgery.lrp.layout import Granularity, Layout
 from hf_lrp_surgery.masks import Mask
 from hf_lrp_surgery.options import ContrastOptions, ScoringOptions, SelectionOptions, reject_unknown
 from hf_lrp_surgery.plots import plot_frontier, plot_mask_per_layer
-from hf_lrp_surgery.references import shipped_set
-from hf_lrp_surgery.scoring import Scores
+from hf_lrp_surgery.references import general_texts, shipped_set
+from hf_lrp_surgery.references.samples import ReferenceSample
+from hf_lrp_surgery.scoring import Scores, get_scorer
 from hf_lrp_surgery.surgeon import Surgeon
 
-__all__ = ["RecipeResult", "recipe_split", "run_recipe"]
+__all__ = ["SIDE_EFFECT_BEHAVIOURS", "RecipeResult", "recipe_split", "run_recipe", "side_effect_behaviours"]
 
 _DEFAULT_LIMITS = GeneralLimits()
+
+#: The shipped behaviours every recipe measures before and after as side effects (except its own).
+SIDE_EFFECT_BEHAVIOURS = ("toxicity", "repetition")
+#: Sequences of the induction probe, and its seeds: the search's and the held-out measurement's differ.
+_INDUCTION_SEQUENCES = 16
+_SEARCH_SEED, _HELDOUT_SEED = 0, 1
 
 
 @dataclass
@@ -48,6 +56,11 @@ class RecipeResult:
         seconds: Wall time per stage.
         behaviour_metadata: The behaviour's tags, command, goal and metrics, which the model card reads
             (``None`` in results made by hand: the card then looks the behaviour up by name).
+        side_effects: Other behaviours measured before and after on their own held-out prompts: name ->
+            ``{"prompt_set", "split", "prompts", "decoding", "metrics", "before", "after"}`` (``after`` only
+            when a budget was chosen).
+        tradeoff: The trade-off search (``TradeoffResult.to_dict()``), when the recipe ran one instead of
+            the budget search; ``None`` otherwise.
     """
 
     behaviour: str
@@ -58,6 +71,8 @@ class RecipeResult:
     heldout: dict[str, Any]
     seconds: dict[str, float] = field(default_factory=dict)
     behaviour_metadata: BehaviourMetadata | None = None
+    side_effects: dict[str, Any] = field(default_factory=dict)
+    tradeoff: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-serialisable form (``report.json``).
@@ -88,6 +103,54 @@ def recipe_split(items: Sequence[str], validation_share: float = 0.4) -> tuple[l
     return list(items[:cut]), list(items[cut:])
 
 
+def side_effect_behaviours(behaviour: Behaviour, tokenizer: Any) -> list[Behaviour]:
+    """The shipped behaviours a recipe for ``behaviour`` measures as side effects, with their defaults.
+
+    Every behaviour of :data:`SIDE_EFFECT_BEHAVIOURS` but ``behaviour`` itself: detox measures
+    repetition, the repetition fix measures toxicity, any other behaviour (e.g. contact details)
+    both. A behaviour that takes the chat-template switch uses plain prompts where the tokenizer has no
+    chat template.
+
+    Args:
+        behaviour: The behaviour being corrected.
+        tokenizer: The model's tokenizer.
+
+    Returns:
+        The behaviours, built with their factories' defaults (the offline toxicity scorer).
+
+    Example:
+        >>> [b.name for b in side_effect_behaviours(detox_behaviour(), tokenizer)]  # doctest: +SKIP
+        ['repetition']
+    """
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    found = []
+    for name in SIDE_EFFECT_BEHAVIOURS:
+        entry = BEHAVIOURS.get(name)
+        if entry is None or name == behaviour.name:
+            continue
+        plain = CHAT_TEMPLATE_OPTION in entry.metadata.options and not templated
+        found.append(entry.factory(**({CHAT_TEMPLATE_OPTION.parameter: False} if plain else {})))
+    return found
+
+
+def _with_intervals(figures: dict[str, Any], behaviour: Behaviour, count: int) -> dict[str, Any]:
+    """``figures`` with the Wilson interval (``<key>_ci``) of every metric of ``behaviour`` that is a share."""
+    out = dict(figures)
+    for metric in behaviour.metadata.metrics:
+        value = out.get(metric.key)
+        if metric.share and isinstance(value, (int, float)) and count > 0:
+            out[f"{metric.key}_ci"] = list(wilson_interval(round(value * count), count))
+    return out
+
+
+def _measure(
+    model: nn.Module, tokenizer: Any, behaviour: Behaviour, prompts: Sequence[str], progress: bool
+) -> dict[str, Any]:
+    """The behaviour's metrics (with intervals) on ``prompts`` under its evaluation decoding."""
+    generations = generate(model, tokenizer, prompts, behaviour.decoding, progress=progress)
+    return _with_intervals(behaviour.measure(generations), behaviour, len(generations))
+
+
 def run_recipe(
     model: nn.Module,
     tokenizer: Any,
@@ -104,6 +167,12 @@ def run_recipe(
     base_model_name_or_path: str | None = None,
     model_name: str | None = None,
     prompts: Mapping[str, Sequence[str]] | None = None,
+    general_passages: int | None = 5,
+    side_effects: Sequence[Behaviour] | None = None,
+    side_effect_prompts: int = 20,
+    search: TradeoffSpace | None = None,
+    trials: int = 24,
+    search_seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
     **keywords: Any,
@@ -133,11 +202,31 @@ def run_recipe(
         prompts: ``{"train": [...], "heldout": [...]}`` (optionally ``"validation"``, which then replaces the
             split of ``train``) to use instead of the behaviour's own prompts or shipped prompt set (e.g.
             :func:`~hf_lrp_surgery.references.hub_set` where the Hub is reachable).
+        general_passages: Passages per general-text domain in the budget search (the first ones of each
+            domain's train split; ``None``: all); the held-out measurement always uses every held-out passage.
+            With 5 (and the 16-sequence induction probe), the general cost of one budget point on
+            SmolLM2-135M on one CPU thread is 45 s instead of the 21 s of KL plus all 24 prose passages.
+        side_effects: Other behaviours to measure before and after on their held-out prompts (default:
+            :func:`side_effect_behaviours`; ``()``: none).
+        side_effect_prompts: Held-out prompts per side-effect behaviour (the first ones; greedy).
+        search: Run the trade-off search over this space (methods x granularities x budgets x contrast
+            options; see :mod:`~hf_lrp_surgery.correction.tradeoff`) instead of the budget search of one
+            method: every trial is measured on the validation prompts (behaviour and KL), the best ones
+            within the KL limit are confirmed against every limit (perplexity per domain, induction probe),
+            best first, and the first that passes is chosen. ``budgets``, ``scoring.method``,
+            ``selection.granularity`` and ``contrast`` then only fill what the space leaves open.
+        trials: Trials of the trade-off search.
+        search_seed: Its sampler's seed.
         overwrite: Replace a non-empty ``output`` (checked before anything runs).
         progress: Show progress bars.
         **keywords: The fields of the three options (``method=``, ``objective=``, ``normalize=``,
             ``protect_top=``, ``granularity=``, ``scope=``, ``modules=``, ``batch_size=``, ...), which
             replace those of ``scoring`` / ``contrast`` / ``selection``.
+
+    General behaviour (the limits of the search, and the held-out figures) is the KL on neutral
+    prompts, perplexity on every general-text domain (:func:`~hf_lrp_surgery.references.general_texts`)
+    and the induction probe (16 random sequences of 50 tokens shown twice; seed 0 in the search, seed 1
+    held out); see :class:`~hf_lrp_surgery.correction.search.GeneralBaseline`.
 
     Returns:
         The :class:`RecipeResult` (also written to ``output/report.json``).
@@ -146,6 +235,7 @@ def run_recipe(
         OutputExistsError: ``output`` would replace something (see :func:`~hf_lrp_surgery.io.check_output`).
         BudgetError: A budget is not positive or exceeds the model's components of that granularity.
         ReferenceSetError: No attribution prompt got both an undesired and a desired continuation.
+        ValueError: ``general_passages`` or ``side_effect_prompts`` is not a count >= 1.
         MissingChatTemplateError: The behaviour uses the chat template and the tokenizer has none.
 
     Example:
@@ -160,8 +250,19 @@ def run_recipe(
     scoring = replace(ScoringOptions.take(scoring, keywords), components=(selection.granularity,))
     contrast = ContrastOptions.take(contrast, keywords)
     reject_unknown(keywords, "run_recipe")
+    if isinstance(side_effect_prompts, bool) or not isinstance(side_effect_prompts, int) or side_effect_prompts < 1:
+        raise ValueError(f"side_effect_prompts must be a count >= 1, got {side_effect_prompts!r}")
+    if general_passages is not None and (
+        isinstance(general_passages, bool) or not isinstance(general_passages, int) or general_passages < 1
+    ):
+        raise ValueError(f"general_passages must be a count >= 1 or None, got {general_passages!r}")
+    search_texts = general_texts("train", per_domain=general_passages)
     check_output(output, overwrite=overwrite)
-    _check_budgets(model, budgets, selection.granularity)
+    if search is None:
+        _check_budgets(model, budgets, selection.granularity)
+    else:
+        for granularity, (_, highest) in search.budgets.items():
+            _check_budgets(model, [highest], granularity)  # type: ignore[arg-type]
     timer = time.perf_counter
     seconds: dict[str, float] = {}
     start = timer()
@@ -181,55 +282,124 @@ def run_recipe(
     )
     seconds["reference_sets"] = timer() - start
 
-    start = timer()
     surgeon = Surgeon(model, tokenizer, batch_size=scoring.batch_size, progress=progress)
-    scores = surgeon.contrast(undesired=undesired, general=desired, options=scoring, contrast_options=contrast)
-    seconds["attribution"] = timer() - start
+    tradeoff: TradeoffResult | None = None
+    if search is None:
+        start = timer()
+        scores = surgeon.contrast(undesired=undesired, general=desired, options=scoring, contrast_options=contrast)
+        seconds["attribution"] = timer() - start
 
-    start = timer()
-    frontier, chosen = budget_search(
-        model,
-        tokenizer,
-        scores,
-        behaviour,
-        validation_prompts=validation_prompts,
-        general_prompts=shipped_set("neutral_prompts", "train"),
-        general_texts=shipped_set("general_text", "train"),
-        budgets=budgets,
-        selection=selection,
-        limits=limits,
-        progress=progress,
-    )
-    seconds["budget_search"] = timer() - start
+        start = timer()
+        frontier, chosen = budget_search(
+            model,
+            tokenizer,
+            scores,
+            behaviour,
+            validation_prompts=validation_prompts,
+            general_prompts=shipped_set("neutral_prompts", "train"),
+            general_texts=search_texts,
+            budgets=budgets,
+            selection=selection,
+            limits=limits,
+            induction_sequences=_INDUCTION_SEQUENCES,
+            progress=progress,
+        )
+        chosen_budget = chosen.budget
+        seconds["budget_search"] = timer() - start
+    else:
+        start = timer()
+        tradeoff, frontier, score_of = _tradeoff(
+            model,
+            tokenizer,
+            behaviour,
+            surgeon,
+            (undesired, desired),
+            search,
+            scoring=scoring,
+            selection=selection,
+            limits=limits,
+            validation_prompts=validation_prompts,
+            general_texts=search_texts,
+            trials=trials,
+            seed=search_seed,
+            progress=progress,
+        )
+        seconds["tradeoff_search"] = timer() - start
+        seconds["attribution"] = sum(score_of.seconds.values())
+        chosen_budget = 0 if tradeoff.chosen is None else tradeoff.chosen.choice.budget
+        picked = tradeoff.chosen.choice if tradeoff.chosen is not None else None
+        if picked is not None:
+            scoring = replace(scoring, method=picked.method, components=(picked.granularity,))
+            selection = replace(selection, granularity=picked.granularity)
+            contrast = picked.contrast
+        scores = score_of(ScoreKey(scoring.method, selection.granularity), contrast)
 
     start = timer()
     heldout_prompts = list(prompt_sets["heldout"])
     general = GeneralBaseline.of(
-        model, tokenizer, shipped_set("neutral_prompts", "heldout"), shipped_set("general_text", "heldout")
+        model,
+        tokenizer,
+        shipped_set("neutral_prompts", "heldout"),
+        general_texts("heldout"),
+        induction_sequences=_INDUCTION_SEQUENCES,
+        induction_seed=_HELDOUT_SEED,
+        progress=progress,
     )
-    before = behaviour.measure(generate(model, tokenizer, heldout_prompts, behaviour.decoding, progress=progress))
-    heldout: dict[str, Any] = {"before": {**before, "perplexity": general.perplexity}}
+    unchanged = general.unchanged().figures()
+    general_before = {k: v for k, v in unchanged.items() if k.startswith(("perplexity", "induction_"))}
+    for key in ("perplexity_increase", "perplexity_increases", "induction_increase"):
+        general_before.pop(key, None)
+    before = _measure(model, tokenizer, behaviour, heldout_prompts, progress)
+    if behaviour.protocol is not None:
+        before.update(behaviour.protocol(model, tokenizer, heldout_prompts, progress))
+    heldout: dict[str, Any] = {"before": {**before, **general_before}}
     mask: Mask | None = None
     baked: CorrectedModel | None = None
-    if chosen.budget > 0:
-        mask = selection.select(scores, chosen.budget)
+    if chosen_budget > 0:
+        mask = selection.select(scores, chosen_budget)
         baked = apply_masks(model, mask, "bake")
-        after = behaviour.measure(
-            generate(baked.model, tokenizer, heldout_prompts, behaviour.decoding, progress=progress)
-        )
-        kl, ppl, increase, ok = general.cost(model, baked.model, tokenizer, limits)
-        heldout["after"] = {**after, "perplexity": ppl, "kl": kl, "perplexity_increase": increase, "within_limits": ok}
+        after = _measure(baked.model, tokenizer, behaviour, heldout_prompts, progress)
+        if behaviour.protocol is not None:
+            after.update(behaviour.protocol(baked.model, tokenizer, heldout_prompts, progress))
+        cost = general.cost(model, baked.model, tokenizer, limits, progress=progress)
+        heldout["after"] = {**after, **cost.figures()}
     seconds["heldout_evaluation"] = timer() - start
+
+    start = timer()
+    side_effect_results: dict[str, Any] = {}
+    for other in side_effect_behaviours(behaviour, tokenizer) if side_effects is None else side_effects:
+        other_prompts = other.prompts_for("heldout")[:side_effect_prompts]
+        block: dict[str, Any] = {
+            "prompt_set": other.prompt_set,
+            "split": "heldout",
+            "prompts": len(other_prompts),
+            "decoding": other.decoding.to_dict(),
+            "metrics": [asdict(m) for m in other.metadata.metrics],
+            "before": _measure(model, tokenizer, other, other_prompts, progress),
+        }
+        if baked is not None:
+            block["after"] = _measure(baked.model, tokenizer, other, other_prompts, progress)
+        side_effect_results[other.name] = block
+    seconds["side_effects"] = timer() - start
 
     settings = {
         "model": model_name or getattr(model, "name_or_path", None),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "budgets": list(budgets),
+        "budgets": list(budgets) if search is None else None,
+        "search": None if search is None else {"space": search.to_dict(), "trials": trials, "seed": search_seed},
         **{key: value for key, value in selection.to_dict().items() if key != "layers"},
         **{key: value for key, value in scoring.to_dict().items() if key != "components"},
         **contrast.to_dict(),
         "focus": focus,
         "limits": asdict(limits),
+        "general_passages": general_passages,
+        "induction_probe": {
+            "sequences": _INDUCTION_SEQUENCES,
+            "length": general.induction.length if general.induction else None,
+            "search_seed": _SEARCH_SEED,
+            "heldout_seed": _HELDOUT_SEED,
+        },
+        "side_effect_prompts": side_effect_prompts,
         "validation_share": validation_share,
         "prompts": "given" if prompts is not None else ("shipped" if behaviour.prompts is None else "behaviour"),
         "decoding": behaviour.decoding.to_dict(),
@@ -241,13 +411,118 @@ def run_recipe(
         settings,
         {"undesired": len(undesired), "desired": len(desired)},
         frontier,
-        chosen.budget,
+        chosen_budget,
         heldout,
         seconds,
         behaviour.metadata,
+        side_effect_results,
+        None if tradeoff is None else tradeoff.to_dict(),
     )
-    _save(result, output, scores, mask, baked, model, tokenizer, base_model_name_or_path, behaviour, overwrite)
+    _save(
+        result, output, scores, mask, baked, model, tokenizer, base_model_name_or_path, behaviour, overwrite, tradeoff
+    )
     return result
+
+
+class _ScoreCache:
+    """Contrasted scores per method and contrast; each method's relevance of every searched granularity is one pass
+    per set, computed once."""
+
+    def __init__(
+        self,
+        surgeon: Surgeon,
+        sets: tuple[list[ReferenceSample], list[ReferenceSample]],
+        scoring: ScoringOptions,
+        granularities: Sequence[Granularity],
+    ) -> None:
+        self.surgeon, self.sets, self.scoring, self.granularities = surgeon, sets, scoring, tuple(granularities)
+        self.per_set: dict[str, tuple[Scores, Scores] | Scores] = {}
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, key: ScoreKey, contrast: ContrastOptions) -> Scores:
+        undesired, desired = self.sets
+        entry = get_scorer(key.method)
+        components = tuple(g for g in self.granularities if g in entry.components)
+        options = replace(self.scoring, method=key.method, components=components)
+        if key.method not in self.per_set:
+            started = time.perf_counter()
+            if entry.paired or not entry.needs_samples:  # its own contrast, or nothing to contrast
+                self.per_set[key.method] = self.surgeon.contrast(undesired=undesired, general=desired, options=options)
+            else:
+                self.per_set[key.method] = (
+                    self.surgeon.attribute(desired, options, description=f"{key.method} (general)"),
+                    self.surgeon.attribute(undesired, options, description=f"{key.method} (undesired)"),
+                )
+            self.seconds[key.method] = time.perf_counter() - started
+        cached = self.per_set[key.method]
+        if isinstance(cached, Scores):
+            return cached
+        general, bad = cached
+        return self.surgeon.contrast(undesired=bad, general=general, options=options, contrast_options=contrast)
+
+
+def _tradeoff(
+    model: nn.Module,
+    tokenizer: Any,
+    behaviour: Behaviour,
+    surgeon: Surgeon,
+    sets: tuple[list[ReferenceSample], list[ReferenceSample]],
+    space: TradeoffSpace,
+    *,
+    scoring: ScoringOptions,
+    selection: SelectionOptions,
+    limits: GeneralLimits,
+    validation_prompts: Sequence[str],
+    general_texts: Mapping[str, Sequence[str]],
+    trials: int,
+    seed: int,
+    progress: bool,
+) -> tuple[TradeoffResult, list[FrontierPoint], _ScoreCache]:
+    """The trade-off search of :func:`run_recipe`: cheap trials (behaviour + KL), confirmed against every limit."""
+    general = GeneralBaseline.of(
+        model,
+        tokenizer,
+        shipped_set("neutral_prompts", "train"),
+        general_texts,
+        induction_sequences=_INDUCTION_SEQUENCES,
+        induction_seed=_SEARCH_SEED,
+    )
+    base_effect = behaviour.measure(generate(model, tokenizer, validation_prompts, behaviour.decoding, progress=False))
+    costs: list[GeneralCost] = []
+
+    def evaluate(mask: Mask) -> TrialMeasure:
+        candidate = apply_masks(model, mask, "bake").model
+        effect = behaviour.measure(
+            generate(candidate, tokenizer, validation_prompts, behaviour.decoding, progress=False)
+        )
+        kl = next_token_kl(model, candidate, tokenizer, general.prompts, progress=False)
+        return TrialMeasure(effect, kl, kl <= limits.max_kl)
+
+    def confirm(mask: Mask) -> TrialMeasure:
+        cost = general.cost(model, apply_masks(model, mask, "bake").model, tokenizer, limits)
+        costs.append(cost)
+        return TrialMeasure({}, cost.kl, cost.within_limits, cost.figures())
+
+    score_of = _ScoreCache(surgeon, sets, scoring, space.granularities)
+    start_budgets: dict[str, list[int]] = {behaviour.granularity: [behaviour.budgets[0]]}
+    result = tradeoff_search(
+        space,
+        score_of,
+        evaluate,
+        primary=behaviour.primary,
+        lower_is_better=behaviour.lower_is_better,
+        baseline=base_effect,
+        confirm=confirm,
+        trials=trials,
+        seed=seed,
+        selection=selection,
+        start_budgets=start_budgets,
+        progress=progress,
+    )
+    frontier = [FrontierPoint.of(0, base_effect, general.unchanged())]
+    effects = {p.choice: p.effect for p in result.points}
+    frontier += [FrontierPoint.of(c.budget, effects[c], cost) for c, cost in zip(result.confirmed, costs)]
+    return result, frontier, score_of
 
 
 def _check_budgets(model: nn.Module, budgets: Sequence[int], granularity: Granularity) -> None:
@@ -272,9 +547,12 @@ def _save(
     base_model_name_or_path: str | None,
     behaviour: Behaviour,
     overwrite: bool,
+    tradeoff: TradeoffResult | None = None,
 ) -> None:
     with atomic_directory(output, overwrite=overwrite) as tmp:
         scores.save(tmp / "scores")
+        if tradeoff is not None:
+            tradeoff.save(tmp)
         (tmp / "report.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
         plot_frontier(result.frontier, behaviour.primary, tmp / "effect_vs_budget.png", chosen=result.chosen_budget)
         if mask is not None and baked is not None:

@@ -45,7 +45,7 @@ _USER = BehaviourMetadata(
     goal="reduce the continuations a user-defined scorer rates undesired",
     prompt_set="user prompts",
     metrics=(
-        Metric("undesired_rate", "Undesired rate (the scorer's verdict at the threshold)", True),
+        Metric("undesired_rate", "Undesired rate (the scorer's verdict at the threshold)", True, share=True),
         Metric("score_mean", "Mean score", True),
     ),
     primary="undesired_rate",

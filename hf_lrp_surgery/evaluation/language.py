@@ -1,6 +1,7 @@
-"""General language-modelling behaviour: perplexity on text, and the KL drift of a corrected model.
+"""General language-modelling behaviour: perplexity on text, in-context copying, and the KL drift of a
+corrected model.
 
-Both run without gradients, in eval mode (the models' modes are restored afterwards), on batches
+All run without gradients, in eval mode (the models' modes are restored afterwards), on batches
 padded on the right under an attention mask, so a padded position never enters a result.
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
@@ -18,7 +20,7 @@ from tqdm.auto import tqdm
 from hf_lrp_surgery.evaluation._runtime import context_length, encode, eval_mode, filler_id, input_device, pad
 from hf_lrp_surgery.exceptions import EvaluationError, SequenceTooLongError
 
-__all__ = ["next_token_kl", "perplexity"]
+__all__ = ["InductionResult", "induction_loss", "induction_sequences", "next_token_kl", "perplexity"]
 
 _IGNORE = -100
 
@@ -207,3 +209,165 @@ def next_token_kl(
             total += float(kl.sum())
             count += kl.numel()
     return total / count
+
+
+#: Random tokens per copy of the induction probe (the second copy follows the first at once).
+INDUCTION_LENGTH = 50
+
+
+@dataclass(frozen=True)
+class InductionResult:
+    """The induction (in-context copying) probe: random token sequences shown twice.
+
+    A model that copies in context predicts the second copy far better than the first (which is random
+    and unpredictable). Pruning the attention heads that copy (induction heads) raises the
+    second-copy loss while the first-copy loss hardly moves.
+
+    Attributes:
+        first_copy_loss: Mean next-token loss (nats) on the first copy, tokens 2..length.
+        second_copy_loss: Mean next-token loss (nats) on the second copy, tokens 2..length (each predicted
+            with the whole first copy and the second copy so far in context).
+        sequences: Number of random sequences.
+        length: Tokens per copy.
+        seed: Seed of the random sequences.
+    """
+
+    first_copy_loss: float
+    second_copy_loss: float
+    sequences: int
+    length: int
+    seed: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        """The fields as a JSON-serialisable dict."""
+        return asdict(self)
+
+
+def _vocabulary_size(model: nn.Module, tokenizer: Any) -> int:
+    getter = getattr(model, "get_input_embeddings", None)
+    embeddings = getter() if callable(getter) else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    size = len(tokenizer)
+    return min(size, int(rows)) if isinstance(rows, int) else size
+
+
+def induction_sequences(
+    tokenizer: Any, vocabulary_size: int, *, sequences: int = 16, length: int = INDUCTION_LENGTH, seed: int = 0
+) -> list[list[int]]:
+    """The random token sequences of the induction probe (one copy each), seeded.
+
+    Tokens are drawn from ``0 .. vocabulary_size - 1`` without the tokenizer's special tokens (BOS,
+    EOS, padding, ...), without replacement within a sequence where the vocabulary allows it (so that
+    the first copy holds no repeat to copy from).
+
+    Args:
+        tokenizer: The tokenizer (for its special token ids).
+        vocabulary_size: How many token ids the model has.
+        sequences: How many sequences.
+        length: Tokens per sequence.
+        seed: Seed of a private generator (the global random state is untouched).
+
+    Returns:
+        ``sequences`` lists of ``length`` token ids.
+
+    Raises:
+        ValueError: A count is below 1 (``length`` below 2), or no ordinary token is left.
+
+    Example:
+        >>> rows = induction_sequences(tokenizer, 49152, sequences=2, length=5)  # doctest: +SKIP
+    """
+    if sequences < 1 or length < 2:
+        raise ValueError(f"sequences must be >= 1 and length >= 2, got {sequences} and {length}")
+    special = {int(i) for i in getattr(tokenizer, "all_special_ids", [])}
+    allowed = torch.tensor([i for i in range(vocabulary_size) if i not in special], dtype=torch.long)
+    if len(allowed) == 0:
+        raise ValueError("the vocabulary has no token that is not a special token")
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(sequences):
+        if len(allowed) >= length:
+            picks = torch.randperm(len(allowed), generator=generator)[:length]
+        else:
+            picks = torch.randint(len(allowed), (length,), generator=generator)
+        rows.append(allowed[picks].tolist())
+    return rows
+
+
+def induction_loss(
+    model: nn.Module,
+    tokenizer: Any,
+    *,
+    sequences: int = 16,
+    length: int | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> InductionResult:
+    """The induction probe: mean loss on the first and on the second copy of random token sequences.
+
+    Each row is the tokenizer's leading special tokens (e.g. BOS, as :func:`perplexity` sees them), a
+    random sequence (:func:`induction_sequences`) and the same sequence again. Loss is the mean
+    next-token cross-entropy over tokens 2..length of each copy (the first token of a copy has nothing
+    to be copied from), over all rows. A correction must not raise the second-copy loss: that is the
+    model's ability to continue what it has just read (names, code identifiers, quoted text).
+
+    Args:
+        model: A causal LM.
+        tokenizer: Its tokenizer.
+        sequences: How many random sequences (16).
+        length: Tokens per copy; default 50, or fewer where two copies would not fit the context window.
+        seed: Seed of the sequences (the same seed gives the same probe for every model).
+        batch_size: Rows per forward pass.
+        progress: Show a progress bar over batches.
+
+    Returns:
+        The result, with the settings used.
+
+    Raises:
+        SequenceTooLongError: Two copies of ``length`` tokens exceed the model's context window.
+        ValueError: A count is out of range.
+
+    Example:
+        >>> result = induction_loss(model, tokenizer, progress=False)  # doctest: +SKIP
+        >>> result.first_copy_loss > 5 > result.second_copy_loss  # doctest: +SKIP
+        True
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    prefix = encode(tokenizer, "")
+    context = context_length(model)
+    room = None if context is None else (context - len(prefix)) // 2
+    if length is None:
+        length = INDUCTION_LENGTH if room is None else min(INDUCTION_LENGTH, room)
+    if room is not None and length > room:
+        raise SequenceTooLongError(
+            f"two copies of {length} tokens (and {len(prefix)} leading special tokens) exceed the model's context "
+            f"of {context}; give length <= {room}"
+        )
+    rows = [
+        prefix + row + row
+        for row in induction_sequences(
+            tokenizer, _vocabulary_size(model, tokenizer), sequences=sequences, length=length, seed=seed
+        )
+    ]
+    start = len(prefix)
+    first = torch.arange(start + 1, start + length)  # target positions scored in the first copy
+    second = first + length
+    device = input_device(model)
+    totals = {"first": 0.0, "second": 0.0}
+    with torch.no_grad(), eval_mode(model):
+        for begin in tqdm(
+            range(0, len(rows), batch_size), desc="induction probe", unit="batch", disable=not progress, leave=False
+        ):
+            input_ids = torch.tensor(rows[begin : begin + batch_size], device=device)
+            logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False).logits
+            logits = logits if logits.dtype == torch.float64 else logits.float()
+            log_probs = logits.log_softmax(-1)
+            for name, targets in (("first", first), ("second", second)):
+                positions = targets.to(log_probs.device)
+                picked = log_probs[:, positions - 1].gather(
+                    -1, input_ids[:, positions].unsqueeze(-1).to(log_probs.device)
+                )
+                totals[name] -= float(picked.sum())
+    count = len(rows) * (length - 1)
+    return InductionResult(totals["first"] / count, totals["second"] / count, sequences, length, seed)

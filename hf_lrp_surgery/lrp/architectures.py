@@ -23,6 +23,7 @@ from hf_lrp_surgery.exceptions import UnsupportedArchitectureError
 __all__ = [
     "ArchitectureSpec",
     "LayerModules",
+    "MoESpec",
     "PrunableModule",
     "ResolvedArchitecture",
     "REGISTRY",
@@ -36,8 +37,9 @@ __all__ = [
 NormKind = Literal["rms", "rms_one_plus", "layernorm"]
 #: ``gated``: ``down(act(gate(x)) * up(x))`` with separate gate and up projections; ``gated_fused``: the
 #: same with gate and up the first and second half of one projection's output (Phi-3's ``gate_up_proj``);
-#: ``plain``: ``out(act(in(x)))``.
-MLPKind = Literal["gated", "gated_fused", "plain"]
+#: ``plain``: ``out(act(in(x)))``; ``moe``: a sparse mixture of gated experts whose weights are fused 3-D
+#: parameters of one experts module (see :class:`MoESpec` and :mod:`hf_lrp_surgery.lrp.moe`).
+MLPKind = Literal["gated", "gated_fused", "plain", "moe"]
 #: Output layout of a fused q/k/v projection: ``blocks`` is ``[q | k | v]`` (GPT-2's ``c_attn``, Phi-3's
 #: ``qkv_proj``); ``heads`` is ``[q_0 | k_0 | v_0 | q_1 | ...]``, one ``head_dim`` slice of each per head
 #: (GPT-NeoX's ``query_key_value``, which transformers views as ``[..., heads, 3 * head_dim]``).
@@ -66,6 +68,41 @@ _LAYERNORM: Mapping[str, NormKind] = MappingProxyType({"LayerNorm": "layernorm"}
 
 
 @dataclass(frozen=True)
+class MoESpec:
+    """Where the parts of a sparse mixture-of-experts MLP are, and which classes the engine explains exactly.
+
+    The MoE MLP of a block is ``sum_k w_k(x) * expert_{e_k}(x)`` over the router's top-k experts ``e_k``;
+    each expert is a gated MLP ``down_e(act(gate_e(x)) * up_e(x))`` whose matrices are slices of two fused
+    3-D parameters of the experts module: ``gate_up[e]`` (``[2 I, H]``, gate rows first) and ``down[e]``
+    (``[H, I]``). Expert neuron ``i`` of expert ``e`` is unit ``e * I + i`` of the block
+    (:mod:`hf_lrp_surgery.lrp.moe` states the relevance rule of the router).
+
+    Attributes:
+        block: Block-relative path of the MoE MLP module.
+        block_class: Its class name; a block whose MLP is another class (a dense MLP between MoE blocks) is
+            refused.
+        block_children: The MoE module's child names, exactly; anything else (a shared expert, a shared
+            gate) has no rule here and is refused by name.
+        experts: Block-relative path of the experts module (it holds the fused parameters).
+        experts_class: Its class name (the engine runs an exact copy of its eager loop, so no other class).
+        router: Block-relative path of the router (its routing weights are constants of the relevance pass).
+        router_class: Its class name.
+        gate_up: Name of the fused ``[E, 2 I, H]`` gate|up parameter of the experts module.
+        down: Name of the ``[E, H, I]`` down parameter.
+    """
+
+    block: str
+    block_class: str
+    block_children: frozenset[str]
+    experts: str
+    experts_class: str
+    router: str
+    router_class: str
+    gate_up: str = "gate_up_proj"
+    down: str = "down_proj"
+
+
+@dataclass(frozen=True)
 class ArchitectureSpec:
     """Where things are in one model family.
 
@@ -83,9 +120,10 @@ class ArchitectureSpec:
         o_proj: The attention output projection (its input holds the per-head outputs).
         mlp_kind: See :data:`MLPKind`.
         mlp_in: The MLP's input projections: ``(gate, up)`` for gated, ``(gate_up,)`` for gated_fused,
-            ``(in,)`` for plain.
-        mlp_act: The MLP's activation module.
-        mlp_out: The MLP's output projection (its input holds the neurons).
+            ``(in,)`` for plain, ``()`` for moe (the expert matrices are parameters, not modules).
+        mlp_act: The MLP's activation module (moe: the experts module's, shared by every expert).
+        mlp_out: The MLP's output projection (its input holds the neurons); moe: the experts module.
+        moe: The mixture-of-experts layout, for ``mlp_kind="moe"`` only.
         activations: Activation class name -> rule kind (a key of ``ACTIVATION_RATIOS``).
         norms: Norm class name -> norm kind.
         orientation: ``"linear"`` for ``nn.Linear`` weights ``[out, in]``, ``"conv1d"`` for GPT-2's
@@ -122,12 +160,15 @@ class ArchitectureSpec:
     unsupported_config: tuple[str, ...] = ()
     softcapping: Mapping[str, SoftcapSite] = field(default_factory=lambda: MappingProxyType({}))
     module_roots: tuple[str, ...] = ("",)
+    moe: MoESpec | None = None
 
     def __post_init__(self) -> None:
         separate = all(p is not None for p in (self.q_proj, self.k_proj, self.v_proj))
         if separate == (self.qkv_proj is not None):
             raise ValueError(f"{self.model_type}: give either q/k/v projections or a fused qkv_proj")
-        expected = 2 if self.mlp_kind == "gated" else 1
+        if (self.mlp_kind == "moe") != (self.moe is not None):
+            raise ValueError(f"{self.model_type}: a moe MLP, and only a moe MLP, needs a MoESpec")
+        expected = {"gated": 2, "moe": 0}.get(self.mlp_kind, 1)
         if len(self.mlp_in) != expected:
             raise ValueError(f"{self.model_type}: a {self.mlp_kind} MLP has {expected} input projection(s)")
         if set(self.softcapping) & set(self.unsupported_config):
@@ -135,8 +176,8 @@ class ArchitectureSpec:
 
     @property
     def gated(self) -> bool:
-        """Whether the MLP multiplies an activated gate with an up projection (fused or not)."""
-        return self.mlp_kind in ("gated", "gated_fused")
+        """Whether the MLP multiplies an activated gate with an up projection (fused, or in every expert)."""
+        return self.mlp_kind in ("gated", "gated_fused", "moe")
 
     @property
     def attention_projections(self) -> tuple[str, ...]:
@@ -147,7 +188,14 @@ class ArchitectureSpec:
 
     @property
     def prunable(self) -> tuple[str, ...]:
-        """Block-relative paths of every prunable weight, attention first, then MLP."""
+        """Block-relative paths of every prunable weight module, attention first, then MLP.
+
+        A moe MLP has no weight modules (its expert matrices are fused 3-D parameters): only the attention
+        projections are listed, and the weights granularity is refused for it
+        (:meth:`ResolvedArchitecture.check_granularity`).
+        """
+        if self.mlp_kind == "moe":
+            return (*self.attention_projections, self.o_proj)
         return (*self.attention_projections, self.o_proj, *self.mlp_in, self.mlp_out)
 
 
@@ -247,6 +295,34 @@ _GPT_NEOX = ArchitectureSpec(
     norms=_LAYERNORM,
 )
 
+# Qwen3-MoE: Qwen3 attention (per-head q/k norms) and a sparse MoE MLP in every block: a softmax top-k router
+# and fused experts run by transformers' eager loop (``experts_implementation="eager"``, required). No shared
+# expert; ``mlp_only_layers`` / ``decoder_sparse_step`` blocks (dense Qwen3MoeMLP) are refused by class.
+_QWEN3_MOE = ArchitectureSpec(
+    model_type="qwen3_moe",
+    decoder_layers="model.layers",
+    token_embedding="model.embed_tokens",
+    q_proj="self_attn.q_proj",
+    k_proj="self_attn.k_proj",
+    v_proj="self_attn.v_proj",
+    o_proj="self_attn.o_proj",
+    mlp_kind="moe",
+    mlp_in=(),
+    mlp_act="mlp.experts.act_fn",
+    mlp_out="mlp.experts",
+    activations=_LLAMA_STYLE_ACTS,
+    norms=MappingProxyType({"Qwen3MoeRMSNorm": "rms"}),
+    moe=MoESpec(
+        block="mlp",
+        block_class="Qwen3MoeSparseMoeBlock",
+        block_children=frozenset({"experts", "gate"}),
+        experts="mlp.experts",
+        experts_class="Qwen3MoeExperts",
+        router="mlp.gate",
+        router_class="Qwen3MoeTopKRouter",
+    ),
+)
+
 _GEMMA_SOFTCAP = ("attn_logit_softcapping", "final_logit_softcapping")
 # Gemma 2's forward runs tanh exactly at these two soft-cappings (its GELU-tanh is one F.gelu call).
 _GEMMA2_SOFTCAP: Mapping[str, SoftcapSite] = MappingProxyType(
@@ -276,6 +352,7 @@ REGISTRY: Mapping[str, ArchitectureSpec] = MappingProxyType(
         ),
         "phi3": _PHI3,
         "gpt_neox": _GPT_NEOX,
+        "qwen3_moe": _QWEN3_MOE,
         "gemma3_text": _llama_like(
             "gemma3_text",
             acts=_GEMMA_ACTS,
@@ -329,13 +406,23 @@ class PrunableModule:
 
 @dataclass(frozen=True)
 class LayerModules:
-    """The modules of one decoder block that the engine attaches to."""
+    """The modules of one decoder block that the engine attaches to.
+
+    Attributes:
+        index: The block index.
+        attention_projections: The q/k/v projection(s).
+        o_proj: The attention output projection.
+        mlp_act: The MLP activation module (moe: the experts module's).
+        mlp_out: The MLP output projection (moe: the experts module).
+        router: The MoE router (moe only, else ``None``).
+    """
 
     index: int
     attention_projections: tuple[nn.Module, ...]
     o_proj: nn.Module
     mlp_act: nn.Module
     mlp_out: nn.Module
+    router: nn.Module | None = None
 
 
 @dataclass(frozen=True)
@@ -351,7 +438,10 @@ class ResolvedArchitecture:
         norms: ``(module, kind)`` for every norm module in the model.
         token_embedding, position_embedding: The embedding modules.
         num_heads, head_dim, num_kv_heads: Attention geometry (from the o_proj width and config).
-        num_neurons: MLP width (neurons per block).
+        num_neurons: MLP width (neurons per block; moe: ``num_experts * expert_width``, unit ``e * I + i``
+            being neuron ``i`` of expert ``e``).
+        num_experts: Experts per block (0 for a dense MLP).
+        expert_width: Neurons per expert ``I`` (0 for a dense MLP).
         max_positions: The model's context length, if the config states it.
         softcaps: The config keys of the entry's ``softcapping`` that are set on this model (their
             tanh gets the identity rule while the rules are attached).
@@ -371,6 +461,28 @@ class ResolvedArchitecture:
     num_neurons: int
     max_positions: int | None = field(default=None)
     softcaps: tuple[str, ...] = ()
+    num_experts: int = 0
+    expert_width: int = 0
+
+    def check_granularity(self, granularity: str) -> None:
+        """Refuse a component kind the engine cannot attribute or prune exactly on this model.
+
+        Args:
+            granularity: ``"neurons"``, ``"heads"`` or ``"weights"``.
+
+        Raises:
+            UnsupportedArchitectureError: ``"weights"`` on a mixture-of-experts model.
+
+        Example:
+            >>> resolve(moe_model).check_granularity("weights")  # doctest: +SKIP
+            Traceback (most recent call last):
+            UnsupportedArchitectureError: qwen3_moe: the weights granularity is not supported ...
+        """
+        if granularity == "weights" and self.spec.moe is not None:
+            raise UnsupportedArchitectureError(
+                f"{self.spec.model_type}: the weights granularity is not supported on mixture-of-experts models "
+                "(the expert matrices are fused 3-D parameters); use neurons (expert neurons) or heads"
+            )
 
     @property
     def embedding_weight(self) -> torch.Tensor:
@@ -423,10 +535,19 @@ class ResolvedArchitecture:
             ``(module name, int64 output-feature indices)`` per MLP input projection, in ``spec.mlp_in``
             order.
 
+        Raises:
+            UnsupportedArchitectureError: A mixture-of-experts model (its writers are slices of fused 3-D
+                parameters: see :func:`~hf_lrp_surgery.masks.geometry.zeroed_entries`).
+
         Example:
             >>> arch.neuron_writers(0, torch.tensor([3]))  # doctest: +SKIP
             (('model.layers.0.mlp.gate_up_proj', tensor([ 3, 35])),)
         """
+        if self.spec.moe is not None:
+            raise UnsupportedArchitectureError(
+                f"{self.spec.model_type}: expert neurons are written by slices of the fused 3-D expert parameters, "
+                "not by module rows; masks.geometry.zeroed_entries gives them"
+            )
         index = neurons.to(torch.long)
         outputs = torch.cat([index, index + self.num_neurons]) if self.spec.mlp_kind == "gated_fused" else index
         return tuple((f"{self.spec.decoder_layers}.{layer}.{role}", outputs) for role in self.spec.mlp_in)
@@ -559,6 +680,7 @@ def resolve(model: nn.Module) -> ResolvedArchitecture:
     layers: list[LayerModules] = []
     prunable: list[PrunableModule] = []
     for index, block in enumerate(cast(nn.ModuleList, blocks)):
+        router = _check_moe_block(block, index, spec) if spec.moe is not None else None
         act = _get(block, spec.mlp_act, spec.model_type)
         if type(act).__name__ not in spec.activations:
             raise UnsupportedArchitectureError(
@@ -572,6 +694,7 @@ def resolve(model: nn.Module) -> ResolvedArchitecture:
                 o_proj=_get(block, spec.o_proj, spec.model_type),
                 mlp_act=act,
                 mlp_out=_get(block, spec.mlp_out, spec.model_type),
+                router=router,
             )
         )
         for role in spec.prunable:
@@ -594,6 +717,10 @@ def resolve(model: nn.Module) -> ResolvedArchitecture:
             f"{model_type}: a per-head fused q/k/v projection with {num_kv_heads} key/value heads for {num_heads} "
             "query heads (grouped-query attention) is not a layout the registry entry describes"
         )
+    num_experts = expert_width = 0
+    if spec.moe is not None:
+        down = parameter(layers[0].mlp_out, spec.moe.down)  # [E, H, I]
+        num_experts, expert_width = int(down.shape[0]), int(down.shape[2])
     return ResolvedArchitecture(
         spec=spec,
         model=model,
@@ -606,12 +733,70 @@ def resolve(model: nn.Module) -> ResolvedArchitecture:
         num_heads=num_heads,
         head_dim=head_dim,
         num_kv_heads=num_kv_heads,
-        num_neurons=_in_features(layers[0].mlp_out, spec.orientation),
+        num_neurons=(
+            num_experts * expert_width if spec.moe is not None else _in_features(layers[0].mlp_out, spec.orientation)
+        ),
         max_positions=(
             getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
         ),
         softcaps=softcaps,
+        num_experts=num_experts,
+        expert_width=expert_width,
     )
+
+
+#: The experts-module attributes (set by transformers' ``use_experts_implementation``) of the one layout the
+#: engine's copy of the eager expert loop computes: gate|up concatenated, not transposed, no biases, no
+#: post-expert norm, not split across devices (expert parallelism).
+_EXPERTS_LAYOUT = MappingProxyType(
+    {
+        "has_gate": True,
+        "has_bias": False,
+        "is_transposed": False,
+        "is_concatenated": True,
+        "has_post_expert_norm": False,
+        "_is_expert_parallel": False,
+    }
+)
+
+
+def _check_moe_block(block: nn.Module, index: int, spec: ArchitectureSpec) -> nn.Module:
+    """Check one block's MoE MLP against the entry; return its router.
+
+    Raises:
+        UnsupportedArchitectureError: The MLP, experts or router is of another class, the MoE module has a
+            child the entry does not list (a shared expert), or the experts use another weight layout.
+    """
+    moe = spec.moe
+    assert moe is not None  # called for moe entries only
+    mlp = _get(block, moe.block, spec.model_type)
+    if type(mlp).__name__ != moe.block_class:
+        raise UnsupportedArchitectureError(
+            f"{spec.model_type}: the MLP of block {index} is a {type(mlp).__name__}, not a {moe.block_class} "
+            "(dense MLP blocks between MoE blocks, e.g. mlp_only_layers or decoder_sparse_step > 1, are not a "
+            "layout the registry entry describes)"
+        )
+    children = {name for name, _ in mlp.named_children()}
+    if children != moe.block_children:
+        extra = sorted(children - moe.block_children) or sorted(moe.block_children - children)
+        raise UnsupportedArchitectureError(
+            f"{spec.model_type}: the MoE MLP of block {index} has the parts {extra} beyond its experts and router "
+            "(e.g. a shared expert), which the relevance engine does not explain"
+        )
+    experts = _get(block, moe.experts, spec.model_type)
+    router = _get(block, moe.router, spec.model_type)
+    for module, expected in ((experts, moe.experts_class), (router, moe.router_class)):
+        if type(module).__name__ != expected:
+            raise UnsupportedArchitectureError(
+                f"{spec.model_type}: block {index} has a {type(module).__name__} where the entry expects a {expected}"
+            )
+    for key, value in _EXPERTS_LAYOUT.items():
+        if getattr(experts, key, value) != value:
+            raise UnsupportedArchitectureError(
+                f"{spec.model_type}: the experts of block {index} have {key}={getattr(experts, key)!r}; the engine "
+                f"explains only the layout {dict(_EXPERTS_LAYOUT)}"
+            )
+    return router
 
 
 def _in_features(module: nn.Module, orientation: Orientation) -> int:

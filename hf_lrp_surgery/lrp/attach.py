@@ -8,7 +8,10 @@ Nothing is patched on a class or in a global registry. The rules live in
   the gated product consumed by the MLP output projection (hook handles removed on detach), and
 * for a model with tanh soft-capping (Gemma 2), an instance-level ``forward`` override on the causal
   LM that runs its forward under a torch-function mode giving each ``tanh`` the identity rule (the
-  mode is on this thread's stack only while that forward runs).
+  mode is on this thread's stack only while that forward runs), and
+* for a mixture-of-experts model, an instance-level ``forward`` override on each router that detaches
+  its routing weights (the router rule of :mod:`.moe`) and taps inside the eager expert loop for the
+  1/2 on each expert's gated product and LRP-epsilon on the expert matrices (removed on detach).
 
 Every forward value stays bit-identical; only the backward changes. See :mod:`.rules`.
 """
@@ -26,6 +29,8 @@ from torch.overrides import TorchFunctionMode
 
 from hf_lrp_surgery.exceptions import RulesAlreadyAttachedError, TrainingModeError
 from hf_lrp_surgery.lrp.architectures import ResolvedArchitecture, resolve, text_config_of
+from hf_lrp_surgery.lrp.moe import add_linear_tap, add_product_tap, check_eager_experts, constant_routing_forward
+from hf_lrp_surgery.lrp.offload import parameter_value
 from hf_lrp_surgery.lrp.rules import activation_rule, epsilon_factor, norm_rule
 
 __all__ = ["LRPRules", "Variant", "VARIANT_FACTORS"]
@@ -102,7 +107,8 @@ class LRPRules:
             input relevance: ``"tokens"`` and, for OPT/GPT-2, ``"positions"``.
 
     Raises:
-        UnsupportedArchitectureError: See ``resolve``.
+        UnsupportedArchitectureError: See ``resolve``; or a mixture-of-experts model whose experts do not
+            run the eager loop (see :func:`~hf_lrp_surgery.lrp.moe.check_eager_experts`).
         TrainingModeError: The model has active dropout.
         RulesAlreadyAttachedError: Rules are already attached to this model.
 
@@ -122,6 +128,9 @@ class LRPRules:
         if epsilon > 0 and variant == "gradient":
             raise ValueError("epsilon is an LRP rule; the 'gradient' variant has no rules, so use epsilon=0")
         self.arch: ResolvedArchitecture = resolve(model)
+        if self.arch.spec.moe is not None:
+            for layer in self.arch.layers:
+                check_eager_experts(layer.mlp_out, self.arch.spec.model_type)
         self.variant: Variant = variant
         self.epsilon = float(epsilon)
         self.inputs: dict[str, torch.Tensor] = {}
@@ -186,7 +195,9 @@ class LRPRules:
             else:
                 for module, key in zip(layer.attention_projections, ("q", "k", "v")):
                     self._scale_output(module, factors[key])
-            if gated and factors["gated_product"] != 1.0:
+            if arch.spec.moe is not None:
+                self._install_moe(layer.mlp_out, layer.router, factors["gated_product"])
+            elif gated and factors["gated_product"] != 1.0:
                 self._handles.append(
                     layer.mlp_out.register_forward_pre_hook(_input_scale_pre_hook(factors["gated_product"]))
                 )
@@ -198,6 +209,16 @@ class LRPRules:
             self._set_forward(arch.model, _tanh_identity_forward(arch.model.forward))
 
         self._install_input_hooks()
+
+    def _install_moe(self, experts: nn.Module, router: nn.Module | None, product_factor: float) -> None:
+        """The router rule, the uniform rule on each expert's gated product, and epsilon on the expert matrices."""
+        model_type = self.arch.spec.model_type
+        assert router is not None  # resolve binds a router to every block of a moe entry
+        self._override_forward(router, constant_routing_forward)
+        if product_factor != 1.0:
+            self._handles.append(add_product_tap(experts, _product_scale_tap(product_factor), model_type=model_type))
+        if self.epsilon > 0:
+            self._handles.append(add_linear_tap(experts, _epsilon_tap(self.epsilon), model_type=model_type))
 
     def _install_input_hooks(self) -> None:
         arch = self.arch
@@ -288,7 +309,8 @@ def _norm_forward(x: torch.Tensor, *, original: Callable, module: nn.Module, kin
     eps = getattr(module, "variance_epsilon", None)
     if eps is None:
         eps = getattr(module, "eps")  # noqa: B009 (an attribute of the norm class, not of nn.Module)
-    return norm_rule(x, getattr(module, "weight", None), getattr(module, "bias", None), original, kind, float(eps))
+    weight, bias = parameter_value(module, "weight", x.device), parameter_value(module, "bias", x.device)
+    return norm_rule(x, weight, bias, original, kind, float(eps))
 
 
 def _output_scale_hook(factor: float | torch.Tensor) -> Callable[..., None]:
@@ -306,6 +328,22 @@ def _input_scale_pre_hook(factor: float) -> Callable[..., None]:
             args[0].register_hook(_scale_hook(factor))
 
     return hook
+
+
+def _product_scale_tap(factor: float) -> Callable[[int, torch.Tensor, torch.Tensor], None]:
+    def tap(expert: int, tokens: torch.Tensor, x: torch.Tensor) -> None:
+        if x.requires_grad:
+            x.register_hook(_scale_hook(factor))
+
+    return tap
+
+
+def _epsilon_tap(epsilon: float) -> Callable[[str, int, torch.Tensor, torch.Tensor], None]:
+    def tap(parameter: str, expert: int, tokens: torch.Tensor, z: torch.Tensor) -> None:
+        if z.requires_grad:
+            z.register_hook(_scale_hook(epsilon_factor(z, epsilon)))
+
+    return tap
 
 
 def _epsilon_hook(epsilon: float) -> Callable[..., None]:

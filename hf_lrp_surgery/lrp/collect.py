@@ -9,7 +9,8 @@ relevance.
 
 Collectors are hooks that read ``input * gradient`` where it means something:
 
-* MLP neurons: the input of the MLP output projection (``down_proj`` / ``fc2`` / ``c_proj``);
+* MLP neurons: the input of the MLP output projection (``down_proj`` / ``fc2`` / ``c_proj``); for a
+  mixture of experts, the input of each expert's down matrix, at units ``e * I + i`` (see :mod:`.moe`);
 * attention heads: the input of the attention output projection, split per head;
 * weights: ``W * dL/dW`` of every prunable Linear/Conv1D, computed in the backward from the saved
   layer input and the incoming gradient, and added straight into an fp32 buffer (no gradient is
@@ -32,6 +33,8 @@ from hf_lrp_surgery.fingerprint import fingerprint
 from hf_lrp_surgery.lrp.architectures import ResolvedArchitecture
 from hf_lrp_surgery.lrp.attach import LRPRules, Variant
 from hf_lrp_surgery.lrp.layout import GRANULARITIES
+from hf_lrp_surgery.lrp.moe import add_product_tap
+from hf_lrp_surgery.lrp.offload import execution_device, weight_value
 from hf_lrp_surgery.lrp.result import RelevanceResult
 from hf_lrp_surgery.references import samples as _samples
 
@@ -96,12 +99,22 @@ class _Collectors:
         self.heads: torch.Tensor | None = None  # [B, L, H]
         self.weights: dict[str, torch.Tensor] = {}
         self.weights_abs: dict[str, torch.Tensor] = {}
-        self.saved: dict[tuple[str, int], torch.Tensor] = {}
+        self.saved: dict[tuple[Any, ...], torch.Tensor] = {}
 
     def __enter__(self) -> _Collectors:
         try:
             for layer in self.arch.layers:
-                if "neurons" in self.components:
+                if "neurons" in self.components and self.arch.spec.moe is not None:
+                    # Prepended, as below: expert neuron relevance is what enters each expert's down matrix.
+                    self.handles.append(
+                        add_product_tap(
+                            layer.mlp_out,
+                            self._expert_tap(layer.index),
+                            model_type=self.arch.spec.model_type,
+                            prepend=True,
+                        )
+                    )
+                elif "neurons" in self.components:
                     # Prepended, so its gradient hook runs before the rules' 1/2 on the gated product:
                     # neuron relevance is the relevance entering the output projection, unsplit.
                     self.handles.append(
@@ -173,12 +186,37 @@ class _Collectors:
 
         return pre_hook
 
+    def _expert_tap(self, layer: int) -> Callable[[int, torch.Tensor, torch.Tensor], None]:
+        """Expert neuron relevance: ``x * grad`` at expert ``e``'s gated product, into units ``e * I + i``."""
+        width = self.arch.expert_width
+
+        def tap(expert: int, tokens: torch.Tensor, x: torch.Tensor) -> None:
+            if not x.requires_grad:
+                return
+            key, rows_key = ("experts", layer, expert), ("expert_tokens", layer, expert)
+            # As in _input_hook: the hook must not close over x or tokens (a cycle through autograd).
+            self.saved[key] = x
+            self.saved[rows_key] = tokens
+
+            def grad_hook(grad: torch.Tensor) -> None:
+                mask = self.mask  # [B, T]
+                assert mask is not None and self.neurons is not None  # set by start_batch
+                saved, rows = self.saved[key], self.saved[rows_key]  # [n, I], flat [B*T] row indices
+                product = saved.to(self.dtype) * grad.to(self.dtype)
+                relevance = torch.where(mask.reshape(-1)[rows][:, None], product, 0.0)
+                sample = torch.div(rows, mask.shape[1], rounding_mode="floor")
+                target = self.neurons[:, layer, expert * width : (expert + 1) * width]
+                target.index_add_(0, sample.to(target.device), relevance.to(target.device))
+
+            x.register_hook(grad_hook)
+
+        return tap
+
     def _weight_hook(self, name: str, conv1d: bool) -> Callable[..., None]:
         def forward_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             x = args[0]
             if not output.requires_grad:
                 return
-            weight = module.weight
 
             def grad_hook(grad: torch.Tensor) -> None:
                 x2 = x.reshape(-1, x.shape[-1])
@@ -186,6 +224,7 @@ class _Collectors:
                 if self.real_rows is not None:  # drop pads (a copy, so only when there are pads)
                     x2, g2 = x2[self.real_rows], g2[self.real_rows]
                 x2, g2 = x2.to(self.dtype), g2.to(self.dtype)
+                weight = weight_value(module, g2.device)  # read here: an offloaded weight is on meta now
                 # Buffers are created in the first backward, as autograd creates .grad: activations
                 # are being freed by then, so the peak stays near a plain gradient pass's.
                 _accumulate(self.weights, name, (x2.T @ g2 if conv1d else g2.T @ x2).mul_(weight))
@@ -285,7 +324,9 @@ def collect_relevance(
             a tokenizer.
         SequenceTooLongError: A sample is longer than the model's context.
         NonFiniteRelevanceError: Relevance came out NaN or infinite.
-        UnsupportedArchitectureError, TrainingModeError: See :class:`LRPRules`.
+        UnsupportedArchitectureError: ``"weights"`` on a mixture-of-experts model; see also
+            :class:`LRPRules`.
+        TrainingModeError: See :class:`LRPRules`.
 
     Example:
         >>> result = collect_relevance(model, ["The capital of France is"], tokenizer)  # doctest: +SKIP
@@ -308,6 +349,8 @@ def collect_relevance(
 
     rules = LRPRules(model, variant=variant, epsilon=epsilon)
     arch = rules.arch
+    if "weights" in components:
+        arch.check_granularity("weights")
     encoded = [
         _samples.encode_sample(s, i, tokenizer, arch.max_positions, arch.vocab_size) for i, s in enumerate(sample_list)
     ]
@@ -324,7 +367,7 @@ def collect_relevance(
             "per_sample_abs_weights": bool(per_sample_abs_weights and "weights" in wanted),
         },
     )
-    device = arch.embedding_weight.device
+    device = execution_device(arch.token_embedding)
     pad_id = _samples.pad_token_id(tokenizer, arch.model)
     explained: list[torch.Tensor] = []
     dtype = torch.float64 if arch.embedding_weight.dtype == torch.float64 else torch.float32

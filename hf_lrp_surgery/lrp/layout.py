@@ -9,10 +9,10 @@ read, counted and checked without the model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from hf_lrp_surgery.lrp.architectures import ResolvedArchitecture
+from hf_lrp_surgery.lrp.architectures import Orientation, ResolvedArchitecture
 
 __all__ = ["GRANULARITIES", "Granularity", "Layout"]
 
@@ -28,11 +28,18 @@ class Layout:
 
     Attributes:
         num_layers: Number of decoder blocks.
-        num_neurons: MLP neurons per block.
+        num_neurons: MLP neurons per block (mixture of experts: ``E * I``, unit ``e * I + i`` being neuron
+            ``i`` of expert ``e``).
         num_heads: Attention heads per block.
-        neuron_modules: Per block, the name of the MLP output projection (its input holds the neurons).
+        neuron_modules: Per block, the name of the MLP output projection (its input holds the neurons;
+            mixture of experts: the experts module holding the fused expert parameters).
         head_modules: Per block, the name of the attention output projection.
         weight_modules: Prunable module name -> ``(layer, role)``, in block order.
+        weight_orientation: How the prunable matrices are stored: ``"linear"`` (``nn.Linear``,
+            ``[out, in]``: an output feature is a row) or ``"conv1d"`` (GPT-2's ``Conv1D``, ``[in, out]``: an
+            output feature is a column); ``None`` when read from a layout saved before it was recorded.
+            It follows from the architecture (which the fingerprint names), so it takes no part in
+            comparing layouts: an older saved layout still equals the model's.
 
     Example:
         >>> layout = Layout(2, 8, 2, ("m.0.down", "m.1.down"), ("m.0.o", "m.1.o"), {"m.0.o": (0, "o")})
@@ -46,6 +53,7 @@ class Layout:
     neuron_modules: tuple[str, ...]
     head_modules: tuple[str, ...]
     weight_modules: dict[str, tuple[int, str]]
+    weight_orientation: Orientation | None = field(default="linear", compare=False)
 
     @classmethod
     def of(cls, arch: ResolvedArchitecture) -> Layout:
@@ -58,6 +66,7 @@ class Layout:
             neuron_modules=tuple(f"{spec.decoder_layers}.{i}.{spec.mlp_out}" for i in range(arch.num_layers)),
             head_modules=tuple(f"{spec.decoder_layers}.{i}.{spec.o_proj}" for i in range(arch.num_layers)),
             weight_modules={p.name: (p.layer, p.role) for p in arch.prunable},
+            weight_orientation=spec.orientation,
         )
 
     def carriers(self, granularity: Granularity) -> tuple[str, ...]:
@@ -110,11 +119,19 @@ class Layout:
             "neuron_modules": list(self.neuron_modules),
             "head_modules": list(self.head_modules),
             "weight_modules": {name: list(where) for name, where in self.weight_modules.items()},
+            "weight_orientation": self.weight_orientation,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Layout:
-        """Rebuild a layout saved with :meth:`to_dict`."""
+        """Rebuild a layout saved with :meth:`to_dict` (one saved before ``weight_orientation`` was recorded: ``None``).
+
+        Raises:
+            ValueError: An unknown weight orientation.
+        """
+        orientation = data.get("weight_orientation")
+        if orientation not in (None, "linear", "conv1d"):
+            raise ValueError(f"weight_orientation must be 'linear' or 'conv1d', got {orientation!r}")
         return cls(
             num_layers=int(data["num_layers"]),
             num_neurons=int(data["num_neurons"]),
@@ -122,4 +139,5 @@ class Layout:
             neuron_modules=tuple(data["neuron_modules"]),
             head_modules=tuple(data["head_modules"]),
             weight_modules={name: (int(w[0]), str(w[1])) for name, w in data["weight_modules"].items()},
+            weight_orientation=orientation,
         )

@@ -6,19 +6,18 @@ import fnmatch
 import numbers
 import operator
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from hf_lrp_surgery.exceptions import BudgetError, ModuleGroupError
 from hf_lrp_surgery.lrp.layout import Granularity, Layout
 from hf_lrp_surgery.masks.mask import Mask
+from hf_lrp_surgery.masks.soft import check_dampening, dampening_scales
+from hf_lrp_surgery.options import SCOPES, Scope
 from hf_lrp_surgery.scoring import Scores
 
 __all__ = ["Scope", "budget_count", "match_groups", "plain_budget", "select"]
-
-#: How a budget is ranked: over the whole model, or spread over layers (matrices for weights).
-Scope = Literal["global", "per_layer"]
 
 
 def plain_budget(budget: object) -> int | float:
@@ -117,6 +116,41 @@ def _spread(total: int, sizes: Sequence[int]) -> list[int]:
     return counts
 
 
+def _row_shares(total: int, eligible: torch.Tensor) -> torch.Tensor:
+    """Split ``total`` over rows in proportion to their eligible counts (int64), by largest remainders.
+
+    Integer arithmetic throughout (``total * e // E`` and its remainder), so the shares sum to ``total``
+    exactly and no row gets more than its eligible entries; ties in the remainder go to the earlier row.
+    """
+    whole = int(eligible.sum())
+    scaled = eligible * total
+    shares = scaled // whole
+    extra = total - int(shares.sum())
+    if extra:
+        order = torch.sort(-(scaled % whole), stable=True).indices  # largest remainder first
+        shares[order[:extra]] += 1
+    return shares
+
+
+def _per_row(groups: dict[str, torch.Tensor], count: int, orientation: str) -> dict[str, torch.Tensor]:
+    """Flat stored indices of the lowest entries of each output row, ``count`` in all spread over the rows."""
+    # Output features are rows of a Linear weight ([out, in]) and columns of a Conv1D weight ([in, out]).
+    rows = {n: (v.t() if orientation == "conv1d" else v).double() for n, v in groups.items()}
+    eligible = torch.cat([torch.isfinite(r).sum(1) for r in rows.values()])
+    shares = _row_shares(count, eligible).split([r.shape[0] for r in rows.values()])
+    indices: dict[str, torch.Tensor] = {}
+    for (name, row), share in zip(rows.items(), shares):
+        out_features, in_features = row.shape
+        order = torch.sort(row, dim=1, stable=True).indices  # protected (+inf) last; share <= eligible
+        taken = torch.arange(in_features)[None, :] < share[:, None]
+        out, inp = taken.nonzero(as_tuple=True)
+        inp = order[out, inp]
+        flat = inp * out_features + out if orientation == "conv1d" else out * in_features + inp
+        if flat.numel():
+            indices[name] = flat.sort().values
+    return indices
+
+
 def select(
     scores: Scores,
     granularity: Granularity,
@@ -125,6 +159,7 @@ def select(
     scope: Scope = "global",
     modules: Sequence[str] | str | None = None,
     layers: Sequence[int] | None = None,
+    dampen: float | str | None = None,
 ) -> Mask:
     """Select the lowest-scoring components into a mask.
 
@@ -135,17 +170,26 @@ def select(
             eligible components.
         scope: ``"global"`` ranks all eligible components together; ``"per_layer"`` spreads the
             budget over layers in proportion to their eligible components (each decoder block for
-            neurons and heads, each weight matrix for weights) and ranks within each.
+            neurons and heads, each weight matrix for weights) and ranks within each; ``"per_row"``
+            (weights only; Wanda's protocol) spreads it over the output features of every matrix (a
+            row of an ``nn.Linear`` weight, a column of GPT-2's ``Conv1D``) so that each prunes the same
+            fraction of its eligible entries (to one entry: largest remainders), ranked within the row.
         modules: For weights: module groups to restrict to, as glob patterns on the block-relative
             path or its last part (``"mlp.*"``, ``"fc1"``, ``"down_proj"``). Default: every prunable
             weight.
         layers: Decoder blocks to restrict to (default: all).
+        dampen: ``None`` for a hard mask (every selected unit pruned); else a soft mask whose selected
+            units are dampened by the rule of :func:`~hf_lrp_surgery.masks.soft.dampening_scales`
+            (``"relevance"``, ``"constant:<alpha>"`` or a float ``alpha``).
 
     Returns:
         The :class:`Mask`.
 
     Raises:
         BudgetError: The budget is not positive or exceeds the eligible components.
+        ValueError: An unknown scope, ``"per_row"`` for neurons or heads or on scores whose layout does
+            not record how the weights are stored (saved by an earlier release), or ``modules`` for
+            neurons or heads.
         ModuleGroupError: A module group matches nothing.
         NonFiniteScoreError: A score is NaN.
         KeyError: The scores hold no components of this granularity.
@@ -153,8 +197,15 @@ def select(
     Example:
         >>> mask = select(scores, "weights", 7000, modules=["fc1"])  # doctest: +SKIP
     """
-    if scope not in ("global", "per_layer"):
-        raise ValueError(f"scope must be 'global' or 'per_layer', got {scope!r}")
+    if dampen is not None:
+        check_dampening(dampen)
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {', '.join(map(repr, SCOPES))}, got {scope!r}")
+    if scope == "per_row" and granularity != "weights":
+        raise ValueError(
+            f"scope='per_row' spreads a weight budget over the output rows of each matrix; {granularity} have no "
+            "rows: use scope='global' or 'per_layer'"
+        )
     if modules is not None and granularity != "weights":
         raise ValueError("modules= restricts weight masks; neuron and head masks live on fixed modules")
     scores.check_finite()
@@ -183,6 +234,13 @@ def select(
             local = picked[(picked >= offsets[i]) & (picked < offsets[i + 1])] - offsets[i]
             if local.numel():
                 indices[name] = local.sort().values
+    elif scope == "per_row":
+        if layout.weight_orientation is None:
+            raise ValueError(
+                "these scores' layout does not record how the weight matrices are stored (saved by an earlier "
+                "release), which scope='per_row' needs to find the output rows; score the model again"
+            )
+        indices = _per_row(groups, count, layout.weight_orientation)
     else:
         names = list(groups)
         for name, share in zip(names, _spread(count, [int(finite[n].sum()) for n in names])):
@@ -199,8 +257,13 @@ def select(
             "layers": sorted(chosen_layers) if layers is not None else None,
         },
     }
+    if dampen is not None:
+        provenance["selection"]["dampen"] = dampen
     if granularity == "weights":
         provenance["module_sizes"] = {name: int(groups[name].numel()) for name in groups}
-    return Mask(
+    mask = Mask(
         granularity=granularity, fingerprint=scores.fingerprint, layout=layout, indices=indices, provenance=provenance
     )
+    if dampen is None:
+        return mask
+    return mask.with_scales(dampening_scales(mask, scores, dampen), how=str(dampen))

@@ -14,7 +14,16 @@ from typing import Any
 from hf_lrp_surgery.exceptions import ReferenceSetError
 from hf_lrp_surgery.references.samples import ReferenceSample, SampleLike, as_samples
 
-__all__ = ["HUB_SETS", "ReferenceSource", "SHIPPED_SETS", "hub_set", "load_reference_set", "shipped_set"]
+__all__ = [
+    "GENERAL_DOMAINS",
+    "HUB_SETS",
+    "ReferenceSource",
+    "SHIPPED_SETS",
+    "general_texts",
+    "hub_set",
+    "load_reference_set",
+    "shipped_set",
+]
 
 #: Everything :func:`load_reference_set` accepts.
 ReferenceSource = Any
@@ -173,8 +182,26 @@ def load_reference_set(
     return samples
 
 
+#: General-behaviour domains -> the shipped text set measured for each (perplexity per domain). Every
+#: set was written for this project: ``general_text`` is plain prose; the others are technical
+#: documentation, source code in a dozen languages, dialogues and chats, and lists / tables / CSV.
+GENERAL_DOMAINS: dict[str, str] = {
+    "prose": "general_text",
+    "technical": "general_technical",
+    "code": "general_code",
+    "dialogue": "general_dialogue",
+    "lists": "general_lists",
+}
+
 #: The reference and evaluation sets that ship with the package (``hf_lrp_surgery/data/sets``).
-SHIPPED_SETS = ("provocative_prompts", "neutral_prompts", "repetition_prompts", "general_text", "contact_prompts")
+SHIPPED_SETS = (
+    "provocative_prompts",
+    "neutral_prompts",
+    "repetition_prompts",
+    "general_text",
+    "contact_prompts",
+    *(name for name in GENERAL_DOMAINS.values() if name != "general_text"),
+)
 
 
 def shipped_set(name: str, split: str = "train") -> list[str]:
@@ -199,6 +226,30 @@ def shipped_set(name: str, split: str = "train") -> list[str]:
         raise KeyError(f"split must be 'train' or 'heldout', got {split!r}")
     path = Path(__file__).parent.parent / "data" / "sets" / f"{name}.json"
     return list(json.loads(path.read_text(encoding="utf-8"))[split])
+
+
+def general_texts(split: str = "train", per_domain: int | None = None) -> dict[str, list[str]]:
+    """The shipped general text of every domain of :data:`GENERAL_DOMAINS`, by fixed split.
+
+    Args:
+        split: ``"train"`` (the budget search) or ``"heldout"`` (the final measurement).
+        per_domain: Keep only the first ``per_domain`` passages of each domain (a cheaper measurement,
+            e.g. during the budget search); ``None`` keeps all.
+
+    Returns:
+        Domain name -> its passages, in the order of :data:`GENERAL_DOMAINS`.
+
+    Raises:
+        KeyError: Unknown split.
+        ValueError: ``per_domain`` is not a count >= 1.
+
+    Example:
+        >>> sorted(general_texts("heldout", per_domain=2))
+        ['code', 'dialogue', 'lists', 'prose', 'technical']
+    """
+    if per_domain is not None and (isinstance(per_domain, bool) or not isinstance(per_domain, int) or per_domain < 1):
+        raise ValueError(f"per_domain must be a count >= 1 or None, got {per_domain!r}")
+    return {domain: shipped_set(name, split)[:per_domain] for domain, name in GENERAL_DOMAINS.items()}
 
 
 @dataclass(frozen=True)

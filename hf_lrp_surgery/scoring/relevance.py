@@ -34,6 +34,7 @@ def _relevance(request: ScoringRequest, variant: Variant, epsilon: float) -> Sco
     description="AttnLRP relevance (Achtibat et al., 2024) of the reference set (Hatefi et al., 2025)",
     relevance_options=True,
     in_comparison=True,
+    moe_experts=True,
 )
 def lrp(request: ScoringRequest) -> Scores:
     """AttnLRP (or CP-LRP) relevance, with LRP-epsilon on the prunable layers if asked."""
@@ -45,6 +46,7 @@ def lrp(request: ScoringRequest) -> Scores:
     description="gradient x activation (neurons, heads) / gradient x weight (weights), no LRP rules",
     relevance_options=True,
     in_comparison=True,
+    moe_experts=True,
 )
 def gradient(request: ScoringRequest) -> Scores:
     """Gradient x input: the relevance pass without rules (``variant`` and ``epsilon`` do not apply)."""

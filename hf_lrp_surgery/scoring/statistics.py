@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hf_lrp_surgery.lrp.offload import execution_device
 from hf_lrp_surgery.references.samples import encode_sample, make_batch, pad_token_id
 from hf_lrp_surgery.scoring._weights import unit_weight_norms
 from hf_lrp_surgery.scoring.registry import ScoringRequest, register_scorer
@@ -41,7 +42,7 @@ def _activation_statistics(request: ScoringRequest) -> _Statistics:
     encoded = [
         encode_sample(s, i, tokenizer, arch.max_positions, arch.vocab_size) for i, s in enumerate(request.samples)
     ]
-    device = arch.embedding_weight.device
+    device = execution_device(arch.token_embedding)
     L, heads = arch.num_layers, arch.num_heads
     stats = _Statistics()
     real: list[torch.Tensor] = []  # the current batch's flat mask of real tokens

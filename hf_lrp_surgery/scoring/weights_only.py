@@ -30,7 +30,13 @@ def magnitude(request: ScoringRequest) -> Scores:
     return scores
 
 
-@register_scorer("random", description="uniform(0, 1) from a seeded generator", needs_samples=False, in_comparison=True)
+@register_scorer(
+    "random",
+    description="uniform(0, 1) from a seeded generator",
+    needs_samples=False,
+    in_comparison=True,
+    moe_experts=True,
+)
 def random(request: ScoringRequest) -> Scores:
     """Uniform scores from a generator seeded with ``options.random_seed``."""
     arch, components, scores = request.arch, request.options.components, _empty(request)

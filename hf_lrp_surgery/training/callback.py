@@ -284,7 +284,7 @@ class LRPSurgeryCallback(TrainerCallback):
             self.surgery is not None and self.selection.granularity == "weights"
         )
         fsdp = bool(getattr(args, "fsdp", None)) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
-        if fsdp or any(type(p).__name__ in ("FlatParameter", "DTensor") for p in model.parameters()):
+        if fsdp or _sharded(model):
             raise TrainingSetupError(
                 "LRPSurgeryCallback does not support FSDP: relevance passes, weight masks and surgery need whole, "
                 "unsharded parameters on every rank. Train with DDP (torchrun / accelerate launch without an FSDP "
@@ -674,6 +674,7 @@ class LRPSurgeryCallback(TrainerCallback):
             scope=selection.scope,
             modules=selection.modules,
             layers=selection.layers,
+            dampen=selection.dampen,
         )
         mask = _broadcast_mask(mask)
         mask = replace(
@@ -839,6 +840,25 @@ def _as_budget(budget: object) -> int | float:
     return plain
 
 
+def _sharded(model: nn.Module) -> bool:
+    """Whether ``model`` is sharded by torch FSDP: FSDP1 (``FlatParameter``) or FSDP2 (``DTensor``) parameters.
+
+    FSDP1's flat parameters are plain ``Parameter`` objects marked ``_is_flat_param`` (``FlatParameter`` is
+    only an ``isinstance`` hook), so the class name does not show them.
+
+    Args:
+        model: The model the Trainer trains (wrapped or not).
+
+    Returns:
+        ``True`` when some parameter is an FSDP shard.
+
+    Example:
+        >>> _sharded(FullyShardedDataParallel(model))  # doctest: +SKIP
+        True
+    """
+    return any(getattr(p, "_is_flat_param", False) or type(p).__name__ == "DTensor" for p in model.parameters())
+
+
 def _output_dir(args: TrainingArguments) -> Path:
     """The Trainer's output directory (with the default ``TrainingArguments`` gives when there is none)."""
     return Path(getattr(args, "output_dir", None) or "trainer_output")
@@ -878,8 +898,17 @@ def _broadcast_mask(mask: Mask) -> Mask:
         return mask
     import torch.distributed as dist
 
-    payload = [{name: index.tolist() for name, index in mask.indices.items()} if rank == 0 else None]
+    scales = mask.scales or {}
+    payload: list[Any] = [
+        {
+            name: (index.tolist(), scales[name].tolist() if name in scales else None)
+            for name, index in mask.indices.items()
+        }
+        if rank == 0
+        else None
+    ]
     dist.broadcast_object_list(payload, src=0)
-    chosen: dict[str, list[int]] = payload[0]  # type: ignore[assignment]
-    indices = {name: torch.tensor(values, dtype=torch.int64) for name, values in chosen.items()}
-    return replace(mask, indices=indices)
+    chosen: dict[str, tuple[list[int], list[float] | None]] = payload[0]
+    indices = {name: torch.tensor(values, dtype=torch.int64) for name, (values, _) in chosen.items()}
+    soft = {name: torch.tensor(s, dtype=torch.float32) for name, (_, s) in chosen.items() if s is not None}
+    return replace(mask, indices=indices, scales=soft or None)

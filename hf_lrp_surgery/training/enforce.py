@@ -6,6 +6,10 @@
   pruned model's, and every weight that only reads or writes a masked channel gets an exactly zero
   gradient. When a mask starts to act, the optimizer's state (Adam's moments, or any state tensor
   shaped like the parameter) is cleared at those weights, so stale momentum cannot move them either.
+* Soft neuron and head masks (:attr:`Mask.scales <hf_lrp_surgery.masks.Mask.scales>`) multiply the
+  dampened channels by their scales in the same hooks; only the channels with scale 0 are dead, so the
+  optimizer's state is cleared at the weights of those alone (a dampened channel keeps training).
+  Soft weight masks are refused: re-scaling an entry after every step would shrink it step by step.
 * Weight masks act on the weights: the entries are zeroed when the mask starts to act and again
   after every optimizer step, each time with the optimizer's state cleared at those entries
   (masking the gradient alone would let Adam's moments and weight decay move them).
@@ -30,6 +34,7 @@ from hf_lrp_surgery.lrp.architectures import ResolvedArchitecture, resolve
 from hf_lrp_surgery.lrp.layout import Layout
 from hf_lrp_surgery.masks.geometry import zeroed_entries
 from hf_lrp_surgery.masks.mask import Mask
+from hf_lrp_surgery.masks.soft import hard_part
 
 __all__ = ["MaskEnforcer", "merge_masks"]
 
@@ -78,13 +83,18 @@ class MaskEnforcer:
             The mask now in force for that granularity.
 
         Raises:
-            ValueError: The mask was built for another layout.
+            ValueError: The mask was built for another layout, or is a soft weight mask.
         """
         if mask.layout != self.layout:
             raise ValueError(
                 f"this {mask.granularity} mask was built for a model with another layout "
                 f"({mask.layout.num_layers} layers, {mask.layout.num_neurons} neurons) than the one "
                 f"being trained ({self.layout.num_layers} layers, {self.layout.num_neurons} neurons)"
+            )
+        if mask.soft and mask.granularity == "weights":
+            raise ValueError(
+                "a soft weight mask cannot be enforced while training (scaling the entries after every step would "
+                "compound); enforce mask.with_scales(None) or hard_part(mask), or apply the soft mask after training"
             )
         current = self.masks.get(mask.granularity)
         merged = mask if current is None else current.union(mask)
@@ -98,8 +108,8 @@ class MaskEnforcer:
         return merged
 
     def _frozen_entries(self, mask: Mask) -> list[_Entries]:
-        """Every weight entry a mask takes out of training, as ``(parameter, index)`` pairs."""
-        return [entry.locate(self.model) for entry in zeroed_entries(mask, self.arch)]
+        """Every weight entry a mask takes out of training (soft: its scale-0 units'), as ``(parameter, index)``."""
+        return [entry.locate(self.model) for entry in zeroed_entries(hard_part(mask), self.arch)]
 
     @staticmethod
     @torch.no_grad()
