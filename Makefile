@@ -8,7 +8,7 @@ PYTHON ?= python
 
 install: .installed
 
-# The main job: the detox recipe on the embedded SmolLM2-135M-Instruct (about 5 minutes on 2 CPU cores).
+# The main job: the detox recipe on the embedded SmolLM2-135M-Instruct (about 11 minutes on 2 CPU cores).
 demo: .installed
 	$(PYTHON) -m hf_lrp_surgery.cli detox --output runs/detox
 

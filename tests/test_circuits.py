@@ -829,3 +829,41 @@ def test_circuit_command_with_every_granularity(model, tokenizer, tmp_path, caps
     assert report["settings"]["scopes"] == {"lrp": "global", "wanda": expected_scope}
     circuit = json.loads((tmp_path / "out" / "circuits" / "lrp" / "set0" / "circuit.json").read_text())
     assert circuit["ablation"]["kind"] == ablation and "search" in circuit["timings"]
+
+
+def test_circuit_command_passes_the_lrp_variant_and_epsilon(model, tokenizer, tmp_path, capsys) -> None:
+    import argparse
+
+    from hf_lrp_surgery.cli.circuits import register
+
+    checkpoint = tmp_path / "tiny"
+    model.to(torch.float32).save_pretrained(checkpoint)
+    model.to(torch.float64)
+    tokenizer.save_pretrained(checkpoint)
+    task = _own_prediction_task(model, tokenizer, 8, seed=4)
+    path = tmp_path / "task.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": e.prompt, "correct": e.correct}) for e in task.examples))
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    reports = {}
+    for variant, epsilon in (("attnlrp", 0.0), ("cp", 0.1)):
+        out = tmp_path / f"out-{variant}"
+        args = parser.parse_args(
+            ["circuit", "--model", str(checkpoint), "--task", str(path), "--methods", "lrp", "--sets", "1"]
+            + ["--variant", variant, "--epsilon", str(epsilon), "--metric", "accuracy", "--threshold", "0.5"]
+            + [
+                "--grid-points",
+                "4",
+                "--refine-steps",
+                "1",
+                "--random-draws",
+                "1",
+                "--output",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        assert args.handler(args) == 0
+        reports[variant] = json.loads((out / "report.json").read_text())
+    assert (reports["cp"]["settings"]["variant"], reports["cp"]["settings"]["epsilon"]) == ("cp", 0.1)
+    assert reports["attnlrp"]["settings"]["variant"] == "attnlrp"

@@ -222,8 +222,17 @@ def test_soft_masks_are_searched_where_they_apply(model):
         return _landscape(mask)
 
     result = tradeoff_search(
-        space, scores_for, evaluate, primary="rate", lower_is_better=True, baseline={}, trials=20, progress=False
+        space,
+        scores_for,
+        evaluate,
+        primary="rate",
+        lower_is_better=True,
+        baseline={},
+        trials=20,
+        start_budgets={"neurons": [5]},
+        progress=False,
     )
+    assert result.points[0].choice.dampen is None  # the starting trial is the space's first (hard) choice
     assert {p.choice.dampen for p in result.points if p.choice.granularity == "neurons"} <= {None, "relevance"}
     assert all(p.choice.dampen is None for p in result.points if p.choice.granularity == "weights")
     assert any(m.soft for m in seen), "the sampler never proposed a soft mask"

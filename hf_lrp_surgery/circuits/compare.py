@@ -491,6 +491,8 @@ def compare_methods(
         "metric": metric,
         "objective": objective,
         "aggregation": options.aggregation,
+        "variant": options.variant,
+        "epsilon": options.epsilon,
         "grid_points": grid_points,
         "min_kept": min_kept,
         "refine_steps": refine_steps,

@@ -121,6 +121,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "push against the answer first and breaks the model at the first grid point)",
     )
     parser.add_argument(
+        "--variant",
+        choices=("attnlrp", "cp"),
+        default="attnlrp",
+        help="lrp: AttnLRP rules or CP-LRP (no relevance through softmax and gates) (attnlrp)",
+    )
+    parser.add_argument("--epsilon", type=float, default=0.0, help="lrp: LRP-epsilon on the prunable linear layers (0)")
+    parser.add_argument(
         "--grid-points", type=int, default=8, help="log-spaced sparsity grid points, the coarse search (8: 7 counts)"
     )
     parser.add_argument("--min-kept", type=float, default=1e-3, help="smallest kept fraction on the grid (0.001)")

@@ -78,8 +78,9 @@ def default_space(
         budgets: Budget ranges replacing :data:`DEFAULT_BUDGET_RANGES`.
 
     Returns:
-        The space (contrast normalisations ``total`` / ``max``, protection 0 / 5% / 20%; hard masks, relevance
-        dampening, and AurA's own dampening for aura).
+        The space (contrast normalisations ``total`` / ``max``, protection 5% / 0 / 20%; hard masks, relevance
+        dampening, and AurA's own dampening for aura). The first of each is the recipes' default, which the
+        starting trials use.
 
     Example:
         >>> default_space("repetition").methods[-1]
@@ -87,8 +88,13 @@ def default_space(
     """
     chosen = tuple(methods) if methods else DEFAULT_METHODS + BEHAVIOUR_METHODS.get(behaviour, ())
     ranges = {**DEFAULT_BUDGET_RANGES, **dict(budgets or {})}
+    # The first values are the recipes' defaults: each method's starting trial is its default recipe.
     return TradeoffSpace(
-        methods=chosen, budgets={g: ranges[g] for g in granularities}, dampenings=(None, "relevance", "aura")
+        methods=chosen,
+        budgets={g: ranges[g] for g in granularities},
+        normalizations=("total", "max"),
+        protect_tops=(0.05, 0.0, 0.2),
+        dampenings=(None, "relevance", "aura"),
     )
 
 
@@ -386,7 +392,8 @@ def tradeoff_search(
         seed: The sampler's seed (same seed and space: same proposals).
         selection: Scope / module groups / layers of the masks (its granularity is the trial's).
         start_budgets: Budgets to try first for every method (per granularity; clipped to the space's
-            range), so that each method is measured at least at these points before the sampler takes over.
+            range), so that each method is measured at least at these points before the sampler takes over;
+            with the first normalisation, protection and dampening of the space.
         progress: Show a progress bar.
 
     Returns:
@@ -481,6 +488,9 @@ def tradeoff_search(
                         f"budget_{granularity}": budget,
                         "normalize": space.normalizations[0],
                         "protect_top": space.protect_tops[0],
+                        f"dampen_{method}_{granularity}": "none"
+                        if space.dampenings[0] is None
+                        else str(space.dampenings[0]),
                     }
                 )
     with tqdm(total=trials, desc="trade-off search", unit="trial", disable=not progress, leave=False) as bar:
