@@ -312,7 +312,7 @@ def test_discovered_circuit_keeps_the_threshold_and_is_the_smallest_measured(mod
     assert all(v < 0.8 * base for c, v in measured.items() if c > circuit.mask.count)
     info = circuit.mask.provenance["circuit"]
     assert info["size"] == circuit.size and info["threshold"] == 0.8 and info["task"]["name"] == "own-predictions"
-    assert circuit.mask.provenance["scores"]["method"] == "lrp"
+    assert circuit.mask.provenance["scores"]["method"] == "gradient"  # the default: sparsest on SmolLM2
     circuit.save(tmp_path / "circuit")
     loaded = Mask.load(tmp_path / "circuit" / "mask")
     assert loaded.count == circuit.mask.count and loaded.provenance["circuit"]["size"] == circuit.size

@@ -654,7 +654,7 @@ def discover_circuit(
     task: NextTokenTask,
     *,
     evaluation: NextTokenTask | PreparedTask | None = None,
-    method: Method = "lrp",
+    method: Method = "gradient",
     granularity: Granularity = "neurons",
     scope: CircuitScope | None = None,
     modules: Sequence[str] | str | None = None,
@@ -690,7 +690,9 @@ def discover_circuit(
         task: Reference prompts to attribute on (and, for mean ablation, to take the means over).
         evaluation: Prompts to measure the metric on (default: ``task``), or the same already
             encoded as a :class:`~hf_lrp_surgery.circuits.ablation.PreparedTask`.
-        method: Scoring method (``lrp`` or a baseline).
+        method: Scoring method (default ``gradient``: gradient x activation gave the sparsest IOI circuits
+            on SmolLM2 at neuron, head and weight granularity, see docs/circuits.md; ``lrp`` or any
+            registered one-set method).
         granularity: ``"neurons"``, ``"heads"`` or ``"weights"``.
         scope: ``"global"``, ``"per_layer"`` or (weights) ``"per_row"``; default
             :func:`default_scope` (row-wise for Wanda's weights, global otherwise).
