@@ -649,11 +649,17 @@ def test_corrupted_ablation_needs_same_length_corruptions(model, tokenizer) -> N
         pass
 
 
-@pytest.mark.parametrize("scope", ["global", "per_layer", "per_row"])
-@pytest.mark.parametrize("granularity", ["neurons", "weights"])
+@pytest.mark.parametrize(
+    ("granularity", "scope"),
+    [
+        ("neurons", "global"),
+        ("neurons", "per_layer"),
+        ("weights", "global"),
+        ("weights", "per_layer"),
+        ("weights", "per_row"),
+    ],
+)
 def test_the_ranking_gives_selects_masks(model, granularity: str, scope: str) -> None:
-    if scope == "per_row" and granularity != "weights":
-        pytest.skip("per_row ranks weights")
     scores = score(model, method="random", components=(granularity,), random_seed=5, progress=False)
     if granularity == "neurons":
         scores.neurons[0, :5] = 0.5  # ties
