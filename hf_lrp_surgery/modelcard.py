@@ -41,6 +41,7 @@ from hf_lrp_surgery._deprecation import moved_names
 from hf_lrp_surgery._version import __version__
 from hf_lrp_surgery.carriers import CHECK_FILE, SURGERY_DIR, CarrierCard, get_carrier, read_surgery
 from hf_lrp_surgery.correction import BEHAVIOURS, GENERAL_METRICS, Metric, behaviour_metadata
+from hf_lrp_surgery.correction.tradeoff import spell_dampening
 from hf_lrp_surgery.exceptions import CardError
 from hf_lrp_surgery.io import write_json_atomic, write_text_atomic
 from hf_lrp_surgery.masks import Mask
@@ -597,7 +598,7 @@ def _search_arguments(search: Mapping[str, Any]) -> list[str]:
     budgets = space.get("budgets", {})
     parts = ["--search", "--trials", str(search.get("trials")), "--search-seed", str(search.get("seed"))]
     parts += ["--search-methods", *space.get("methods", []), "--search-granularities", *budgets]
-    parts += ["--search-dampenings", *("none" if d is None else str(d) for d in space.get("dampenings", [None]))]
+    parts += ["--search-dampenings", *(spell_dampening(d) for d in space.get("dampenings", [None]))]
     for granularity, (low, high) in budgets.items():
         parts += [f"--{granularity.removesuffix('s')}-range", str(low), str(high)]
     return parts

@@ -42,11 +42,10 @@ def _recipe(args: argparse.Namespace) -> int:
     limits = GeneralLimits(args.max_kl, args.max_perplexity_increase, args.max_induction_increase)
     search = None
     if args.search:
-        from hf_lrp_surgery.correction.tradeoff import default_space
+        from hf_lrp_surgery.correction.tradeoff import DEFAULT_BUDGET_RANGES, default_space
 
-        ranges = {g: tuple(r) for g, r in (("neurons", args.neuron_range), ("heads", args.head_range)) if r}
-        if args.weight_range:
-            ranges["weights"] = tuple(args.weight_range)
+        given = {g: getattr(args, f"{g.removesuffix('s')}_range") for g in DEFAULT_BUDGET_RANGES}
+        ranges = {g: (r[0], r[1]) for g, r in given.items() if r}
         search = default_space(entry.metadata.name, args.search_granularities, args.search_methods, ranges)
         if args.search_dampenings:
             search = replace(search, dampenings=tuple(None if d == "none" else d for d in args.search_dampenings))
@@ -111,6 +110,7 @@ def recipe_parser(subparsers: Any, entry: RegisteredBehaviour, **parser_keywords
     Example:
         >>> parser = recipe_parser(subparsers, BEHAVIOURS["toxicity"])  # doctest: +SKIP
     """
+    from hf_lrp_surgery.correction.tradeoff import DEFAULT_BUDGET_RANGES, DEFAULT_METHODS
     from hf_lrp_surgery.options import NORMALIZATIONS, SCOPES
     from hf_lrp_surgery.scoring import METHODS
 
@@ -182,7 +182,7 @@ def recipe_parser(subparsers: Any, entry: RegisteredBehaviour, **parser_keywords
         "--search-methods",
         nargs="+",
         choices=METHODS,
-        help="methods to search (lrp gradient activation wanda aura atp, and repetition_neurons for repetition)",
+        help=f"methods to search ({' '.join(DEFAULT_METHODS)}, and repetition_neurons for repetition)",
     )
     search.add_argument(
         "--search-granularities", nargs="+", choices=GRANULARITIES, default=["neurons", "heads"], help="(neurons heads)"
@@ -193,7 +193,8 @@ def recipe_parser(subparsers: Any, entry: RegisteredBehaviour, **parser_keywords
         choices=("none", "relevance", "aura"),
         help="hard masks (none) and soft-mask rules to search (none relevance aura; aura for the aura method only)",
     )
-    for kind, (low, high) in (("neuron", (5, 200)), ("head", (1, 30)), ("weight", (500, 50000))):
+    for granularity, (low, high) in DEFAULT_BUDGET_RANGES.items():
+        kind = granularity.removesuffix("s")
         search.add_argument(
             f"--{kind}-range", nargs=2, type=positive_int, metavar=("LOW", "HIGH"), help=f"budget range ({low} {high})"
         )

@@ -50,6 +50,7 @@ __all__ = [
     "TrialChoice",
     "TrialMeasure",
     "default_space",
+    "spell_dampening",
     "plot_tradeoff",
     "tradeoff_search",
 ]
@@ -347,6 +348,16 @@ class TradeoffResult:
         return data
 
 
+def spell_dampening(dampen: float | str | None) -> str:
+    """A dampening choice as the command line and Optuna's categorical values write it (``None``: ``"none"``).
+
+    Example:
+        >>> spell_dampening(None), spell_dampening("relevance"), spell_dampening(0.5)
+        ('none', 'relevance', '0.5')
+    """
+    return "none" if dampen is None else str(dampen)
+
+
 def _dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
     return a[0] <= b[0] and a[1] <= b[1] and a != b
 
@@ -443,7 +454,7 @@ def tradeoff_search(
         low, high = space.budgets[granularity]
         budget = int(trial.suggest_int(f"budget_{granularity}", low, high, log=high > low))
         # Optuna's categorical choices are plain values: the rules by name, None as "none".
-        spelled = {"none" if d is None else str(d): d for d in space.dampenings_for(method, granularity)}
+        spelled = {spell_dampening(d): d for d in space.dampenings_for(method, granularity)}
         dampen = spelled[str(trial.suggest_categorical(f"dampen_{method}_{granularity}", list(spelled)))]
         if get_scorer(method).paired:  # its own contrast: no normalisation or protection to choose
             return TrialChoice(method, granularity, budget, ContrastOptions(), dampen)
@@ -488,9 +499,7 @@ def tradeoff_search(
                         f"budget_{granularity}": budget,
                         "normalize": space.normalizations[0],
                         "protect_top": space.protect_tops[0],
-                        f"dampen_{method}_{granularity}": "none"
-                        if space.dampenings[0] is None
-                        else str(space.dampenings[0]),
+                        f"dampen_{method}_{granularity}": spell_dampening(space.dampenings[0]),
                     }
                 )
     with tqdm(total=trials, desc="trade-off search", unit="trial", disable=not progress, leave=False) as bar:
