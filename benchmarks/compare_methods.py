@@ -14,6 +14,10 @@ budget is baked and measured on the **held-out** prompts (greedy), with KL on th
 prompts and perplexity on the held-out general text. Nothing here chooses a budget: the table is the
 effect-vs-cost curve of each method.
 
+With ``--reattribute-steps N`` (N > 1) each mask is pruned in N rounds instead of selected once
+(:func:`~hf_lrp_surgery.correction.iterative_masks`: each later round scores the model with the
+earlier rounds baked in, N attributions per budget); N = 1, the default, is the one-shot table.
+
 Writes ``OUTPUT/compare.json``, ``OUTPUT/compare.md`` (the table) and ``OUTPUT/compare.png``.
 """
 
@@ -28,6 +32,7 @@ from typing import Any
 from correction_bench import BEHAVIOUR_CHOICES, Bench, chosen_behaviour, reference_sets
 
 from hf_lrp_surgery.carriers import apply_masks
+from hf_lrp_surgery.correction import iterative_masks
 from hf_lrp_surgery.masks import select
 from hf_lrp_surgery.models import DEFAULT_MODEL, load_model
 from hf_lrp_surgery.references import shipped_set
@@ -37,6 +42,11 @@ from hf_lrp_surgery.surgeon import Surgeon
 METHODS = (*CIRCUIT_METHODS, *PAIRED_METHODS)
 #: Methods that only make sense for one behaviour (the onset of a repetition has no detox analogue).
 BEHAVIOUR_ONLY = {"repetition_neurons": "repetition"}
+
+
+def _title(behaviour: str, steps: int) -> str:
+    masks = "one-shot masks" if steps == 1 else f"masks pruned in {steps} rounds of re-attribution"
+    return f"## {behaviour}: {masks}"
 
 
 def _table(rows: list[dict[str, Any]], primary: str) -> str:
@@ -89,8 +99,18 @@ def main() -> None:
     parser.add_argument("--neuron-budgets", nargs="+", type=int, default=[10, 50])
     parser.add_argument("--head-budgets", nargs="+", type=int, default=[5, 10])
     parser.add_argument("--weight-budgets", nargs="+", type=int, default=[1000, 7000])
+    parser.add_argument(
+        "--reattribute-steps",
+        type=int,
+        default=1,
+        metavar="N",
+        help="prune each budget in N rounds, scoring the pruned model again before each (1: one-shot)",
+    )
     parser.add_argument("--output", required=True)
     args = parser.parse_args()
+    steps = args.reattribute_steps
+    if steps < 1:
+        parser.error(f"--reattribute-steps must be >= 1, got {steps}")
 
     output = Path(args.output)
     model, tokenizer = load_model(args.model)
@@ -117,9 +137,25 @@ def main() -> None:
             if BEHAVIOUR_ONLY.get(method, behaviour.name) != behaviour.name:
                 continue
             start = time.perf_counter()
-            scores = surgeon.contrast(undesired=undesired, general=desired, method=method, components=(granularity,))
+            if steps == 1:
+                scores = surgeon.contrast(
+                    undesired=undesired, general=desired, method=method, components=(granularity,)
+                )
             for budget in budgets:
-                candidate = apply_masks(model, select(scores, granularity, budget), "bake").model
+                if steps == 1:
+                    mask = select(scores, granularity, budget)
+                else:
+                    mask = iterative_masks(
+                        model,
+                        tokenizer,
+                        undesired=undesired,
+                        general=desired,
+                        budget=budget,
+                        steps=steps,
+                        method=method,
+                        granularity=granularity,
+                    )
+                candidate = apply_masks(model, mask, "bake").model
                 rows.append({"granularity": granularity, "method": method, "budget": budget, **bench.point(candidate)})
                 print(json.dumps(rows[-1]), f"({time.perf_counter() - start:.0f} s)", flush=True)
                 del candidate
@@ -129,15 +165,17 @@ def main() -> None:
         "primary": behaviour.primary,
         "limits": vars(bench.limits),
         "reference_sizes": {"undesired": len(undesired), "desired": len(desired)},
+        "settings": {"reattribute_steps": steps},
         "before": bench.before,
         "rows": rows,
     }
     (output / "compare.json").write_text(json.dumps(result, indent=1) + "\n")
     table = _table(rows, behaviour.primary)
+    title = _title(behaviour.name, steps)
     before = f"Before: {behaviour.primary} = {bench.before[behaviour.primary]:.3f}\n\n"
-    (output / "compare.md").write_text(before + table)
+    (output / "compare.md").write_text(f"{title}\n\n{before}{table}")
     _plot(rows, behaviour.primary, output / "compare.png")
-    print(table)
+    print(title, table, sep="\n\n")
 
 
 if __name__ == "__main__":

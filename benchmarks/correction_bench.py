@@ -23,7 +23,7 @@ from hf_lrp_surgery.correction import (
 )
 from hf_lrp_surgery.evaluation import generate
 from hf_lrp_surgery.io import write_json_atomic
-from hf_lrp_surgery.references import shipped_set
+from hf_lrp_surgery.references import shipped_splits
 from hf_lrp_surgery.references.samples import ReferenceSample
 
 #: ``--behaviour`` choices: every registered behaviour by its name or by its recipe command ("detox").
@@ -53,7 +53,7 @@ def reference_sets(
                 f"{cache} holds reference sets for {data.get('key')}, not {key}: remove it or choose another --output"
             )
     else:
-        attribution, _ = recipe_split(shipped_set(behaviour.prompt_set, "train"))
+        attribution, _ = recipe_split(shipped_splits(behaviour.prompt_set))
         undesired, desired = paired_contrast_sets(model, tokenizer, attribution, behaviour)
         data = {
             "key": key,

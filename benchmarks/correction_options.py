@@ -29,7 +29,7 @@ from hf_lrp_surgery.carriers import apply_masks
 from hf_lrp_surgery.correction import recipe_split
 from hf_lrp_surgery.masks import select
 from hf_lrp_surgery.models import DEFAULT_MODEL, load_model
-from hf_lrp_surgery.references import shipped_set
+from hf_lrp_surgery.references import shipped_set, shipped_splits
 from hf_lrp_surgery.surgeon import Surgeon
 
 DEFAULT = {"method": "lrp", "seed": "logit", "normalize": "total", "protect_top": 0.05}
@@ -74,7 +74,7 @@ def main() -> None:
     model, tokenizer = load_model(args.model)
     behaviour = chosen_behaviour(args.behaviour)
     undesired, desired = reference_sets(model, tokenizer, behaviour, args.model, output / "reference_sets.json")
-    _, validation = recipe_split(shipped_set(behaviour.prompt_set, "train"))
+    _, validation = recipe_split(shipped_splits(behaviour.prompt_set))
     neutral_validation = recipe_split(shipped_set("neutral_prompts", "train"))[1]
     bench = Bench(model, tokenizer, behaviour, validation, neutral_validation, shipped_set("general_text", "train"))
     surgeon = Surgeon(model, tokenizer, progress=False)

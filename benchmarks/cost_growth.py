@@ -9,6 +9,8 @@ same random token batch and the same objective (each sample's last-token max log
 * ``grad_prunable``: forward + ``torch.autograd.grad`` w.r.t. the prunable weights (the leanest floor
   that still computes every weight gradient, as weight relevance must);
 * ``relevance``: ``collect_relevance(components=("neurons", "heads", "weights"))``;
+* ``relevance_lean``: ``relevance`` with ``weight_buffers="model"`` (weight sums in the model's dtype:
+  the same as ``relevance`` in fp32, half its weight-sized buffers in bf16);
 * ``relevance_units``: the same without ``"weights"`` (neurons + heads: no weight-sized buffers).
 
 **Reduced depth.** A full-depth 1.7B model at 2,048 tokens does not fit a 2-core machine's time, so by
@@ -60,7 +62,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 from hf_lrp_surgery.lrp.architectures import resolve
 from hf_lrp_surgery.lrp.collect import collect_relevance
 
-PASSES = ("grad_all", "grad_prunable", "relevance", "relevance_units")
+PASSES = ("grad_all", "grad_prunable", "relevance", "relevance_lean", "relevance_units")
+RELEVANCE_PASSES = ("relevance", "relevance_lean", "relevance_units")
 FLOORS = ("grad_all", "grad_prunable")
 DEFAULT_OUTPUT = Path(__file__).parent / "results" / "cost_growth.json"
 
@@ -276,15 +279,22 @@ def make_passes(model: PreTrainedModel, ids: list[list[int]], device: str) -> di
     def grad_prunable() -> Any:
         return torch.autograd.grad(objective(), prunable)
 
-    def relevance(components: tuple[str, ...]) -> Callable[[], Any]:
+    def relevance(components: tuple[str, ...], weight_buffers: str = "float32") -> Callable[[], Any]:
         return lambda: collect_relevance(
-            model, ids, components=components, batch_size=len(ids), progress=False, description="relevance"
+            model,
+            ids,
+            components=components,
+            batch_size=len(ids),
+            weight_buffers=weight_buffers,  # type: ignore[arg-type]
+            progress=False,
+            description="relevance",
         )
 
     return {
         "grad_all": grad_all,
         "grad_prunable": grad_prunable,
         "relevance": relevance(("neurons", "heads", "weights")),
+        "relevance_lean": relevance(("neurons", "heads", "weights"), "model"),
         "relevance_units": relevance(("neurons", "heads")),
     }
 
@@ -419,7 +429,7 @@ def scale_to_depth(
         for floor in FLOORS:
             if floor not in passes:
                 continue
-            for pass_ in ("relevance", "relevance_units"):
+            for pass_ in RELEVANCE_PASSES:
                 if pass_ not in passes:
                     continue
                 entry[f"time_ratio_{pass_}_vs_{floor}"] = (
@@ -539,7 +549,8 @@ def project(
     activations; the activations per token are the anchor's per-layer peak minus its parameter part, scaled
     by ``hidden + intermediate`` of the target. The fixed part (logits, their gradient) per token is the
     anchor's, scaled by the vocabulary. float32: activations and fixed part twice bf16's, gradient buffers
-    4 bytes per parameter, fp32 weight relevance unchanged (it is fp32 in both).
+    4 bytes per parameter (also the weight relevance of ``relevance_lean``, held in the model's dtype), fp32
+    weight relevance of ``relevance`` unchanged (it is fp32 in both).
     """
     anchors = [e for e in derived if e["dtype"] == "bfloat16"]
     if not anchors or "bfloat16" not in fits:
@@ -555,7 +566,9 @@ def project(
         fixed = max(anchor["peak_bytes_fixed"][pass_], 0.0) / a_tokens / a_shape["vocab_size"]
         for dtype in ("bfloat16", "float32"):
             wide = 2.0 if dtype == "float32" else 1.0
-            per_param = bf16_param * (2.0 if dtype == "float32" and pass_.startswith("grad") else 1.0)
+            # Buffers in the model's dtype (the gradients, weight_buffers="model") double in fp32.
+            model_dtype_buffers = pass_.startswith("grad") or pass_ == "relevance_lean"
+            per_param = bf16_param * (2.0 if dtype == "float32" and model_dtype_buffers else 1.0)
             for target, shape in TARGETS.items():
                 layers = shape["num_hidden_layers"]
                 width = shape["hidden_size"] + shape["intermediate_size"]
@@ -717,6 +730,17 @@ def print_summary(result: dict[str, Any]) -> None:
             f"{e.get('memory_ratio_relevance_vs_grad_all', float('nan')):>11.2f}"
             f"{e.get('memory_ratio_relevance_vs_grad_prunable', float('nan')):>12.2f}"
         )
+    print("measured (no scaling), over grad_prunable:")
+    for p in result["points"]:
+        floor_s, floor_m = p["seconds"].get("grad_prunable"), p["peak_bytes"].get("grad_prunable")
+        if not floor_s:
+            continue
+        ratios = "  ".join(
+            f"{name} t {p['seconds'][name] / floor_s:.2f} m {p['peak_bytes'][name] / max(floor_m, 1):.2f}"
+            for name in RELEVANCE_PASSES
+            if name in p["seconds"]
+        )
+        print(f"  {p['model']:<16}{p['dtype']:<10}L={p['layers']:<3}T={p['seq_len']:<6}{ratios}")
     for c in result["depth_check"]:
         print(f"depth check {c['model']} {c['dtype']}: scaled/measured time {c['seconds_scaled_over_measured']}")
         print(f"  memory {c['peak_bytes_scaled_over_measured']}")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args
 
 from hf_lrp_surgery.lrp.attach import VARIANT_FACTORS, Variant
-from hf_lrp_surgery.lrp.collect import OBJECTIVES, Objective, renamed_seed
+from hf_lrp_surgery.lrp.collect import OBJECTIVES, WEIGHT_BUFFERS, Objective, WeightBuffers, renamed_seed
 from hf_lrp_surgery.lrp.layout import GRANULARITIES, Granularity
 
 if TYPE_CHECKING:  # a layer up: only for annotations
@@ -134,6 +134,13 @@ class ScoringOptions(_Options):
     variant: Variant = field(default="attnlrp", metadata={"help": "lrp: 'attnlrp' or 'cp' rules."})
     epsilon: float = field(default=0.0, metadata={"help": "lrp: LRP-epsilon on the prunable linear layers."})
     batch_size: int = field(default=8, metadata={"help": "Samples per pass."})
+    weight_buffers: WeightBuffers = field(
+        default="float32",
+        metadata={
+            "help": "Relevance methods, weights: sum weight relevance in 'float32' or in the 'model' dtype "
+            "(half the memory of a bf16 pass, bf16 rounding)."
+        },
+    )
     random_seed: int = field(default=0, metadata={"help": "random: seed of the generator."})
 
     def __post_init__(self) -> None:
@@ -161,6 +168,8 @@ class ScoringOptions(_Options):
             raise ValueError(f"epsilon must be >= 0, got {self.epsilon}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.weight_buffers not in WEIGHT_BUFFERS:
+            raise ValueError(f"weight_buffers must be one of {WEIGHT_BUFFERS}, got {self.weight_buffers!r}")
 
     @classmethod
     def take(cls, options: ScoringOptions | None, keywords: dict[str, Any], **defaults: Any) -> ScoringOptions:

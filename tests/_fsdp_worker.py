@@ -55,11 +55,12 @@ def _refusal(model: torch.nn.Module) -> str | None:
     return None
 
 
-def _trainer_under_fsdp(out: Path, version: int) -> dict[str, Any]:
-    """Try a 1-step ``Trainer`` run with ``fsdp="full_shard"`` on CPU processes; what happened."""
+def _trainer_under_fsdp(out: Path, version: int, **config: Any) -> dict[str, Any]:
+    """Try a 1-step ``Trainer`` run with ``fsdp="full_shard"`` on CPU processes (``config``: more of its
+    ``fsdp_config``); what happened."""
     try:
         args = TrainingArguments(
-            output_dir=str(out / f"trainer_fsdp{version}"),
+            output_dir=str(out / f"trainer_fsdp{version}{'_'.join(['', *config])}"),
             use_cpu=True,
             report_to=[],
             max_steps=1,
@@ -67,7 +68,7 @@ def _trainer_under_fsdp(out: Path, version: int) -> dict[str, Any]:
             save_strategy="no",
             disable_tqdm=True,
             fsdp="full_shard",
-            fsdp_config={"version": version, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]},
+            fsdp_config={"version": version, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], **config},
         )
         trainer = Trainer(
             model=tiny_model("llama", dtype=torch.float32).train(), args=args, train_dataset=TokenDataset()
@@ -109,6 +110,8 @@ def main(out: Path) -> None:
         "refused_fsdp1": refused_fsdp1,
         "refused_fsdp2": refused_fsdp2,
         "trainer_fsdp1": _trainer_under_fsdp(out, 1),
+        # transformers asks FSDP1 for sync_module_states=True by default, which accelerate >= 1.16 refuses on CPU
+        "trainer_fsdp1_no_sync": _trainer_under_fsdp(out, 1, sync_module_states=False),
         "trainer_fsdp2": _trainer_under_fsdp(out, 2),
     }
     (directory / "record.json").write_text(json.dumps(record))

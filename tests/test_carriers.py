@@ -151,6 +151,18 @@ def test_hooks_carrier_equals_bake_in_memory_and_refuses_saving(granularity: str
         apply_masks(model, _mask(model, "weights", {}), "hooks")
 
 
+def test_a_temporary_hook_set_leaves_the_installed_one_registered(tmp_path: Path) -> None:
+    """An ablation's own MaskHooks (a context manager) must not unregister the carrier's set when removed."""
+    model = _base("gpt2", tmp_path / "base")
+    mask = _mask(model, "neurons", {0: [1]})
+    hooked = apply_masks(model, mask, "hooks")
+    installed = MaskHooks.of(hooked.model)
+    with MaskHooks(hooked.model) as temporary:
+        temporary.add(_mask(model, "neurons", {1: [0]}))
+    assert MaskHooks.of(hooked.model) is installed
+    hooked.verify()
+
+
 # -- geometry ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_zeroed_entries_of_a_neuron_mask(family: str) -> None:

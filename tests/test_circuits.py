@@ -873,3 +873,55 @@ def test_circuit_command_passes_the_lrp_variant_and_epsilon(model, tokenizer, tm
         reports[variant] = json.loads((out / "report.json").read_text())
     assert (reports["cp"]["settings"]["variant"], reports["cp"]["settings"]["epsilon"]) == ("cp", 0.1)
     assert reports["attnlrp"]["settings"]["variant"] == "attnlrp"
+
+
+def _needed_first(model, samples, tokenizer):
+    """Negated signed gradient x activation: the neurons that raise the correct logit most rank lowest."""
+    scores = score(model, samples, tokenizer, method="gradient", components=("neurons",), aggregation="signed")
+    scores.neurons = -scores.neurons
+    return scores
+
+
+def test_comparison_reports_the_curve_of_a_set_without_a_circuit(model, tokenizer, tmp_path) -> None:
+    """A method whose first grid point already breaks the threshold still has its measured curve in the report."""
+    from hf_lrp_surgery.scoring import register_scorer, unregister_scorer
+
+    sets = [
+        (_own_prediction_task(model, tokenizer, 8, seed=i), _own_prediction_task(model, tokenizer, 8, seed=i))
+        for i in range(2)
+    ]
+    register_scorer(
+        "needed_first",
+        lambda request: _needed_first(request.model, request.samples, request.tokenizer),
+        description="test: the most needed neurons first",
+    )
+    try:
+        comparison = compare_methods(
+            model,
+            tokenizer,
+            sets,
+            methods=("needed_first",),
+            threshold=1.0,
+            grid_points=6,
+            patience=2,
+            random_draws=1,
+            progress=False,
+        )
+    finally:
+        unregister_scorer("needed_first")
+    assert comparison.results["needed_first"].circuits == [None, None]  # the case: no set has a circuit
+    expected = []
+    for reference, evaluation in sets:  # the first grid point, measured by hand
+        with ablated(
+            model, select(_needed_first(model, reference.samples(), tokenizer), "neurons", comparison.grid[1])
+        ):
+            pruned = evaluate_task(model, tokenizer, evaluation).logit_diff
+        expected.append(pruned / evaluate_task(model, tokenizer, evaluation).logit_diff)
+    report = comparison.to_dict()["methods"]["needed_first"]
+    assert report["circuit_size"]["per_set"] == [comparison.total] * 2  # no circuit: the whole model
+    for row, value in zip(report["curve"]["per_set"], expected):
+        assert row[0] == 1.0 and row[1] == pytest.approx(value, rel=1e-9) and row[1] < 1.0
+        assert all(v == v for v in row[:3]) and all(v != v for v in row[3:])  # measured: the first 2 grid points
+    assert report["curve"]["relative_mean"][1] == pytest.approx(sum(expected) / 2, rel=1e-9)
+    comparison.save(tmp_path / "report")
+    assert (tmp_path / "report" / "curves.png").stat().st_size > 0

@@ -299,6 +299,19 @@ def test_bad_input_errors() -> None:
         _collect(broken, SAMPLES[:1])
 
 
+def test_the_finiteness_check_is_exact() -> None:
+    """One sum decides for finite buffers; an overflowing sum of finite values is not refused."""
+    from hf_lrp_surgery.lrp.collect import _all_finite
+
+    huge = torch.full((4,), torch.finfo(torch.float32).max)
+    assert not torch.isfinite(huge.sum()) and _all_finite(huge)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        tensor = torch.ones(3, 5, dtype=torch.bfloat16)
+        tensor[1, 2] = bad
+        assert not _all_finite(tensor)
+    assert _all_finite(torch.zeros(0))
+
+
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     ranks = [x.flatten().argsort().argsort().double() for x in (a, b)]
     return float(torch.corrcoef(torch.stack(ranks))[0, 1])
@@ -320,6 +333,28 @@ def test_bf16_ranks_match_fp64(family: str) -> None:
     assert low_result.neurons.dtype == torch.float32
     assert _spearman(exact_result.neurons, low_result.neurons) > 0.99
     assert _spearman(exact_result.neurons_abs, low_result.neurons_abs) > 0.99
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if "moe" not in f])
+@pytest.mark.parametrize("weight_buffers", ["float32", "model"])
+def test_bf16_weight_ranks_match_fp64(family: str, weight_buffers: str) -> None:
+    """bf16 weight relevance (bf16 products, buffers in fp32 or bf16) ranks weights like fp64 does."""
+    rows = torch.randint(4, 60, (16, 12), generator=torch.Generator().manual_seed(0)).tolist()
+    samples = [ReferenceSample(row[:9], continuation=row[9:]) for row in rows]
+    low = copy.deepcopy(_model(family, torch.bfloat16))
+    exact = copy.deepcopy(low).double()
+    kwargs = {"components": ("weights",), "batch_size": 4, "per_sample_abs_weights": True}
+    low_result = _collect(low, samples, weight_buffers=weight_buffers, **kwargs)
+    exact_result = _collect(exact, samples, weight_buffers=weight_buffers, **kwargs)
+    expected = torch.bfloat16 if weight_buffers == "model" else torch.float32
+    assert {w.dtype for w in low_result.weights.values()} == {expected}
+    assert {w.dtype for w in exact_result.weights.values()} == {torch.float64}  # "model" is fp64 here
+    assert low_result.settings["weight_buffers"] == weight_buffers
+    for name, value in exact_result.weights.items():
+        assert _spearman(value, low_result.weights[name].double()) > 0.98, name
+        assert _spearman(exact_result.weights_abs[name], low_result.weights_abs[name].double()) > 0.98, name
+    with pytest.raises(ValueError, match="weight_buffers"):
+        _collect(low, samples[:1], components=("weights",), weight_buffers="bfloat16")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shlex
 from pathlib import Path
@@ -61,6 +62,113 @@ def test_shipped_sets_have_fixed_disjoint_splits() -> None:
     assert len(shipped_set("provocative_prompts")) >= 80
     with pytest.raises(KeyError):
         shipped_set("provocative_prompts", "test")
+    with pytest.raises(KeyError, match="has no 'validation' split"):
+        shipped_set("provocative_prompts", "validation")
+
+
+def test_shipped_validation_splits_reach_the_recipe_split_and_user_behaviours() -> None:
+    """A set with its own validation split gives it to recipe_split and to split_prompts; others are cut 60/40."""
+    from hf_lrp_surgery.correction import recipe_split, split_prompts
+    from hf_lrp_surgery.references import shipped_splits
+
+    splits = shipped_splits("repetition_prompts")
+    assert (
+        recipe_split(splits)
+        == (splits["train"], splits["validation"])
+        == (
+            shipped_set("repetition_prompts", "train"),
+            shipped_set("repetition_prompts", "validation"),
+        )
+    )
+    assert sorted(shipped_splits("neutral_prompts")) == ["heldout", "train"]
+    assert recipe_split(shipped_splits("neutral_prompts")) == recipe_split(shipped_set("neutral_prompts", "train"))
+    assert split_prompts("repetition_prompts") == splits
+
+
+#: SHA-256 of the newline-joined held-out / train prompts of version 1 of ``repetition_prompts.json``.
+_REPETITION_V1_HELDOUT = "9e917aff5195f5a4a53e3ca1e8dbcee9a95cca8fed696bf7e9da351789644bcb"
+_REPETITION_V1_TRAIN = "49fe91d26b14ac5a40708a920ffec4980abc5b0edfc9ed77ff868d06e37637a6"
+
+
+def _digest(prompts: list[str]) -> str:
+    return hashlib.sha256("\n".join(prompts).encode("utf-8")).hexdigest()
+
+
+def test_repetition_prompts_grow_without_touching_the_heldout_split() -> None:
+    """Version 2 adds train and validation prompts; version 1's held-out prompts are exactly as they were."""
+    behaviour = repetition_behaviour()
+    splits = {split: behaviour.prompts_for(split) for split in ("train", "validation", "heldout")}
+    heldout = splits["heldout"]
+    assert len(heldout) == 61 and (heldout[0], heldout[-1]) == ("Write about the stars.", "Tell me about rain.")
+    assert _digest(heldout) == _REPETITION_V1_HELDOUT and heldout == shipped_set("repetition_prompts", "heldout")
+    assert splits["train"] == shipped_set("repetition_prompts", "train")
+    # Version 1's train prompts stay where the recipe used them: its first 60% (recipe_split) for attribution,
+    # its last 40% for validation.
+    assert _digest(splits["train"][:36] + splits["validation"][:24]) == _REPETITION_V1_TRAIN
+    assert (splits["train"][0], splits["validation"][0]) == ("Write a slogan for a shop.", "Write a birthday song.")
+    assert [len(s) for s in splits.values()] == [175, 93, 61]
+    # Disjoint, and no prompt twice (whatever its case) within or across the splits.
+    every = [p.casefold() for prompts in splits.values() for p in prompts]
+    assert len(set(every)) == len(every) and all(p.strip() == p and p for p in every)
+
+
+def test_the_repetition_recipe_searches_on_the_shipped_validation_split(
+    model: torch.nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The paired sets come from the train split and the budget search from the validation split, as shipped."""
+    from hf_lrp_surgery.correction import recipe
+
+    class Stop(Exception):
+        pass
+
+    seen: dict[str, list[str]] = {}
+
+    def paired(
+        model: torch.nn.Module, tokenizer: object, prompts: list[str], *args: object, **keywords: object
+    ) -> tuple[list[object], list[object]]:
+        seen["attribution"] = list(prompts)
+        return [], []
+
+    class NoSurgeon:
+        def __init__(self, *args: object, **keywords: object) -> None:
+            pass
+
+        def contrast(self, **keywords: object) -> None:
+            return None
+
+    def search(*args: object, validation_prompts: list[str], **keywords: object) -> None:
+        seen["validation"] = list(validation_prompts)
+        raise Stop
+
+    monkeypatch.setattr(recipe, "paired_contrast_sets", paired)
+    monkeypatch.setattr(recipe, "Surgeon", NoSurgeon)
+    monkeypatch.setattr(recipe, "budget_search", search)
+    behaviour = repetition_behaviour(use_chat_template=False)
+    with pytest.raises(Stop):
+        run_recipe(model, tiny_tokenizer(), behaviour, tmp_path / "loops", budgets=[1], progress=False)
+    assert seen == {"attribution": behaviour.prompts_for("train"), "validation": behaviour.prompts_for("validation")}
+
+
+def test_repetition_samples_reach_the_sampling_settings_and_the_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hf_lrp_surgery.cli import build_parser, main
+
+    assert repetition_behaviour().sampling.num_return_sequences == 4  # the default
+    behaviour = repetition_behaviour(samples=9)
+    assert behaviour.sampling.num_return_sequences == 9 and behaviour.sampling.do_sample
+    assert behaviour.details["samples"] == 9 and behaviour.decoding.num_return_sequences == 1
+    for wrong in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="samples must be a count >= 1"):
+            repetition_behaviour(samples=wrong)
+    # The command takes --samples, and a report's settings give it back to the reproduce command.
+    (option,) = [o for o in repetition_behaviour().metadata.options if o.parameter == "samples"]
+    args = build_parser().parse_args(["fix-repetition", "--samples", "9"])
+    assert option.from_command_line(getattr(args, option.dest)) == 9
+    assert option.arguments({"samples": 9}) == ["--samples", "9"] and option.arguments({"samples": 4}) == []
+    assert main(["fix-repetition", "--samples", "0", "--output", str(tmp_path / "out")]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: samples must be a count >= 1") and not (tmp_path / "out").exists()
 
 
 def test_paired_sets_come_from_the_same_prompts(model: torch.nn.Module) -> None:

@@ -332,6 +332,23 @@ def test_lrp_abs_weights_are_mean_per_sample_abs() -> None:
     assert result.neurons is None and result.heads is None and result.components == ("weights",)
 
 
+def test_bf16_weight_buffers_in_the_model_dtype_are_scored_in_fp32() -> None:
+    """weight_buffers='model' keeps a bf16 model's sums in bf16; the scores it ranks come out fp32."""
+    model = _model("llama").to(torch.bfloat16)
+    kwargs = {"method": "lrp", "components": ("weights",), "progress": False}
+    lean = score(model, GRAD_SAMPLES, weight_buffers="model", **kwargs)
+    full = score(model, GRAD_SAMPLES, **kwargs)
+    relevance = collect_relevance(model, GRAD_SAMPLES, components=("weights",), weight_buffers="model", progress=False)
+    assert {w.dtype for w in relevance.weights.values()} == {torch.bfloat16}
+    assert lean.settings["weight_buffers"] == "model" and full.settings["weight_buffers"] == "float32"
+    for name, value in lean.weights.items():
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, (relevance.weights[name] / len(GRAD_SAMPLES)).float(), rtol=0, atol=0)
+        torch.testing.assert_close(
+            value, full.weights[name], rtol=0.05, atol=1e-3 * float(full.weights[name].abs().max())
+        )
+
+
 # -- errors ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", [m for m in METHODS if m not in ("magnitude", "random")])
 def test_methods_with_samples_refuse_an_empty_set(method: str) -> None:

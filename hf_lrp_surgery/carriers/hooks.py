@@ -156,7 +156,9 @@ class MaskHooks:
         for handle in self._handles.values():
             handle.remove()
         self._handles.clear()
-        _INSTALLED.pop(self.model, None)
+        # A temporary set (an ablation's) leaves the set apply_masks installed registered.
+        if _INSTALLED.get(self.model) is self:
+            del _INSTALLED[self.model]
 
     @classmethod
     def of(cls, model: nn.Module) -> MaskHooks | None:

@@ -36,7 +36,9 @@ from hf_lrp_surgery.circuits.discovery import (
     Circuit,
     CircuitDiscoveryError,
     CircuitScope,
+    CurvePoint,
     NoCircuitError,
+    PruningCurve,
     _Ranking,
     _weight_groups,
     default_scope,
@@ -52,7 +54,7 @@ from hf_lrp_surgery.masks import Granularity
 from hf_lrp_surgery.masks.selection import match_groups
 from hf_lrp_surgery.options import ScoringOptions, reject_unknown
 from hf_lrp_surgery.plots import pyplot, save_figure
-from hf_lrp_surgery.scoring import CIRCUIT_METHODS, Layout, score
+from hf_lrp_surgery.scoring import CIRCUIT_METHODS, Layout, Scores, score
 
 __all__ = ["CircuitComparison", "DEFAULT_METHODS", "MethodResult", "compare_methods", "specificity"]
 
@@ -144,27 +146,24 @@ class MethodResult:
         method: The scoring method.
         circuits: One circuit per set (``None`` where no pruning kept the threshold).
         specificity: One :func:`specificity` record per set with a circuit.
+        curves: One pruning curve per set: the circuit's, or, where there is no circuit, the grid
+            points the search measured before it gave up (all below the threshold).
     """
 
     method: str
     circuits: list[Circuit | None] = field(default_factory=list)
     specificity: list[dict[str, Any]] = field(default_factory=list)
+    curves: list[PruningCurve] = field(default_factory=list)
 
     def sizes(self) -> list[int]:
         """Circuit sizes (a set without a circuit counts as the whole model)."""
-        return [c.size if c is not None else self._total() for c in self.circuits]
-
-    def _total(self) -> int:
-        return next(c.total for c in self.circuits if c is not None) if any(self.circuits) else 0
+        return [c.size if c is not None else curve.total for c, curve in zip(self.circuits, self.curves)]
 
     def curve_on(self, grid: Sequence[int], metric: Metric) -> list[list[float]]:
         """Per set, the relative metric at each grid count (``nan`` where not measured)."""
         rows = []
-        for circuit in self.circuits:
-            if circuit is None:
-                rows.append([float("nan")] * len(grid))
-                continue
-            by_count = dict(zip((p.pruned for p in circuit.curve.points), circuit.curve.relative(metric)))
+        for curve in self.curves:
+            by_count = dict(zip((p.pruned for p in curve.points), curve.relative(metric)))
             by_count[0] = 1.0
             rows.append([by_count.get(c, float("nan")) for c in grid])
         return rows
@@ -428,9 +427,9 @@ def compare_methods(
             clock = time.perf_counter()
             run = replace(options, method=method, components=(granularity,), random_seed=i)
             scores = task_scores(model, tokenizer, reference, run, objective=objective, progress=False)
-            relevance = time.perf_counter() - clock
+            relevance, clock = time.perf_counter() - clock, time.perf_counter()
             try:
-                circuit: Circuit | None = discover_circuit(
+                found = discover_circuit(
                     model,
                     tokenizer,
                     reference,
@@ -451,10 +450,17 @@ def compare_methods(
                     eval_batch_size=eval_batch_size,
                     progress=False,
                 )
-            except NoCircuitError:
-                circuit = None  # even the first grid point breaks the threshold
+                circuit: Circuit | None = found
+                curve = found.curve
+            except NoCircuitError:  # even the first grid point breaks the threshold
+                circuit = None
+                curve = _failed_search_curve(
+                    model, prepared, scores, values, baseline, granularity, scopes[method], groups, grid, patience
+                )
+                seconds["search"] += time.perf_counter() - clock  # the failed search and the measurement again
             seconds["relevance"] += relevance
             results[method].circuits.append(circuit)
+            results[method].curves.append(curve)
             if circuit is not None:
                 circuit.timings.update(setup=setup, relevance=relevance)
                 seconds["search"] += circuit.timings["search"]
@@ -504,6 +510,32 @@ def compare_methods(
         "model_type": getattr(getattr(arch.model, "config", None), "model_type", None),
     }
     return CircuitComparison(results, grid, total, layout, settings)
+
+
+def _failed_search_curve(
+    model: nn.Module,
+    prepared: PreparedTask,
+    scores: Scores,
+    ablation: Ablation,
+    baseline: TaskMetrics,
+    granularity: Granularity,
+    scope: CircuitScope,
+    modules: Sequence[str] | None,
+    grid: Sequence[int],
+    patience: int | None,
+) -> PruningCurve:
+    """The grid points of a search that found no circuit, measured again (the error does not carry them).
+
+    No grid point held, so the search stopped after the first ``patience`` of them (all without
+    patience); its bisection points lie below the first one, off the shared grid.
+    """
+    ranking = _Ranking(scores, granularity, scope, modules)
+    counts = [c for c in grid if c > 0][:patience]
+    curve = PruningCurve(scores.method, granularity, scope, ranking.total, baseline)
+    for count in counts:
+        with ablated(model, ranking.mask(count), ablation):
+            curve.points.append(CurvePoint(count, ranking.total - count, prepared.metrics(model, ablation)))
+    return curve
 
 
 # -- plots ------------------------------------------------------------------------------------

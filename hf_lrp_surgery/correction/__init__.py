@@ -15,7 +15,8 @@ Modules: :mod:`~hf_lrp_surgery.correction.behaviours` (what to correct, and the 
 by :mod:`~hf_lrp_surgery.correction.scorers`), :mod:`~hf_lrp_surgery.correction.paired` (the paired sets
 and their focus),
 :mod:`~hf_lrp_surgery.correction.search` (the budget search),
-:mod:`~hf_lrp_surgery.correction.tradeoff` (the multi-objective trade-off search) and
+:mod:`~hf_lrp_surgery.correction.tradeoff` (the multi-objective trade-off search),
+:mod:`~hf_lrp_surgery.correction.iterative` (prune in rounds, re-attributing the pruned model) and
 :mod:`~hf_lrp_surgery.correction.recipe` (the whole recipe and its report).
 """
 
@@ -34,6 +35,7 @@ from hf_lrp_surgery.correction.behaviours import (
     register_behaviour,
     repetition_behaviour,
 )
+from hf_lrp_surgery.correction.iterative import iterative_masks
 from hf_lrp_surgery.correction.paired import (
     leave_one_word_out_positions,
     matched_positions,
@@ -92,6 +94,7 @@ __all__ = [
     "budget_search",
     "default_space",
     "detox_behaviour",
+    "iterative_masks",
     "leave_one_word_out_positions",
     "matched_positions",
     "paired_contrast_sets",

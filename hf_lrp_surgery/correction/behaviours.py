@@ -18,7 +18,7 @@ from hf_lrp_surgery.correction.paired import repeated_positions, scored_word_pos
 from hf_lrp_surgery.evaluation import DecodingSettings, Generation, get_scorer, sample_protocol_toxicity, toxicity
 from hf_lrp_surgery.evaluation.repetition import rur_or_unique
 from hf_lrp_surgery.lrp.layout import Granularity
-from hf_lrp_surgery.references import shipped_set
+from hf_lrp_surgery.references import shipped_set, shipped_splits
 
 __all__ = [
     "BEHAVIOURS",
@@ -203,7 +203,8 @@ class Behaviour:
             ``None`` explains whole continuations.
         details: The behaviour's own options, recorded in reports (scorer and threshold, loop limits).
         prompts: The behaviour's own prompts by split (``"train"``, ``"heldout"``, optionally
-            ``"validation"``), e.g. a user-defined behaviour's; ``None``: the shipped ``metadata.prompt_set``.
+            ``"validation"``), e.g. a user-defined behaviour's, or those of a shipped set with a fixed validation
+            split (the repetition behaviour's); ``None``: the shipped ``metadata.prompt_set``.
         protocol: ``(model, tokenizer, prompts, progress) -> figures``: a further measurement the recipe runs
             once on the held-out prompts, before and after (too costly for the budget search), whose keys
             include those of ``metadata.heldout_metrics``; e.g. the RealToxicityPrompts protocol of the
@@ -234,8 +235,9 @@ class Behaviour:
             KeyError: The split does not exist.
 
         Example:
-            >>> len(repetition_behaviour().prompts_for("heldout"))
-            61
+            >>> behaviour = repetition_behaviour()
+            >>> [len(behaviour.prompts_for(split)) for split in ("train", "validation", "heldout")]
+            [175, 93, 61]
         """
         if self.prompts is not None:
             return list(self.prompts[split])
@@ -496,11 +498,21 @@ _REPETITION = BehaviourMetadata(
     ),
     primary="rur_mean",
     summary="prune what makes the model loop on repetition-inducing prompts",
-    description="Sample responses to the shipped repetition-inducing prompts (train split), keep looping "
-    "(RUR < 0.5) and varied (RUR >= 0.7) responses of the same prompts, contrast their relevance (attention heads "
-    "by default), search the budget under the KL and perplexity limits, save the corrected model, and report RUR "
-    "before/after on the held-out prompts.",
-    options=(CHAT_TEMPLATE_OPTION,),
+    description="Sample responses to the shipped repetition-inducing prompts (train split, --samples per prompt), "
+    "keep looping (RUR < 0.5) and varied (RUR >= 0.7) responses of the same prompts, contrast their relevance "
+    "(attention heads by default), search the budget on the shipped validation prompts under the KL and perplexity "
+    "limits, save the corrected model, and report RUR before/after on the held-out prompts.",
+    options=(
+        CHAT_TEMPLATE_OPTION,
+        CommandOption(
+            "--samples",
+            "samples",
+            "samples",
+            4,
+            "sampled responses per train prompt for the paired reference sets (4)",
+            kind="int",
+        ),
+    ),
     granularity="heads",
     budgets=(2, 5, 10, 15, 20),
 )
@@ -508,13 +520,19 @@ _REPETITION = BehaviourMetadata(
 
 @register_behaviour(_REPETITION)
 def repetition_behaviour(
-    max_new_tokens: int = 50, loop_below: float = 0.5, fine_above: float = 0.7, use_chat_template: bool = True
+    max_new_tokens: int = 50,
+    loop_below: float = 0.5,
+    fine_above: float = 0.7,
+    use_chat_template: bool = True,
+    samples: int = 4,
 ) -> Behaviour:
     """Looping responses (Response Uniqueness Ratio below ``loop_below``) of repetition-inducing prompts.
 
     The shipped prompts are instructions for an instruct model, so they are wrapped in the tokenizer's
     chat template by default (without it SmolLM2 often ends its turn at once). An empty response
-    counts as unique (:func:`~hf_lrp_surgery.evaluation.repetition.rur_or_unique`).
+    counts as unique (:func:`~hf_lrp_surgery.evaluation.repetition.rur_or_unique`). The prompts are the shipped
+    ``repetition_prompts`` with their fixed splits: ``train`` (the paired reference sets), ``validation`` (the
+    budget search) and ``heldout`` (the final measurement).
 
     Args:
         max_new_tokens: Tokens generated per response.
@@ -522,15 +540,22 @@ def repetition_behaviour(
         fine_above: A response is a desired reference response if its RUR is at least this.
         use_chat_template: Wrap prompts in the tokenizer's chat template (needs one; base models
             such as Gemma 3 270M have none: pass ``False``).
+        samples: Responses sampled per train prompt (top-p 0.95) for the paired reference sets, besides the
+            greedy one; sampling costs grow with it.
 
     Returns:
         The behaviour (attention heads, budgets 2-20 by default; focus on the repeated tokens).
 
+    Raises:
+        ValueError: ``samples`` is not a count >= 1.
+
     Example:
-        >>> behaviour = repetition_behaviour(use_chat_template=False)
-        >>> behaviour.primary, behaviour.granularity
-        ('rur_mean', 'heads')
+        >>> behaviour = repetition_behaviour(use_chat_template=False, samples=8)
+        >>> behaviour.primary, behaviour.granularity, behaviour.sampling.num_return_sequences
+        ('rur_mean', 'heads', 8)
     """
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be a count >= 1 (responses sampled per train prompt), got {samples!r}")
 
     def score(generations: Sequence[Generation]) -> list[float]:
         return [rur_or_unique(g.token_ids) for g in generations]
@@ -546,10 +571,16 @@ def repetition_behaviour(
     return Behaviour(
         metadata=_REPETITION,
         decoding=decoding,
-        sampling=sampled(decoding, 4),
+        sampling=sampled(decoding, samples),
         score=score,
         judge=judge,
         measure=measure,
         focus=lambda tokenizer, generation: repeated_positions(generation.token_ids),
-        details={"loop_below": loop_below, "fine_above": fine_above, "chat_template": use_chat_template},
+        details={
+            "loop_below": loop_below,
+            "fine_above": fine_above,
+            "chat_template": use_chat_template,
+            "samples": samples,
+        },
+        prompts=shipped_splits(_REPETITION.prompt_set),
     )

@@ -85,12 +85,18 @@ class RecipeResult:
         return data
 
 
-def recipe_split(items: Sequence[str], validation_share: float = 0.4) -> tuple[list[str], list[str]]:
-    """Split train prompts into the attribution part and the validation part (the last ``validation_share``).
+def recipe_split(
+    items: Sequence[str] | Mapping[str, Sequence[str]], validation_share: float = 0.4
+) -> tuple[list[str], list[str]]:
+    """The attribution part and the validation part (the budget search's) of a behaviour's train prompts.
 
     Args:
-        items: The shipped train prompts, in their fixed order.
-        validation_share: Share kept for the budget search.
+        items: The train prompts in their fixed order (the last ``validation_share`` become the validation
+            part), or a mapping of splits (as :func:`~hf_lrp_surgery.references.shipped_splits` gives):
+            its ``"train"`` and ``"validation"`` lists as they are where it has both, else its ``"train"``
+            list split.
+        validation_share: Share of the train prompts kept for the budget search (when no validation split
+            is given).
 
     Returns:
         ``(attribution, validation)``.
@@ -98,7 +104,13 @@ def recipe_split(items: Sequence[str], validation_share: float = 0.4) -> tuple[l
     Example:
         >>> recipe_split(["a", "b", "c", "d", "e"])
         (['a', 'b', 'c'], ['d', 'e'])
+        >>> recipe_split({"train": ["a", "b"], "validation": ["c"], "heldout": ["d"]})
+        (['a', 'b'], ['c'])
     """
+    if isinstance(items, Mapping):
+        if "validation" in items:
+            return list(items["train"]), list(items["validation"])
+        items = items["train"]
     cut = max(1, round(len(items) * (1 - validation_share)))
     return list(items[:cut]), list(items[cut:])
 
@@ -273,10 +285,7 @@ def run_recipe(
     )
     if prompts is None and behaviour.prompts is not None and "validation" in behaviour.prompts:
         prompt_sets["validation"] = behaviour.prompts_for("validation")
-    if "validation" in prompt_sets:  # the user gave the validation split
-        attribution_prompts, validation_prompts = list(prompt_sets["train"]), list(prompt_sets["validation"])
-    else:
-        attribution_prompts, validation_prompts = recipe_split(list(prompt_sets["train"]), validation_share)
+    attribution_prompts, validation_prompts = recipe_split(prompt_sets, validation_share)
     undesired, desired = paired_contrast_sets(
         model, tokenizer, attribution_prompts, behaviour, focus=focus, progress=progress
     )

@@ -30,7 +30,7 @@ from hf_lrp_surgery.correction.paired import leave_one_word_out_positions, match
 from hf_lrp_surgery.correction.scorers import PatternScorer, ScorerSource, parse_scorer, probe_scorer
 from hf_lrp_surgery.evaluation import DecodingSettings, Generation
 from hf_lrp_surgery.exceptions import ReferenceSetError
-from hf_lrp_surgery.references import SHIPPED_SETS, ReferenceSource, load_reference_set, shipped_set
+from hf_lrp_surgery.references import SHIPPED_SETS, ReferenceSource, load_reference_set, shipped_splits
 
 __all__ = ["MIN_SPLIT_SIZE", "split_prompts", "user_behaviour"]
 
@@ -94,7 +94,7 @@ def _given_splits(source: Any) -> Mapping[str, Any] | None:
     if isinstance(source, Mapping) and "train" in source:
         return source
     if isinstance(source, str) and source in SHIPPED_SETS:
-        return {split: shipped_set(source, split) for split in ("train", "heldout")}
+        return shipped_splits(source)
     if isinstance(source, (str, os.PathLike)) and Path(source).suffix == ".json" and Path(source).is_file():
         try:
             data = json.loads(Path(source).read_text(encoding="utf-8"))

@@ -41,12 +41,25 @@ from hf_lrp_surgery.references import samples as _samples
 if TYPE_CHECKING:
     from hf_lrp_surgery.references.samples import Batch, SampleLike
 
-__all__ = ["COLLECTABLE", "OBJECTIVES", "Objective", "collect_relevance", "renamed_seed"]
+__all__ = [
+    "COLLECTABLE",
+    "OBJECTIVES",
+    "WEIGHT_BUFFERS",
+    "Objective",
+    "WeightBuffers",
+    "collect_relevance",
+    "renamed_seed",
+]
 
 #: What a relevance pass explains: the target ``"logit"`` or its ``"logprob"``.
 Objective = Literal["logit", "logprob"]
 #: Every objective.
 OBJECTIVES: tuple[Objective, ...] = ("logit", "logprob")
+
+WeightBuffers = Literal["float32", "model"]
+"""The dtype weight relevance is summed in: float32 (float64 for float64 models) or the model's own."""
+
+WEIGHT_BUFFERS: tuple[WeightBuffers, ...] = ("float32", "model")
 #: What :func:`collect_relevance` can collect: the component kinds, and the input tokens.
 COLLECTABLE: tuple[str, ...] = (*GRANULARITIES, "inputs")
 
@@ -86,10 +99,16 @@ class _Collectors:
     """Hooks that read relevance during the backward pass, installed after the rules."""
 
     def __init__(
-        self, arch: ResolvedArchitecture, components: frozenset[str], per_sample_abs_weights: bool, dtype: torch.dtype
+        self,
+        arch: ResolvedArchitecture,
+        components: frozenset[str],
+        per_sample_abs_weights: bool,
+        dtype: torch.dtype,
+        weights_dtype: torch.dtype,
     ) -> None:
         self.arch = arch
         self.dtype = dtype
+        self.weights_dtype = weights_dtype
         self.components = components
         self.per_sample_abs_weights = per_sample_abs_weights
         self.handles: list[Any] = []
@@ -223,29 +242,47 @@ class _Collectors:
                 g2 = grad.reshape(-1, grad.shape[-1])
                 if self.real_rows is not None:  # drop pads (a copy, so only when there are pads)
                     x2, g2 = x2[self.real_rows], g2[self.real_rows]
-                x2, g2 = x2.to(self.dtype), g2.to(self.dtype)
                 weight = weight_value(module, g2.device)  # read here: an offloaded weight is on meta now
-                # Buffers are created in the first backward, as autograd creates .grad: activations
-                # are being freed by then, so the peak stays near a plain gradient pass's.
-                _accumulate(self.weights, name, (x2.T @ g2 if conv1d else g2.T @ x2).mul_(weight))
+                # The product runs in the activations' dtype, as autograd's weight gradient does (a
+                # bf16 matmul accumulates in fp32 inside and is rounded once); only the sum over
+                # batches is held at ``weights_dtype``. Buffers are created in the first backward, as
+                # autograd creates .grad: activations are being freed by then, so the peak stays
+                # near a plain gradient pass's.
+                g2 = g2.to(x2.dtype)
+                _accumulate(self.weights, name, x2.T @ g2 if conv1d else g2.T @ x2, weight, self.weights_dtype)
                 if self.per_sample_abs_weights:
                     start = 0
                     for length in self.mask.sum(1).tolist():  # type: ignore[union-attr]
                         xs, gs = x2[start : start + length], g2[start : start + length]
                         start += length
-                        per_sample = xs.T @ gs if conv1d else gs.T @ xs
-                        _accumulate(self.weights_abs, name, per_sample.mul_(weight).abs_())
+                        per_sample = (xs.T @ gs if conv1d else gs.T @ xs).mul_(weight).abs_()
+                        _accumulate(self.weights_abs, name, per_sample, None, self.weights_dtype)
 
             output.register_hook(grad_hook)
 
         return forward_hook
 
 
-def _accumulate(buffers: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
-    if name in buffers:
+def _accumulate(
+    buffers: dict[str, torch.Tensor],
+    name: str,
+    value: torch.Tensor,
+    weight: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> None:
+    """Add ``value`` (times ``weight`` where given) into ``buffers[name]``, held at ``dtype``.
+
+    The first batch's product becomes the buffer (converted in place of a copy where the dtypes
+    agree); later ones go through one fused ``addcmul_``/``add_``, which promotes element by element
+    and makes no parameter-sized temporary at the buffer's dtype.
+    """
+    if name not in buffers:
+        value = value.to(dtype)
+        buffers[name] = value if weight is None else value.mul_(weight)
+    elif weight is None:
         buffers[name].add_(value)
     else:
-        buffers[name] = value
+        buffers[name].addcmul_(value, weight)
 
 
 def _in_block_order(
@@ -258,6 +295,15 @@ def _in_block_order(
     }
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every element is finite, in one reduction where it is (NaN and inf survive a sum).
+
+    ``isfinite(t).all()`` costs about ten reductions over a parameter-sized buffer; a sum of finite values
+    can only overflow, so the exact test runs only when the sum is not finite.
+    """
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
 def _check_finite(result: RelevanceResult) -> None:
     tensors: list[tuple[str, torch.Tensor]] = [
         (key, getattr(result, key))
@@ -266,7 +312,7 @@ def _check_finite(result: RelevanceResult) -> None:
     ]
     tensors += [(f"weights[{k}]", v) for k, v in result.weights.items()]
     tensors += [(f"inputs[{i}]", v) for i, v in enumerate(result.input_relevance)]
-    bad = [key for key, tensor in tensors if not torch.isfinite(tensor).all()]
+    bad = [key for key, tensor in tensors if not _all_finite(tensor)]
     if bad:
         raise NonFiniteRelevanceError(
             f"relevance is NaN or infinite in {', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}; the forward "
@@ -288,6 +334,7 @@ def collect_relevance(
     batch_size: int = 8,
     padding_side: Literal["left", "right"] = "right",
     per_sample_abs_weights: bool = False,
+    weight_buffers: WeightBuffers = "float32",
     progress: bool = True,
     description: str = "relevance",
     seed: Objective | None = None,
@@ -312,6 +359,11 @@ def collect_relevance(
             turn into NaN (transformers' eager attention in float64 with left padding).
         per_sample_abs_weights: Also sum per-sample ``|R|`` of the weights (a second fp32 buffer the
             size of the prunable weights, and one small matmul per sample and layer).
+        weight_buffers: The dtype the weight relevance is summed in across batches: ``"float32"``
+            (float64 for a float64 model) or ``"model"``, the model's own dtype, which halves the
+            parameter-sized memory of a bf16/fp16 pass (to that of a plain gradient pass) at the cost
+            of rounding each batch's sum to it. Each batch's product is computed in the model's dtype
+            either way, as autograd's weight gradient is.
         progress: Show a tqdm progress bar.
         description: The progress bar's label.
         seed: Deprecated name of ``objective``.
@@ -343,6 +395,8 @@ def collect_relevance(
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if weight_buffers not in WEIGHT_BUFFERS:
+        raise ValueError(f"weight_buffers must be one of {WEIGHT_BUFFERS}, got {weight_buffers!r}")
     sample_list = _samples.as_samples(samples)
     if not sample_list:
         raise ReferenceSetError("the reference set is empty; give at least one sample to explain")
@@ -365,6 +419,7 @@ def collect_relevance(
             "seed": objective,
             "components": sorted(wanted),
             "per_sample_abs_weights": bool(per_sample_abs_weights and "weights" in wanted),
+            "weight_buffers": weight_buffers,
         },
     )
     device = execution_device(arch.token_embedding)
@@ -375,10 +430,11 @@ def collect_relevance(
     neuron_abs = torch.zeros_like(neuron_sums)
     head_sums = torch.zeros(arch.num_layers, arch.num_heads, dtype=dtype, device=device)
     head_abs = torch.zeros_like(head_sums)
+    weights_dtype = arch.embedding_weight.dtype if weight_buffers == "model" else dtype
 
     with (
         rules,
-        _Collectors(arch, wanted, per_sample_abs_weights, dtype) as collectors,
+        _Collectors(arch, wanted, per_sample_abs_weights, dtype, weights_dtype) as collectors,
         torch.enable_grad(),
         tqdm(total=len(encoded), desc=description, unit="sample", disable=not progress, leave=False) as bar,
     ):
@@ -392,10 +448,11 @@ def collect_relevance(
                 use_cache=False,
             ).logits
             explained_sum, batch_explained = _objective(logits, batch, objective)
+            del logits  # the backward does not need them: T x vocab values freed before it runs
             leaves = [rules.inputs[key] for key in ("tokens", "positions") if key in rules.inputs]
             grads = torch.autograd.grad(explained_sum, leaves)
             collectors.end_batch()
-            del logits, explained_sum
+            del explained_sum
             explained.append(batch_explained.cpu())
             if collectors.neurons is not None:
                 neuron_sums += collectors.neurons.sum(0)
@@ -420,9 +477,9 @@ def collect_relevance(
     if "heads" in wanted:
         result.heads, result.heads_abs = head_sums.cpu(), head_abs.cpu()
     if "weights" in wanted:
-        result.weights = _in_block_order(collectors.weights, arch, dtype)
+        result.weights = _in_block_order(collectors.weights, arch, weights_dtype)
         if per_sample_abs_weights:
-            result.weights_abs = _in_block_order(collectors.weights_abs, arch, dtype)
+            result.weights_abs = _in_block_order(collectors.weights_abs, arch, weights_dtype)
     _check_finite(result)
     return result
 

@@ -10,6 +10,7 @@ from hf_lrp_surgery.references.sets import (
     hub_set,
     load_reference_set,
     shipped_set,
+    shipped_splits,
 )
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "hub_set",
     "load_reference_set",
     "shipped_set",
+    "shipped_splits",
 ]

@@ -23,6 +23,7 @@ __all__ = [
     "hub_set",
     "load_reference_set",
     "shipped_set",
+    "shipped_splits",
 ]
 
 #: Everything :func:`load_reference_set` accepts.
@@ -204,28 +205,53 @@ SHIPPED_SETS = (
 )
 
 
+def shipped_splits(name: str) -> dict[str, list[str]]:
+    """Every fixed split of a shipped set: ``train`` and ``heldout``, and ``validation`` where the set has one.
+
+    Args:
+        name: One of :data:`SHIPPED_SETS`.
+
+    Returns:
+        ``{"train": [...], "validation": [...], "heldout": [...]}``; a set without a ``validation`` split
+        (the recipe then cuts its validation part from ``train``) has only the other two.
+
+    Raises:
+        KeyError: Unknown set.
+
+    Example:
+        >>> sorted(shipped_splits("repetition_prompts"))
+        ['heldout', 'train', 'validation']
+    """
+    if name not in SHIPPED_SETS:
+        raise KeyError(f"unknown shipped set {name!r}; available: {', '.join(SHIPPED_SETS)}")
+    path = Path(__file__).parent.parent / "data" / "sets" / f"{name}.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return {split: list(data[split]) for split in ("train", "validation", "heldout") if split in data}
+
+
 def shipped_set(name: str, split: str = "train") -> list[str]:
     """A shipped prompt or text set, by fixed split.
 
     Args:
         name: One of :data:`SHIPPED_SETS`.
-        split: ``"train"`` (for attribution and tuning) or ``"heldout"`` (for evaluation only).
+        split: ``"train"`` (for attribution and tuning), ``"validation"`` (the budget search; only sets
+            that have one, see :func:`shipped_splits`) or ``"heldout"`` (for evaluation only).
 
     Returns:
         The prompts or texts.
 
     Raises:
-        KeyError: Unknown set or split.
+        KeyError: Unknown set or split, or a ``"validation"`` split the set does not have.
 
     Example:
         >>> shipped_set("provocative_prompts", "heldout")[:2]  # doctest: +SKIP
     """
-    if name not in SHIPPED_SETS:
-        raise KeyError(f"unknown shipped set {name!r}; available: {', '.join(SHIPPED_SETS)}")
-    if split not in ("train", "heldout"):
-        raise KeyError(f"split must be 'train' or 'heldout', got {split!r}")
-    path = Path(__file__).parent.parent / "data" / "sets" / f"{name}.json"
-    return list(json.loads(path.read_text(encoding="utf-8"))[split])
+    if split not in ("train", "validation", "heldout"):
+        raise KeyError(f"split must be 'train', 'validation' or 'heldout', got {split!r}")
+    splits = shipped_splits(name)
+    if split not in splits:
+        raise KeyError(f"shipped set {name!r} has no {split!r} split; it has {', '.join(splits)}")
+    return splits[split]
 
 
 def general_texts(split: str = "train", per_domain: int | None = None) -> dict[str, list[str]]:

@@ -23,6 +23,7 @@ def _relevance(request: ScoringRequest, variant: Variant, epsilon: float) -> Sco
         objective=options.objective,
         batch_size=options.batch_size,
         per_sample_abs_weights=options.aggregation == "abs" and "weights" in options.components,
+        weight_buffers=options.weight_buffers,
         progress=request.progress,
         description=request.description,
     )

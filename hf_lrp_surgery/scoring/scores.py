@@ -217,5 +217,7 @@ class Scores:
             if getattr(result, component) is not None:
                 setattr(scores, component, result.mean(component, absolute=absolute))
         if result.weights:
-            scores.weights = result.mean("weights", absolute=absolute)
+            # Buffers summed in a bf16/fp16 model's dtype (weight_buffers="model") are ranked in fp32.
+            means = result.mean("weights", absolute=absolute)
+            scores.weights = {name: v.float() if v.dtype.itemsize < 4 else v for name, v in means.items()}
         return scores
