@@ -58,7 +58,7 @@ def _table(rows: list[dict[str, Any]], primary: str) -> str:
         lines.append(
             f"| {row['granularity']} | {row['method']} | {row['budget']} | {row['effect'][primary]:.3f} | "
             f"{row['kl']:.4f} | {100 * row['perplexity_increase']:+.2f}% | "
-            f"{'yes' if row['within_limits'] else 'no'} |"
+            f"{'yes' if row['within_limits'] else 'no (' + ', '.join(row.get('exceeded', [])) + ')'} |"
         )
     return "\n".join(lines) + "\n"
 

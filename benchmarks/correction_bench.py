@@ -94,5 +94,13 @@ class Bench:
         effect = self.behaviour.measure(
             generate(candidate, self.tokenizer, self.prompts, self.behaviour.decoding, progress=False)
         )
-        kl, _, increase, ok = self.general.cost(self.model, candidate, self.tokenizer, self.limits)
-        return {"effect": effect, "kl": kl, "perplexity_increase": increase, "within_limits": ok}
+        cost = self.general.cost(self.model, candidate, self.tokenizer, self.limits)
+        kl, _, increase, ok = cost
+        return {
+            "effect": effect,
+            "kl": kl,
+            "perplexity_increase": increase,
+            "within_limits": ok,
+            "exceeded": list(cost.exceeded),
+            "induction_increase": cost.induction_increase,
+        }
