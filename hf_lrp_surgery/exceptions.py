@@ -109,7 +109,16 @@ class CircuitDiscoveryError(SurgeryError, ValueError):
 
 
 class NoCircuitError(CircuitDiscoveryError):
-    """Even the smallest pruning on the grid drops the task metric below the threshold."""
+    """Even the smallest pruning on the grid drops the task metric below the threshold.
+
+    Attributes:
+        curve: The pruning curve the search measured before it gave up (every point below the threshold;
+            a ``PruningCurve`` of :mod:`hf_lrp_surgery.circuits.discovery`), or ``None``.
+    """
+
+    def __init__(self, message: str, curve: object | None = None) -> None:
+        super().__init__(message)
+        self.curve = curve
 
 
 class OffloadedWeightsError(SurgeryError, ValueError):

@@ -36,7 +36,6 @@ from hf_lrp_surgery.circuits.discovery import (
     Circuit,
     CircuitDiscoveryError,
     CircuitScope,
-    CurvePoint,
     NoCircuitError,
     PruningCurve,
     _Ranking,
@@ -54,7 +53,7 @@ from hf_lrp_surgery.masks import Granularity
 from hf_lrp_surgery.masks.selection import match_groups
 from hf_lrp_surgery.options import ScoringOptions, reject_unknown
 from hf_lrp_surgery.plots import pyplot, save_figure
-from hf_lrp_surgery.scoring import CIRCUIT_METHODS, Layout, Scores, score
+from hf_lrp_surgery.scoring import CIRCUIT_METHODS, Layout, score
 
 __all__ = ["CircuitComparison", "DEFAULT_METHODS", "MethodResult", "compare_methods", "specificity"]
 
@@ -452,12 +451,11 @@ def compare_methods(
                 )
                 circuit: Circuit | None = found
                 curve = found.curve
-            except NoCircuitError:  # even the first grid point breaks the threshold
+            except NoCircuitError as failed:  # even the first grid point breaks the threshold
                 circuit = None
-                curve = _failed_search_curve(
-                    model, prepared, scores, values, baseline, granularity, scopes[method], groups, grid, patience
-                )
-                seconds["search"] += time.perf_counter() - clock  # the failed search and the measurement again
+                assert isinstance(failed.curve, PruningCurve)
+                curve = failed.curve  # what the search measured before it gave up
+                seconds["search"] += time.perf_counter() - clock
             seconds["relevance"] += relevance
             results[method].circuits.append(circuit)
             results[method].curves.append(curve)
@@ -510,32 +508,6 @@ def compare_methods(
         "model_type": getattr(getattr(arch.model, "config", None), "model_type", None),
     }
     return CircuitComparison(results, grid, total, layout, settings)
-
-
-def _failed_search_curve(
-    model: nn.Module,
-    prepared: PreparedTask,
-    scores: Scores,
-    ablation: Ablation,
-    baseline: TaskMetrics,
-    granularity: Granularity,
-    scope: CircuitScope,
-    modules: Sequence[str] | None,
-    grid: Sequence[int],
-    patience: int | None,
-) -> PruningCurve:
-    """The grid points of a search that found no circuit, measured again (the error does not carry them).
-
-    No grid point held, so the search stopped after the first ``patience`` of them (all without
-    patience); its bisection points lie below the first one, off the shared grid.
-    """
-    ranking = _Ranking(scores, granularity, scope, modules)
-    counts = [c for c in grid if c > 0][:patience]
-    curve = PruningCurve(scores.method, granularity, scope, ranking.total, baseline)
-    for count in counts:
-        with ablated(model, ranking.mask(count), ablation):
-            curve.points.append(CurvePoint(count, ranking.total - count, prepared.metrics(model, ablation)))
-    return curve
 
 
 # -- plots ------------------------------------------------------------------------------------

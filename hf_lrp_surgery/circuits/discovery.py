@@ -844,12 +844,13 @@ def discover_circuit(
         else:
             high = middle
     timings["search"] = time.perf_counter() - clock
+    curve.points.sort(key=lambda p: p.pruned)
     if best is None:
         raise NoCircuitError(
             f"pruning {high} of {total} {granularity} already drops {metric} below {threshold:.0%} of the unpruned "
-            f"{base_value:.4f}; lower the threshold, or give more refine_steps to search below {high}"
+            f"{base_value:.4f}; lower the threshold, or give more refine_steps to search below {high}",
+            curve=curve,
         )
-    curve.points.sort(key=lambda p: p.pruned)
     mask, metrics = best
     circuit_info = {
         "task": {"name": task.name, "size": len(task), **dict(task.settings)},
