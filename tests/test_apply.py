@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 from peft import PeftModel
-from tiny_models import EXTRA_FAMILIES, FAMILIES, tiny_model
+from tiny_models import EXTRA_FAMILIES, FAMILIES, MOE_FAMILIES, tiny_model
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from hf_lrp_surgery.carriers import (
@@ -36,12 +36,13 @@ from hf_lrp_surgery.scoring import score
 SAMPLES = [[1, 5, 6, 7, 8, 9], [1, 10, 11, 12], [1, 20, 21, 22, 23]]
 PROBE = torch.tensor([[1, 4, 5, 6, 7, 8, 9, 30, 31, 32]])
 TOLERANCE = 1e-5
-#: Families whose neurons are expert neurons: those masks have no IA3 form (refused, see test_carriers).
-MOE_FAMILIES = ("qwen3_moe",)
 
 
 def _load_kwargs(family: str) -> dict[str, Any]:
-    """``from_pretrained`` keywords: mixture-of-experts models run the eager expert loop (what relevance reads)."""
+    """``from_pretrained`` keywords: mixture-of-experts models run the eager expert loop (what relevance reads).
+
+    Their neurons are expert neurons, whose masks have no IA3 form (refused, see test_carriers).
+    """
     return {"experts_implementation": "eager"} if family in MOE_FAMILIES else {}
 
 

@@ -57,6 +57,8 @@ EXPECTED_BIASES = {
     "gpt_neox": 13,
     "gemma2": 0,
     "qwen3_moe": 0,
+    "mixtral": 0,
+    "olmoe": 0,
 }
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import tiny_model
+from tiny_models import MOE_FAMILIES, tiny_model
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
@@ -206,15 +206,16 @@ def test_bake_zeroes_both_halves_of_a_fused_gate_up_projection() -> None:
     assert torch.equal(fused[untouched], original[untouched])
 
 
-# -- mixture of experts (qwen3_moe) ---------------------------------------------------------------
-def _moe_base(directory: Path) -> PreTrainedModel:
-    """The tiny qwen3_moe, saved and loaded back on the eager experts loop (the one mask hooks reach into)."""
-    tiny_model("qwen3_moe", dtype=torch.float32).save_pretrained(directory)
+# -- mixture of experts (qwen3_moe, mixtral, olmoe) -------------------------------------------------
+def _moe_base(family: str, directory: Path) -> PreTrainedModel:
+    """The tiny MoE of ``family``, saved and loaded back on the eager experts loop (the one mask hooks reach into)."""
+    tiny_model(family, dtype=torch.float32).save_pretrained(directory)
     return AutoModelForCausalLM.from_pretrained(directory, experts_implementation="eager").eval()
 
 
-def test_moe_expert_neurons_bake_equals_hooks_and_loads_with_from_pretrained(tmp_path: Path) -> None:
-    model = _moe_base(tmp_path / "base")
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_moe_expert_neurons_bake_equals_hooks_and_loads_with_from_pretrained(family: str, tmp_path: Path) -> None:
+    model = _moe_base(family, tmp_path / "base")
     original = _logits(model)
     width = resolve(model).expert_width
     mask = _mask(model, "neurons", {0: [1, width + 3], 1: [3 * width + 2]})
@@ -235,10 +236,11 @@ def test_moe_expert_neurons_bake_equals_hooks_and_loads_with_from_pretrained(tmp
         verify(plain, [mask], carrier="bake")
 
 
-def test_moe_adapter_refuses_expert_neurons_and_carries_heads(tmp_path: Path) -> None:
-    model = _moe_base(tmp_path / "base")
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_moe_adapter_refuses_expert_neurons_and_carries_heads(family: str, tmp_path: Path) -> None:
+    model = _moe_base(family, tmp_path / "base")
     neurons = _mask(model, "neurons", {0: [1]})
-    with pytest.raises(ValueError, match=r"qwen3_moe: an expert-neuron mask has no exact IA3 form.*carrier='bake'"):
+    with pytest.raises(ValueError, match=rf"{family}: an expert-neuron mask has no exact IA3 form.*carrier='bake'"):
         apply_masks(model, neurons, "adapter")
     heads = _mask(model, "heads", {0: [1], 1: [0, 3]})
     adapter = apply_masks(model, heads, "adapter")
@@ -327,9 +329,10 @@ def test_the_enforcer_dampens_soft_neurons_and_freezes_only_pruned_ones() -> Non
     assert enforcer.masks["neurons"].soft
 
 
-def test_moe_soft_expert_neurons_bake_equals_hooks(tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_moe_soft_expert_neurons_bake_equals_hooks(family: str, tmp_path: Path) -> None:
     """down[e, :, i] scaled by alpha (gate_up rows zeroed for alpha == 0 only) == the hooks' scaled product."""
-    model = _moe_base(tmp_path / "base")
+    model = _moe_base(family, tmp_path / "base")
     width = resolve(model).expert_width
     name = Layout.of(resolve(model)).neuron_modules[0]
     mask = _mask(model, "neurons", {0: [1, width + 3, 2 * width]}).with_scales({name: [0.0, 0.5, 0.25]})

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+from collections.abc import Iterator
 
 import pytest
 import torch
-from tiny_models import FAMILIES, tiny_model
+from tiny_models import FAMILIES, MOE_FAMILIES, tiny_model
 from tiny_tokenizer import tiny_tokenizer
 
 from hf_lrp_surgery.exceptions import (
@@ -317,25 +319,62 @@ def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.corrcoef(torch.stack(ranks))[0, 1])
 
 
+@contextlib.contextmanager
+def _recorded_routing(model: torch.nn.Module) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The routing weights and top-k experts of every router call of a MoE model, in call order (dense: none)."""
+    routing: list[tuple[torch.Tensor, torch.Tensor]] = []
+    routers = [layer.router for layer in resolve(model).layers if layer.router is not None]
+    handles = [r.register_forward_hook(lambda m, args, out: routing.append((out[1], out[2]))) for r in routers]
+    try:
+        yield routing
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def _replayed_routing(model: torch.nn.Module, routing: list[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+    """Each router call of ``model`` returns the next recorded routing instead of its own (constants)."""
+    replay = iter(routing)
+
+    def hook(module: torch.nn.Module, args: tuple, out: tuple) -> tuple:
+        weights, experts = next(replay)
+        return out[0], weights.detach().to(out[1].dtype), experts
+
+    routers = [layer.router for layer in resolve(model).layers if layer.router is not None]
+    handles = [r.register_forward_hook(hook) for r in routers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert next(replay, None) is None, "the replayed pass made fewer router calls than the recorded one"
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bf16_ranks_match_fp64(family: str) -> None:
     """bf16 relevance ranks neurons like fp64 does.
 
     Same bf16-rounded weights in both, so only the arithmetic differs, and teacher-forced targets:
     a max-logit seed could pick a different token when the top two logits are within bf16 noise.
+    For the same reason a mixture of experts runs the fp64 pass on the bf16 pass's routing (its top-k
+    experts and routing weights, constants of the relevance pass): a near-tie of two router logits
+    within bf16 noise sends a token to another expert (the tiny mixtral: 2 of 384 choices).
     """
     rows = torch.randint(4, 60, (16, 12), generator=torch.Generator().manual_seed(0)).tolist()
     samples = [ReferenceSample(row[:9], continuation=row[9:]) for row in rows]
     low = copy.deepcopy(_model(family, torch.bfloat16))
     exact = copy.deepcopy(low).double()
-    low_result = _collect(low, samples, components=("neurons", "heads"), batch_size=8)
-    exact_result = _collect(exact, samples, components=("neurons", "heads"), batch_size=8)
+    with _recorded_routing(low) as routing:
+        low_result = _collect(low, samples, components=("neurons", "heads"), batch_size=8)
+    with _replayed_routing(exact, routing):
+        exact_result = _collect(exact, samples, components=("neurons", "heads"), batch_size=8)
     assert low_result.neurons.dtype == torch.float32
     assert _spearman(exact_result.neurons, low_result.neurons) > 0.99
     assert _spearman(exact_result.neurons_abs, low_result.neurons_abs) > 0.99
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if "moe" not in f])
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in MOE_FAMILIES])
 @pytest.mark.parametrize("weight_buffers", ["float32", "model"])
 def test_bf16_weight_ranks_match_fp64(family: str, weight_buffers: str) -> None:
     """bf16 weight relevance (bf16 products, buffers in fp32 or bf16) ranks weights like fp64 does."""

@@ -477,6 +477,32 @@ def test_registry_and_renamed_names() -> None:
     assert GeneralReference is GeneralBaseline
 
 
+def test_every_search_trial_is_held_to_the_induction_probe(model: torch.nn.Module, tmp_path: Path) -> None:
+    """A trial whose in-context copying degrades is outside the limits in the search, not only at confirmation."""
+    from hf_lrp_surgery.correction.tradeoff import TradeoffSpace
+
+    space = TradeoffSpace(
+        methods=("lrp", "activation"), budgets={"heads": (1, 4)}, normalizations=("total",), protect_tops=(0.0,)
+    )
+    run_recipe(
+        model,
+        tiny_tokenizer(),
+        detox_behaviour(BAD, max_new_tokens=4, protocol_samples=0),
+        tmp_path / "search",
+        search=space,
+        trials=5,
+        limits=GeneralLimits(1e9, 1e9, 0.0),  # any rise of the second-copy loss is over the limit
+        side_effects=(),
+        general_passages=1,
+        progress=False,
+    )
+    points = json.loads((tmp_path / "search" / "report.json").read_text())["tradeoff"]["points"]
+    rises = [p["details"]["induction_increase"] for p in points]
+    assert any(r > 0 for r in rises), "no trial moved the probe: the test would pass without it"
+    for point, rise in zip(points, rises):
+        assert point["within_limits"] == (rise <= 0.0 and point["kl"] <= 1e9)
+
+
 def test_the_recipe_runs_the_tradeoff_search_and_measures_only_the_chosen_point_held_out(
     model: torch.nn.Module, tmp_path: Path
 ) -> None:

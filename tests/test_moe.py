@@ -1,7 +1,8 @@
-"""Mixture of experts (qwen3_moe): the router rule, the expert-neuron units, the taps, and the refusals.
+"""Mixture of experts (qwen3_moe, mixtral, olmoe): the router rule, the expert-neuron units, the taps, and the
+refusals.
 
-The identity suite of tests/test_attach.py and tests/test_collect.py runs on the tiny qwen3_moe of
-``FAMILIES``; this module checks what is specific to a MoE block.
+The identity suite of tests/test_attach.py and tests/test_collect.py runs on the tiny MoE models of
+``FAMILIES``; this module checks what is specific to a MoE block, on each MoE family.
 """
 
 from __future__ import annotations
@@ -10,11 +11,11 @@ import copy
 
 import pytest
 import torch
-from tiny_models import EXPERT_WIDTH, EXPERTS, model_from_config, tiny_config, tiny_model
+from tiny_models import EXPERT_WIDTH, EXPERTS, MOE_FAMILIES, TOP_K, model_from_config, tiny_config, tiny_model
 from torch import nn
 
 from hf_lrp_surgery.carriers import MaskHooks, apply_masks
-from hf_lrp_surgery.exceptions import UnsupportedArchitectureError
+from hf_lrp_surgery.exceptions import TrainingModeError, UnsupportedArchitectureError
 from hf_lrp_surgery.fingerprint import fingerprint
 from hf_lrp_surgery.lrp import LRPRules, collect_relevance, resolve
 from hf_lrp_surgery.lrp.layout import Layout
@@ -23,6 +24,11 @@ from hf_lrp_surgery.masks import Mask, zeroed_entries
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 SAMPLE = [1, 5, 7, 9, 11, 3, 8, 4]
+#: The router class of each MoE family (the registry entry names it; any other class is refused).
+ROUTERS = {"qwen3_moe": "Qwen3MoeTopKRouter", "mixtral": "MixtralTopKRouter", "olmoe": "OlmoeTopKRouter"}
+#: Whether the family's tiny router renormalises its top-k weights to sum 1 (Mixtral always; OLMoE not, as
+#: released): the router rule must hold either way.
+RENORMALISED = {"qwen3_moe": True, "mixtral": True, "olmoe": False}
 
 
 def _neuron_mask(model: nn.Module, picks: dict[int, list[int]]) -> Mask:
@@ -35,13 +41,14 @@ def _explained(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(ids).logits[:, -1].max(-1).values.sum()
 
 
-def test_resolve_and_layout() -> None:
-    arch = resolve(tiny_model("qwen3_moe"))
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_resolve_and_layout(family: str) -> None:
+    arch = resolve(tiny_model(family))
     assert (arch.num_experts, arch.expert_width, arch.num_neurons) == (EXPERTS, EXPERT_WIDTH, EXPERTS * EXPERT_WIDTH)
     layout = Layout.of(arch)
     assert layout.neuron_modules == ("model.layers.0.mlp.experts", "model.layers.1.mlp.experts")
     assert layout.head_modules[0] == "model.layers.0.self_attn.o_proj"
-    assert all(type(layer.router).__name__ == "Qwen3MoeTopKRouter" for layer in arch.layers)
+    assert all(type(layer.router).__name__ == ROUTERS[family] for layer in arch.layers)
     assert [p.role for p in arch.prunable[:4]] == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"] + [
         "self_attn.o_proj"
     ]
@@ -51,9 +58,10 @@ def test_resolve_and_layout() -> None:
     assert experts.tolist() == [0, 0, 1, 3] and neurons.tolist() == [0, EXPERT_WIDTH - 1, 0, 5]
 
 
-def test_expert_neuron_relevance_is_input_times_gradient_at_its_expert() -> None:
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_expert_neuron_relevance_is_input_times_gradient_at_its_expert(family: str) -> None:
     """Unit e * I + i = x * grad at expert e's down input, summed over the tokens routed to e (explicit taps)."""
-    model = tiny_model("qwen3_moe")
+    model = tiny_model(family)
     arch = resolve(model)
     result = collect_relevance(model, [SAMPLE], components=("neurons",), progress=False)
     seen: dict[tuple[int, int], list] = {}
@@ -66,7 +74,7 @@ def test_expert_neuron_relevance_is_input_times_gradient_at_its_expert() -> None
                 x.register_hook(lambda g: seen[(layer, expert)].__setitem__(2, g))
 
             # prepended: the gradient before the rules' 1/2 on the product (what enters the down matrix)
-            handles.append(add_product_tap(arch.layers[layer.index].mlp_out, tap, model_type="qwen3_moe", prepend=True))
+            handles.append(add_product_tap(arch.layers[layer.index].mlp_out, tap, model_type=family, prepend=True))
         try:
             torch.autograd.grad(_explained(model, torch.tensor([SAMPLE])), rules.inputs["tokens"])
         finally:
@@ -83,10 +91,22 @@ def test_expert_neuron_relevance_is_input_times_gradient_at_its_expert() -> None
     assert (routed > 0).sum() > arch.num_layers
 
 
-def test_router_rule_routing_weights_are_constants(ids) -> None:
-    """The router gets no relevance; and the rule is what makes CP conserve (without it the routing leaks)."""
-    model = tiny_model("qwen3_moe")
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_router_rule_routing_weights_are_constants(family: str, ids) -> None:
+    """The router gets no relevance; and the rule is what makes CP conserve (without it the routing leaks).
+
+    Whether the routing weights are renormalised to sum 1 does not matter: they are constants either way.
+    """
+    model = tiny_model(family)
     routers = [layer.mlp.gate.weight for layer in model.model.layers]
+    scores = []
+    handle = model.model.layers[0].mlp.gate.register_forward_hook(lambda m, a, out: scores.append(out[1]))
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    assert scores[0].shape == (ids.numel(), TOP_K)
+    sums = scores[0].double().sum(-1)
+    assert torch.allclose(sums, torch.ones_like(sums), rtol=0, atol=1e-6) == RENORMALISED[family]
     for variant in ("attnlrp", "cp"):
         with LRPRules(model, variant=variant):
             grads = torch.autograd.grad(_explained(model, ids), routers, allow_unused=True)
@@ -108,13 +128,14 @@ def test_router_rule_routing_weights_are_constants(ids) -> None:
     assert not torch.allclose(leaked, explained.detach(), rtol=1e-6, atol=0)
 
 
-def test_taps_come_off_with_the_last_handle(ids) -> None:
-    model = tiny_model("qwen3_moe")
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_taps_come_off_with_the_last_handle(family: str, ids) -> None:
+    model = tiny_model(family)
     experts = model.model.layers[0].mlp.experts
     reference = model(ids).logits
     calls = []
-    first = add_product_tap(experts, lambda e, t, x: calls.append(e), model_type="qwen3_moe")
-    second = add_product_tap(experts, lambda e, t, x: None, model_type="qwen3_moe")
+    first = add_product_tap(experts, lambda e, t, x: calls.append(e), model_type=family)
+    second = add_product_tap(experts, lambda e, t, x: None, model_type=family)
     assert torch.equal(model(ids).logits, reference)  # the copy of the eager loop is bit-identical
     assert calls and calls == sorted(calls)
     first.remove()
@@ -127,8 +148,9 @@ def test_taps_come_off_with_the_last_handle(ids) -> None:
     assert "forward" not in experts.__dict__ and "forward" not in model.model.layers[0].mlp.gate.__dict__
 
 
-def test_other_experts_implementations_are_refused_by_name() -> None:
-    config = tiny_config("qwen3_moe")
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_other_experts_implementations_are_refused_by_name(family: str) -> None:
+    config = tiny_config(family)
     config._experts_implementation = "grouped_mm"
     model = model_from_config(config, dtype=torch.float32)  # grouped_mm has no float64 kernel
     assert model.config._experts_implementation == "grouped_mm"
@@ -145,21 +167,60 @@ def test_other_experts_implementations_are_refused_by_name() -> None:
         pass
 
 
-def test_dense_blocks_and_shared_experts_are_refused_by_name() -> None:
+def test_dense_blocks_are_refused_by_name() -> None:
     config = tiny_config("qwen3_moe")
     config.mlp_only_layers = [1]
     with pytest.raises(UnsupportedArchitectureError, match="Qwen3MoeMLP"):
         resolve(model_from_config(config))
-    model = tiny_model("qwen3_moe")
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_shared_experts_and_other_routers_are_refused_by_name(family: str) -> None:
+    model = tiny_model(family)
     model.model.layers[0].mlp.shared_expert = nn.Linear(4, 4)
     with pytest.raises(UnsupportedArchitectureError, match="shared_expert"):
         resolve(model)
+    model = tiny_model(family)
+    other = next(f for f in MOE_FAMILIES if f != family)  # another family's router, same interface
+    model.model.layers[1].mlp.gate = tiny_model(other).model.layers[1].mlp.gate
+    with pytest.raises(UnsupportedArchitectureError, match=f"block 1 has a {ROUTERS[other]}"):
+        resolve(model)
 
 
-def test_weights_granularity_is_refused_by_name() -> None:
-    model = tiny_model("qwen3_moe")
+def test_mixtral_router_jitter_is_inactive_in_eval_and_refused_in_training(ids) -> None:
+    """Mixtral's router jitter multiplies the MoE input by noise in training mode only (never in eval)."""
+    config = tiny_config("mixtral")
+    config.router_jitter_noise = 0.5
+    model, reference = model_from_config(config), tiny_model("mixtral")
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)  # eval: the jitter does not run
+    with LRPRules(model, variant="cp") as rules:  # and the relevance is the model's (CP conserves exactly)
+        explained = _explained(model, ids)
+        (grad,) = torch.autograd.grad(explained, rules.inputs["tokens"])
+        torch.testing.assert_close(
+            (rules.inputs["tokens"].detach() * grad).sum(), explained.detach(), rtol=1e-9, atol=0
+        )
+    model.train()
+    with pytest.raises(TrainingModeError, match=r"router_jitter_noise=0\.5.*eval"):
+        LRPRules(model).attach()
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    config.router_jitter_noise = 0.0
+    with LRPRules(model_from_config(config).train()):  # no jitter configured: training mode is deterministic
+        pass
+
+
+def test_olmoe_clip_qkv_is_refused_by_name() -> None:
+    config = tiny_config("olmoe")
+    config.clip_qkv = 8.0
+    with pytest.raises(UnsupportedArchitectureError, match=r"'olmoe' with clip_qkv=8\.0: the clamp of the q/k/v"):
+        LRPRules(model_from_config(config))
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_weights_granularity_is_refused_by_name(family: str) -> None:
+    model = tiny_model(family)
     arch = resolve(model)
-    with pytest.raises(UnsupportedArchitectureError, match="qwen3_moe: the weights granularity"):
+    with pytest.raises(UnsupportedArchitectureError, match=f"{family}: the weights granularity"):
         collect_relevance(model, [SAMPLE], components=("weights",), progress=False)
     with pytest.raises(UnsupportedArchitectureError, match="weights granularity"):
         arch.check_granularity("weights")
@@ -177,9 +238,10 @@ def test_weights_granularity_is_refused_by_name() -> None:
         arch.neuron_writers(0, torch.tensor([1]))
 
 
-def test_zeroed_entries_and_bake_of_expert_neurons(ids) -> None:
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_zeroed_entries_and_bake_of_expert_neurons(family: str, ids) -> None:
     """Unit e * I + i: down[e, :, i] (carried) and gate_up rows i and I + i of expert e; nothing else."""
-    model = tiny_model("qwen3_moe", dtype=torch.float32)
+    model = tiny_model(family, dtype=torch.float32)
     arch = resolve(model)
     units = [1, EXPERT_WIDTH + 3, 3 * EXPERT_WIDTH + EXPERT_WIDTH - 1]  # (0, 1), (1, 3), (3, I - 1)
     mask = _neuron_mask(model, {1: units})
@@ -214,7 +276,7 @@ def test_zeroed_entries_and_bake_of_expert_neurons(ids) -> None:
     assert torch.equal(baked.model.layers[0].mlp.experts.down_proj, model.model.layers[0].mlp.experts.down_proj)
     # The baked neurons are silent: their expert's gated product is exactly 0 there, the others are not.
     seen = {}
-    handle = add_product_tap(experts, lambda e, t, x: seen.__setitem__(e, x.detach()), model_type="qwen3_moe")
+    handle = add_product_tap(experts, lambda e, t, x: seen.__setitem__(e, x.detach()), model_type=family)
     try:
         with torch.no_grad():
             baked(ids)
@@ -226,8 +288,9 @@ def test_zeroed_entries_and_bake_of_expert_neurons(ids) -> None:
     assert any(seen[e].ne(0).any() for e in seen)
 
 
-def test_neuron_mask_hooks_equal_bake_and_relevance_sees_them(ids) -> None:
-    model = tiny_model("qwen3_moe", dtype=torch.float32)
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_neuron_mask_hooks_equal_bake_and_relevance_sees_them(family: str, ids) -> None:
+    model = tiny_model(family, dtype=torch.float32)
     mask = _neuron_mask(model, {0: [0, 5, 2 * EXPERT_WIDTH + 1], 1: list(range(EXPERT_WIDTH))})
     baked = apply_masks(model, mask, "bake").model
     hooked = apply_masks(copy.deepcopy(model), mask, "hooks").model
@@ -245,21 +308,23 @@ def test_neuron_mask_hooks_equal_bake_and_relevance_sees_them(ids) -> None:
     assert "forward" not in hooked.model.layers[0].mlp.experts.__dict__
 
 
+@pytest.mark.parametrize("family", MOE_FAMILIES)
 @pytest.mark.parametrize("method", ["activation", "wanda", "magnitude"])
-def test_a_scorer_that_cannot_read_expert_neurons_is_refused_before_any_pass(method):
+def test_a_scorer_that_cannot_read_expert_neurons_is_refused_before_any_pass(method: str, family: str) -> None:
     from hf_lrp_surgery.scoring import score
 
-    model = tiny_model("qwen3_moe")
+    model = tiny_model(family)
     with pytest.raises(UnsupportedArchitectureError, match=f"the {method} method does not score the expert neurons"):
         score(model, [[1, 2, 3, 4]], method=method, components=("neurons",), progress=False)
     # Heads are read as in a dense model.
     assert score(model, [[1, 2, 3, 4]], method=method, components=("heads",), progress=False).heads is not None
 
 
-def test_random_and_relevance_scores_cover_every_expert_neuron():
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_random_and_relevance_scores_cover_every_expert_neuron(family: str) -> None:
     from hf_lrp_surgery.scoring import score
 
-    model = tiny_model("qwen3_moe")
+    model = tiny_model(family)
     arch = resolve(model)
     for method in ("random", "gradient"):
         scores = score(model, [[1, 2, 3, 4]], method=method, components=("neurons",), progress=False)

@@ -239,3 +239,19 @@ def test_soft_masks_are_searched_where_they_apply(model):
     assert all(m.soft == (m.provenance["selection"].get("dampen") is not None) for m in seen)
     with pytest.raises(ValueError, match="dampening must be"):
         TradeoffSpace(dampenings=("median",))
+
+
+def test_the_command_line_searches_constant_dampening_and_the_card_spells_it_back(capsys):
+    """``--search-dampenings`` takes constant scales; the spelling the card writes parses to the same values."""
+    from hf_lrp_surgery.cli import build_parser
+    from hf_lrp_surgery.correction.tradeoff import spell_dampening
+
+    args = build_parser().parse_args(["fix-repetition", "--search", "--search-dampenings", "none", "0.5", "aura"])
+    assert args.search_dampenings == [None, 0.5, "aura"]
+    again = build_parser().parse_args(
+        ["fix-repetition", "--search", "--search-dampenings", *(spell_dampening(d) for d in args.search_dampenings)]
+    )
+    assert again.search_dampenings == args.search_dampenings
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["fix-repetition", "--search", "--search-dampenings", "1.5"])
+    assert "give none, relevance, aura or a scale in [0, 1)" in capsys.readouterr().err

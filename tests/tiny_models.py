@@ -19,7 +19,9 @@ from transformers import (
     GraniteConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     Olmo2Config,
+    OlmoeConfig,
     OPTConfig,
     Phi3Config,
     PretrainedConfig,
@@ -33,6 +35,7 @@ from transformers import (
 
 __all__ = [
     "FAMILIES",
+    "MOE_FAMILIES",
     "EXTRA_FAMILIES",
     "EAGER_ONLY_FAMILIES",
     "KERNELS",
@@ -60,7 +63,11 @@ FAMILIES = [
     "smollm3",
     "gpt_neox",
     "qwen3_moe",
+    "mixtral",
+    "olmoe",
 ]
+#: The families of :data:`FAMILIES` whose MLPs are sparse mixtures of experts (neurons are expert neurons).
+MOE_FAMILIES = ["qwen3_moe", "mixtral", "olmoe"]
 #: Also built by :func:`tiny_model`: Gemma 3's multimodal wrapper (a SigLIP vision tower around the
 #: ``gemma3_text`` model), explained on text only.
 EXTRA_FAMILIES = ["gemma3"]
@@ -96,7 +103,8 @@ _SPECIAL = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
 def _llama_like(config_cls: type[PretrainedConfig], **extra: object) -> PretrainedConfig:
-    return config_cls(
+    """The shared tiny geometry; ``extra`` adds family keys or overrides these (a MoE's expert width)."""
+    params: dict[str, object] = dict(
         vocab_size=VOCAB,
         hidden_size=HIDDEN,
         intermediate_size=FFN,
@@ -106,8 +114,8 @@ def _llama_like(config_cls: type[PretrainedConfig], **extra: object) -> Pretrain
         max_position_embeddings=CONTEXT,
         attention_dropout=0.0,
         **_SPECIAL,
-        **extra,
     )
+    return config_cls(**{**params, **extra})
 
 
 def _opt(*, pre_ln: bool) -> OPTConfig:
@@ -210,6 +218,28 @@ def tiny_config(family: str) -> PretrainedConfig:
             num_experts_per_tok=TOP_K,
             norm_topk_prob=True,
             experts_implementation="eager",  # the loop the engine reaches into (grouped_mm is refused)
+            tie_word_embeddings=False,
+        )
+    if family == "mixtral":  # Mistral attention (sliding window 5, as mistral), top-2 of 4 experts, renormalised
+        return _llama_like(
+            MixtralConfig,
+            intermediate_size=EXPERT_WIDTH,  # Mixtral's intermediate_size is the width of one expert
+            num_local_experts=EXPERTS,
+            num_experts_per_tok=TOP_K,
+            sliding_window=5,
+            router_jitter_noise=0.0,  # training-only; tests/test_moe.py sets it
+            experts_implementation="eager",
+            tie_word_embeddings=False,
+        )
+    if family == "olmoe":  # q/k norms over all heads, top-2 of 4 experts, not renormalised (as released)
+        return _llama_like(
+            OlmoeConfig,
+            intermediate_size=EXPERT_WIDTH,  # OLMoE's intermediate_size is the width of one expert
+            num_experts=EXPERTS,
+            num_experts_per_tok=TOP_K,
+            norm_topk_prob=False,
+            clip_qkv=None,  # a clamp: refused (tests/test_moe.py)
+            experts_implementation="eager",
             tie_word_embeddings=False,
         )
     if family == "gpt_neox":  # Pythia: parallel attention + MLP, partial rotary, per-head fused q|k|v

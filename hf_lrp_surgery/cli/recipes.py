@@ -30,6 +30,25 @@ _OPTION_TYPES = {"str": str, "int": int, "float": float}
 _CHOICE_KEYS = ("method", "granularity", "budget", "normalize", "protect_top", "dampen")
 
 
+def _dampening(text: str) -> float | str | None:
+    """``--search-dampenings`` values: ``none`` (hard mask), ``relevance``, ``aura`` or a constant scale in [0, 1)."""
+    from hf_lrp_surgery.masks.soft import check_dampening
+
+    if text == "none":
+        return None
+    try:
+        value: float | str = float(text)
+    except ValueError:
+        value = text
+    try:
+        check_dampening(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give none, relevance, aura or a scale in [0, 1) such as 0.5"
+        ) from error
+    return value
+
+
 def _recipe(args: argparse.Namespace) -> int:
     from hf_lrp_surgery.correction import GeneralLimits, run_recipe
 
@@ -48,7 +67,7 @@ def _recipe(args: argparse.Namespace) -> int:
         ranges = {g: (r[0], r[1]) for g, r in given.items() if r}
         search = default_space(entry.metadata.name, args.search_granularities, args.search_methods, ranges)
         if args.search_dampenings:
-            search = replace(search, dampenings=tuple(None if d == "none" else d for d in args.search_dampenings))
+            search = replace(search, dampenings=tuple(args.search_dampenings))
     model, tokenizer = load(args)
     result = run_recipe(
         model,
@@ -190,8 +209,10 @@ def recipe_parser(subparsers: Any, entry: RegisteredBehaviour, **parser_keywords
     search.add_argument(
         "--search-dampenings",
         nargs="+",
-        choices=("none", "relevance", "aura"),
-        help="hard masks (none) and soft-mask rules to search (none relevance aura; aura for the aura method only)",
+        type=_dampening,
+        metavar="RULE",
+        help="hard masks (none) and soft-mask rules to search: none, relevance, aura (the aura method only) or a "
+        "constant scale such as 0.5 (default: none relevance aura)",
     )
     for granularity, (low, high) in DEFAULT_BUDGET_RANGES.items():
         kind = granularity.removesuffix("s")

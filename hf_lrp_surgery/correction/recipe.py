@@ -487,7 +487,7 @@ def _tradeoff(
     seed: int,
     progress: bool,
 ) -> tuple[TradeoffResult, list[FrontierPoint], _ScoreCache]:
-    """The trade-off search of :func:`run_recipe`: cheap trials (behaviour + KL), confirmed against every limit."""
+    """The trade-off search of :func:`run_recipe`: cheap trials (behaviour, KL, induction probe), then confirmed."""
     general = GeneralBaseline.of(
         model,
         tokenizer,
@@ -505,7 +505,11 @@ def _tradeoff(
             generate(candidate, tokenizer, validation_prompts, behaviour.decoding, progress=False)
         )
         kl = next_token_kl(model, candidate, tokenizer, general.prompts, progress=False)
-        return TrialMeasure(effect, kl, kl <= limits.max_kl)
+        # The induction probe is cheap: every trial is held to it, so the sampler learns where copying breaks
+        # instead of proposing corrections that only the confirmation refuses.
+        _, rise = general.probe(candidate, tokenizer)
+        within = kl <= limits.max_kl and (rise is None or rise <= limits.max_induction_increase)
+        return TrialMeasure(effect, kl, within, {} if rise is None else {"induction_increase": rise})
 
     def confirm(mask: Mask) -> TrialMeasure:
         cost = general.cost(model, apply_masks(model, mask, "bake").model, tokenizer, limits)

@@ -359,20 +359,40 @@ class GeneralBaseline:
         increases = {domain: perplexities[domain] / self.perplexities[domain] - 1.0 for domain in perplexities}
         exceeded = ["kl"] if kl > limits.max_kl else []
         exceeded += [f"perplexity:{d}" for d, value in increases.items() if value > limits.max_perplexity_increase]
-        probe, rise = None, None
-        if self.induction is not None:
-            probe = induction_loss(
-                candidate,
-                tokenizer,
-                sequences=self.induction.sequences,
-                length=self.induction.length,
-                seed=self.induction.seed,
-                progress=progress,
-            )
-            rise = probe.second_copy_loss - self.induction.second_copy_loss
-            if rise > limits.max_induction_increase:
-                exceeded.append("induction")
+        probe, rise = self.probe(candidate, tokenizer, progress=progress)
+        if rise is not None and rise > limits.max_induction_increase:
+            exceeded.append("induction")
         return GeneralCost(kl, perplexities, increases, probe, rise, tuple(exceeded))
+
+    def probe(
+        self, candidate: nn.Module, tokenizer: Any, *, progress: bool = False
+    ) -> tuple[InductionResult | None, float | None]:
+        """The induction probe of ``candidate`` on the baseline's sequences, and its second-copy loss increase.
+
+        Cheap (one forward pass over the probe's sequences), so the trade-off search runs it in every trial.
+
+        Args:
+            candidate: A corrected copy of the model this baseline measured.
+            tokenizer: Its tokenizer.
+            progress: Show a progress bar.
+
+        Returns:
+            ``(probe, increase in nats)``; ``(None, None)`` where the baseline has no probe.
+
+        Example:
+            >>> probe, rise = general.probe(corrected, tokenizer)  # doctest: +SKIP
+        """
+        if self.induction is None:
+            return None, None
+        probe = induction_loss(
+            candidate,
+            tokenizer,
+            sequences=self.induction.sequences,
+            length=self.induction.length,
+            seed=self.induction.seed,
+            progress=progress,
+        )
+        return probe, probe.second_copy_loss - self.induction.second_copy_loss
 
 
 def budget_search(

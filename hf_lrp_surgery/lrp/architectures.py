@@ -77,6 +77,12 @@ class MoESpec:
     (``[H, I]``). Expert neuron ``i`` of expert ``e`` is unit ``e * I + i`` of the block
     (:mod:`hf_lrp_surgery.lrp.moe` states the relevance rule of the router).
 
+    Every family listed here combines its experts exactly so: the MoE module's output is the experts
+    module's output (no shared expert, no residual inside the block), and the routing weights ``w_k`` are
+    whatever the router returns. How the router computes them (a softmax over all experts restricted to
+    the top k, renormalised to sum 1 or not) does not matter to the engine: they are constants of the
+    relevance pass, and ``R(w_k * z) = R(z)`` for any constant ``w_k``.
+
     Attributes:
         block: Block-relative path of the MoE MLP module.
         block_class: Its class name; a block whose MLP is another class (a dense MLP between MoE blocks) is
@@ -128,8 +134,8 @@ class ArchitectureSpec:
         norms: Norm class name -> norm kind.
         orientation: ``"linear"`` for ``nn.Linear`` weights ``[out, in]``, ``"conv1d"`` for GPT-2's
             ``Conv1D`` weights ``[in, out]``.
-        unsupported_config: Config attributes that add a non-linearity the engine has no rule for;
-            a non-``None`` value is refused.
+        unsupported_config: Config attribute -> the non-linearity it adds, which the engine has no rule
+            for; a non-``None`` value is refused (the message names both).
         softcapping: Config attribute -> site of a tanh soft-capping the forward applies when the
             attribute is not ``None``. While the rules are attached every ``tanh`` the model's forward
             runs gets the identity rule, so the entry must list every ``tanh`` of the family's forward
@@ -157,7 +163,7 @@ class ArchitectureSpec:
     qkv_proj: str | None = None
     qkv_layout: QKVLayout = "blocks"
     orientation: Orientation = "linear"
-    unsupported_config: tuple[str, ...] = ()
+    unsupported_config: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     softcapping: Mapping[str, SoftcapSite] = field(default_factory=lambda: MappingProxyType({}))
     module_roots: tuple[str, ...] = ("",)
     moe: MoESpec | None = None
@@ -206,7 +212,7 @@ def _llama_like(
     norm_class: str,
     norm_kind: NormKind = "rms",
     prefix: str = "model",
-    unsupported: tuple[str, ...] = (),
+    unsupported: Mapping[str, str] = MappingProxyType({}),
     softcapping: Mapping[str, SoftcapSite] = MappingProxyType({}),
     module_roots: tuple[str, ...] = ("",),
 ) -> ArchitectureSpec:
@@ -295,35 +301,81 @@ _GPT_NEOX = ArchitectureSpec(
     norms=_LAYERNORM,
 )
 
-# Qwen3-MoE: Qwen3 attention (per-head q/k norms) and a sparse MoE MLP in every block: a softmax top-k router
-# and fused experts run by transformers' eager loop (``experts_implementation="eager"``, required). No shared
-# expert; ``mlp_only_layers`` / ``decoder_sparse_step`` blocks (dense Qwen3MoeMLP) are refused by class.
-_QWEN3_MOE = ArchitectureSpec(
-    model_type="qwen3_moe",
-    decoder_layers="model.layers",
-    token_embedding="model.embed_tokens",
-    q_proj="self_attn.q_proj",
-    k_proj="self_attn.k_proj",
-    v_proj="self_attn.v_proj",
-    o_proj="self_attn.o_proj",
-    mlp_kind="moe",
-    mlp_in=(),
-    mlp_act="mlp.experts.act_fn",
-    mlp_out="mlp.experts",
-    activations=_LLAMA_STYLE_ACTS,
-    norms=MappingProxyType({"Qwen3MoeRMSNorm": "rms"}),
-    moe=MoESpec(
-        block="mlp",
-        block_class="Qwen3MoeSparseMoeBlock",
-        block_children=frozenset({"experts", "gate"}),
-        experts="mlp.experts",
-        experts_class="Qwen3MoeExperts",
-        router="mlp.gate",
-        router_class="Qwen3MoeTopKRouter",
-    ),
+
+def _sparse_moe(
+    model_type: str,
+    *,
+    norm_class: str,
+    block_class: str,
+    experts_class: str,
+    router_class: str,
+    unsupported: Mapping[str, str] = MappingProxyType({}),
+) -> ArchitectureSpec:
+    """A llama-style attention block with a sparse MoE MLP (``mlp.gate`` router, ``mlp.experts`` fused experts)."""
+    return ArchitectureSpec(
+        model_type=model_type,
+        decoder_layers="model.layers",
+        token_embedding="model.embed_tokens",
+        q_proj="self_attn.q_proj",
+        k_proj="self_attn.k_proj",
+        v_proj="self_attn.v_proj",
+        o_proj="self_attn.o_proj",
+        mlp_kind="moe",
+        mlp_in=(),
+        mlp_act="mlp.experts.act_fn",
+        mlp_out="mlp.experts",
+        activations=_LLAMA_STYLE_ACTS,
+        norms=MappingProxyType({norm_class: "rms"}),
+        unsupported_config=unsupported,
+        moe=MoESpec(
+            block="mlp",
+            block_class=block_class,
+            block_children=frozenset({"experts", "gate"}),
+            experts="mlp.experts",
+            experts_class=experts_class,
+            router="mlp.gate",
+            router_class=router_class,
+        ),
+    )
+
+
+# The MoE families share transformers' eager expert loop (``experts_implementation="eager"``, required) and
+# a softmax top-k router; none has a shared expert.
+# Qwen3-MoE: Qwen3 attention (per-head q/k norms); routing weights renormalised when ``norm_topk_prob``.
+# ``mlp_only_layers`` / ``decoder_sparse_step`` blocks (dense Qwen3MoeMLP) are refused by class.
+_QWEN3_MOE = _sparse_moe(
+    "qwen3_moe",
+    norm_class="Qwen3MoeRMSNorm",
+    block_class="Qwen3MoeSparseMoeBlock",
+    experts_class="Qwen3MoeExperts",
+    router_class="Qwen3MoeTopKRouter",
+)
+# Mixtral: Mistral attention (the sliding window is a mask: additive, linear); routing weights always
+# renormalised and left in fp32 (the loop multiplies, then casts: same as the class's forward). The router
+# jitter (``router_jitter_noise``) multiplies the block's input by noise in training mode only; a relevance
+# pass in training mode with it set is refused like active dropout (lrp/attach.py).
+_MIXTRAL = _sparse_moe(
+    "mixtral",
+    norm_class="MixtralRMSNorm",
+    block_class="MixtralSparseMoeBlock",
+    experts_class="MixtralExperts",
+    router_class="MixtralTopKRouter",
+)
+# OLMoE: OLMo attention with q/k RMSNorms over all heads (each gets the norm rule, as in olmo2); routing
+# weights renormalised when ``norm_topk_prob`` (off in the released models). ``clip_qkv`` clamps q, k and v
+# in place: a non-linearity without a rule here, refused.
+_OLMOE = _sparse_moe(
+    "olmoe",
+    norm_class="OlmoeRMSNorm",
+    block_class="OlmoeSparseMoeBlock",
+    experts_class="OlmoeExperts",
+    router_class="OlmoeTopKRouter",
+    unsupported=MappingProxyType({"clip_qkv": "the clamp of the q/k/v projection outputs"}),
 )
 
-_GEMMA_SOFTCAP = ("attn_logit_softcapping", "final_logit_softcapping")
+_GEMMA_SOFTCAP: Mapping[str, str] = MappingProxyType(
+    {"attn_logit_softcapping": "the tanh soft-capping", "final_logit_softcapping": "the tanh soft-capping"}
+)
 # Gemma 2's forward runs tanh exactly at these two soft-cappings (its GELU-tanh is one F.gelu call).
 _GEMMA2_SOFTCAP: Mapping[str, SoftcapSite] = MappingProxyType(
     {"attn_logit_softcapping": "attention", "final_logit_softcapping": "logits"}
@@ -353,6 +405,8 @@ REGISTRY: Mapping[str, ArchitectureSpec] = MappingProxyType(
         "phi3": _PHI3,
         "gpt_neox": _GPT_NEOX,
         "qwen3_moe": _QWEN3_MOE,
+        "mixtral": _MIXTRAL,
+        "olmoe": _OLMOE,
         "gemma3_text": _llama_like(
             "gemma3_text",
             acts=_GEMMA_ACTS,
@@ -624,9 +678,9 @@ def resolve(model: nn.Module) -> ResolvedArchitecture:
 
     Raises:
         UnsupportedArchitectureError: The model type has no entry; a config option adds a
-            non-linearity without a rule (e.g. Gemma 3 logit soft-capping); attention soft-capping is
-            set on a kernel other than eager; or an activation or norm module of a class the entry does
-            not handle was found (the message names it).
+            non-linearity without a rule (e.g. Gemma 3 logit soft-capping, OLMoE's ``clip_qkv``); attention
+            soft-capping is set on a kernel other than eager; or an activation or norm module of a class the
+            entry does not handle was found (the message names it).
 
     Example:
         >>> arch = resolve(model)  # doctest: +SKIP
@@ -644,11 +698,11 @@ def resolve(model: nn.Module) -> ResolvedArchitecture:
             "hf_lrp_surgery/lrp/architectures.py with its activation and norm classes."
         )
     text_config = text_config_of(config)
-    for key in spec.unsupported_config:
+    for key, nonlinearity in spec.unsupported_config.items():
         if getattr(text_config, key, None) is not None:
             raise UnsupportedArchitectureError(
-                f"model_type {model_type!r} with {key}={getattr(text_config, key)!r}: the tanh soft-capping "
-                f"has no LRP rule in this engine; set config.{key} = None only if the model was trained without it"
+                f"model_type {model_type!r} with {key}={getattr(text_config, key)!r}: {nonlinearity} has no LRP "
+                f"rule in this engine; set config.{key} = None only if the model was trained without it"
             )
     softcaps = tuple(key for key in spec.softcapping if getattr(text_config, key, None) is not None)
     kernel = getattr(text_config, "_attn_implementation", None) or "eager"

@@ -55,6 +55,8 @@ _DROPOUT_CONFIG_KEYS = (
     "resid_pdrop",
     "embd_pdrop",
     "hidden_dropout",
+    # Mixtral's router jitter: in training mode its MoE blocks multiply their input by uniform noise.
+    "router_jitter_noise",
 )
 
 _ATTACHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -79,7 +81,7 @@ def _check_no_active_dropout(model: nn.Module) -> None:
         ]
     if active:
         raise TrainingModeError(
-            f"the model is in training mode with active dropout ({', '.join(active[:4])}"
+            f"the model is in training mode with active dropout or noise ({', '.join(active[:4])}"
             f"{', ...' if len(active) > 4 else ''}); relevance needs a deterministic forward: call "
             "model.eval() before the relevance pass (and model.train() after it)"
         )
@@ -109,7 +111,8 @@ class LRPRules:
     Raises:
         UnsupportedArchitectureError: See ``resolve``; or a mixture-of-experts model whose experts do not
             run the eager loop (see :func:`~hf_lrp_surgery.lrp.moe.check_eager_experts`).
-        TrainingModeError: The model has active dropout.
+        TrainingModeError: The model has active dropout (or, in training mode, a router jitter:
+            Mixtral's ``router_jitter_noise``).
         RulesAlreadyAttachedError: Rules are already attached to this model.
 
     Example:

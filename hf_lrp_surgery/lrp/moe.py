@@ -1,11 +1,13 @@
 """Mixture-of-experts MLPs: the router rule, expert neurons, and the taps that reach inside the expert loop.
 
-A sparse MoE MLP (Qwen3-MoE: ``Qwen3MoeSparseMoeBlock``) computes, for each token ``x``,
+A sparse MoE MLP (Qwen3-MoE's ``Qwen3MoeSparseMoeBlock``, Mixtral's ``MixtralSparseMoeBlock``, OLMoE's
+``OlmoeSparseMoeBlock``) computes, for each token ``x``,
 
     ``y = sum_k w_k(x) * down_{e_k}(act(gate_{e_k}(x)) * up_{e_k}(x))``
 
 over the router's top-k experts ``e_k``, with routing weights ``w_k(x)`` (a softmax over the router logits,
-restricted to the top k and optionally renormalised: ``norm_topk_prob``).
+restricted to the top k; renormalised to sum 1 by Mixtral always, by Qwen3-MoE and OLMoE when
+``norm_topk_prob``). Under the router rule below the normalisation makes no difference to the engine.
 
 **The router rule.** The routing weights and the top-k selection are constants of the relevance pass: the
 relevance of ``y`` flows through the expert outputs, each scaled by its (constant) routing weight, and the
@@ -26,10 +28,11 @@ never computed: it is zero).
 **Taps.** The experts' matrices are slices of two fused 3-D parameters used by ``F.linear`` inside a Python
 loop over the experts, with no module to hook. While any tap is installed on an experts module, its
 ``forward`` is an instance-level override that runs an exact copy of transformers' eager expert loop
-(the forward values are bit-identical: same operations, same order) and calls the taps on each expert's
-gated product (the neurons: collectors, the 1/2 rule, mask hooks) and on each expert's two linear outputs
-(LRP-epsilon). When the last tap is removed the override goes and the class's forward is used again.
-Only the eager experts implementation is this loop: a model loaded with another
+(the forward values are bit-identical: same operations, same order; the experts classes of the three
+families run the same loop) and calls the taps on each expert's gated product (the neurons: collectors,
+the 1/2 rule, mask hooks) and on each expert's two linear outputs (LRP-epsilon). When the last tap is
+removed the override goes and the class's forward is used again. Only the eager experts implementation is
+this loop: a model loaded with another
 (``experts_implementation="grouped_mm"``, transformers' default, or ``"batched_mm"``) is refused by name.
 """
 
@@ -111,7 +114,7 @@ def check_eager_experts(experts: nn.Module, model_type: str) -> None:
     """Refuse an experts module that does not run the eager loop (the only one the taps reproduce).
 
     Args:
-        experts: An experts module (e.g. ``Qwen3MoeExperts``).
+        experts: An experts module (``Qwen3MoeExperts``, ``MixtralExperts``, ``OlmoeExperts``).
         model_type: For the message.
 
     Raises:
@@ -189,7 +192,12 @@ def add_linear_tap(experts: nn.Module, tap: LinearTap, *, model_type: str) -> Ta
 def _tapped_forward(
     experts: Any, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """transformers' eager expert loop (``Qwen3MoeExperts.forward``, 5.x), operation for operation, with taps."""
+    """transformers' eager expert loop, operation for operation, with taps.
+
+    The loop of ``Qwen3MoeExperts.forward``, ``MixtralExperts.forward`` and ``OlmoeExperts.forward`` (5.x: the
+    same code). Mixtral's routing weights arrive in fp32 whatever the model's dtype: the product with them is
+    then fp32 and cast back by the ``.to`` before ``index_add_``, as in the class's forward.
+    """
     taps = _TAPS.get(experts) or _Taps()
     num_experts = experts.num_experts
     final_hidden_states = torch.zeros_like(hidden_states)
