@@ -38,7 +38,7 @@ from correction_bench import chosen_behaviour, reference_sets
 
 from hf_lrp_surgery.carriers import apply_masks
 from hf_lrp_surgery.correction import GeneralBaseline, GeneralLimits, recipe_split
-from hf_lrp_surgery.evaluation import generate, induction_sequences, next_token_kl
+from hf_lrp_surgery.evaluation import generate, induction_sequences
 from hf_lrp_surgery.io import write_json_atomic
 from hf_lrp_surgery.masks import select
 from hf_lrp_surgery.models import DEFAULT_MODEL, load_model
@@ -125,11 +125,10 @@ def main() -> None:
                 cost = general.cost(model, candidate, tokenizer, limits)
                 row.update(kl=cost.kl, induction_increase=cost.induction_increase, exceeded=list(cost.exceeded))
                 row["perplexity_increases"] = dict(cost.perplexity_increases)
+                cheap = [e for e in cost.exceeded if e in ("kl", "induction")]
             else:
-                row["kl"] = next_token_kl(model, candidate, tokenizer, general.prompts, progress=False)
-                row["induction_increase"] = general.probe(candidate, tokenizer)[1]
-            cheap_ok = row["kl"] <= limits.max_kl and row["induction_increase"] <= limits.max_induction_increase
-            row["within_cheap_limits"] = cheap_ok
+                row["kl"], row["induction_increase"], cheap = general.screen(model, candidate, tokenizer, limits)
+            cheap_ok = row["within_cheap_limits"] = not cheap
             if cheap_ok or args.all_effects:
                 effect = behaviour.measure(
                     generate(candidate, tokenizer, validation, behaviour.decoding, progress=False)

@@ -18,7 +18,7 @@ from hf_lrp_surgery.correction.behaviours import BEHAVIOURS, CHAT_TEMPLATE_OPTIO
 from hf_lrp_surgery.correction.paired import paired_contrast_sets
 from hf_lrp_surgery.correction.search import FrontierPoint, GeneralBaseline, GeneralCost, GeneralLimits, budget_search
 from hf_lrp_surgery.correction.tradeoff import ScoreKey, TradeoffResult, TradeoffSpace, TrialMeasure, tradeoff_search
-from hf_lrp_surgery.evaluation import generate, next_token_kl, wilson_interval
+from hf_lrp_surgery.evaluation import generate, wilson_interval
 from hf_lrp_surgery.exceptions import BudgetError
 from hf_lrp_surgery.io import atomic_directory, check_output
 from hf_lrp_surgery.lrp.architectures import resolve
@@ -504,12 +504,10 @@ def _tradeoff(
         effect = behaviour.measure(
             generate(candidate, tokenizer, validation_prompts, behaviour.decoding, progress=False)
         )
-        kl = next_token_kl(model, candidate, tokenizer, general.prompts, progress=False)
         # The induction probe is cheap: every trial is held to it, so the sampler learns where copying breaks
         # instead of proposing corrections that only the confirmation refuses.
-        _, rise = general.probe(candidate, tokenizer)
-        within = kl <= limits.max_kl and (rise is None or rise <= limits.max_induction_increase)
-        return TrialMeasure(effect, kl, within, {} if rise is None else {"induction_increase": rise})
+        kl, rise, exceeded = general.screen(model, candidate, tokenizer, limits)
+        return TrialMeasure(effect, kl, not exceeded, {} if rise is None else {"induction_increase": rise})
 
     def confirm(mask: Mask) -> TrialMeasure:
         cost = general.cost(model, apply_masks(model, mask, "bake").model, tokenizer, limits)

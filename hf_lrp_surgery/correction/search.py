@@ -364,6 +364,32 @@ class GeneralBaseline:
             exceeded.append("induction")
         return GeneralCost(kl, perplexities, increases, probe, rise, tuple(exceeded))
 
+    def screen(
+        self, original: nn.Module, candidate: nn.Module, tokenizer: Any, limits: GeneralLimits
+    ) -> tuple[float, float | None, tuple[str, ...]]:
+        """The cheap part of :meth:`cost`: KL and the induction probe only (no perplexity), against ``limits``.
+
+        What the trade-off search holds every trial to; :meth:`cost` confirms the best ones on every domain.
+
+        Args:
+            original: The model this baseline measured.
+            candidate: A corrected copy.
+            tokenizer: Their tokenizer.
+            limits: The limits to check (their perplexity limit is not).
+
+        Returns:
+            ``(kl, induction increase or None, limits exceeded among "kl" and "induction")``.
+
+        Example:
+            >>> kl, rise, exceeded = general.screen(model, corrected, tokenizer, GeneralLimits())  # doctest: +SKIP
+        """
+        kl = next_token_kl(original, candidate, tokenizer, self.prompts, progress=False)
+        _, rise = self.probe(candidate, tokenizer)
+        exceeded = ["kl"] if kl > limits.max_kl else []
+        if rise is not None and rise > limits.max_induction_increase:
+            exceeded.append("induction")
+        return kl, rise, tuple(exceeded)
+
     def probe(
         self, candidate: nn.Module, tokenizer: Any, *, progress: bool = False
     ) -> tuple[InductionResult | None, float | None]:
