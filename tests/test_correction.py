@@ -566,3 +566,35 @@ def test_the_recipe_runs_the_tradeoff_search_and_measures_only_the_chosen_point_
     args = build_parser().parse_args(shlex.split(command)[1:])
     assert args.search and args.trials == 6 and args.search_methods == ["lrp", "activation", "aura"]
     assert args.neuron_range == [1, 8] and args.head_range == [1, 2]
+
+
+def test_a_dampened_choice_of_the_search_is_the_mask_measured_held_out_and_saved(
+    model: torch.nn.Module, tmp_path: Path
+) -> None:
+    """The held-out split measures the soft mask the search chose, not a hard mask of the same units."""
+    from hf_lrp_surgery.correction.tradeoff import TradeoffSpace
+
+    space = TradeoffSpace(
+        methods=("lrp",),
+        budgets={"neurons": (2, 6)},
+        normalizations=("total",),
+        protect_tops=(0.0,),
+        dampenings=("relevance",),
+    )
+    run_recipe(
+        model,
+        tiny_tokenizer(),
+        detox_behaviour(BAD, max_new_tokens=4, protocol_samples=0),
+        tmp_path / "soft",
+        search=space,
+        trials=3,
+        limits=GeneralLimits(1e9, 1e9, 1e9),
+        side_effects=(),
+        general_passages=1,
+        progress=False,
+    )
+    report = json.loads((tmp_path / "soft" / "report.json").read_text())
+    chosen = report["tradeoff"]["chosen"]
+    assert chosen["dampen"] == "relevance" and report["settings"]["dampen"] == "relevance"
+    mask = Mask.load(tmp_path / "soft" / "mask")
+    assert mask.soft and mask.count == chosen["budget"] and mask.dampened > 0

@@ -293,6 +293,9 @@ def test_decoding_settings_are_validated() -> None:
             DecodingSettings(**bad)
     with pytest.raises(ValueError, match="do_sample"):
         DecodingSettings(num_return_sequences=2)
+    # Unless given, greedy decoding batches 64 prompts and sampling 16 (its draws follow the batches).
+    assert DecodingSettings().batch_size == 64 and settings.batch_size == 16
+    assert DecodingSettings(batch_size=5).to_dict()["batch_size"] == 5
 
 
 def test_greedy_generation_equals_single_unpadded_prompts(model, tokenizer) -> None:

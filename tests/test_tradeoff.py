@@ -41,7 +41,7 @@ def _search(model, calls, **keywords):
     return tradeoff_search(
         space,
         scores_for,
-        _landscape,
+        keywords.pop("evaluate", _landscape),
         primary="rate",
         lower_is_better=True,
         baseline={"rate": 0.5},
@@ -255,3 +255,32 @@ def test_the_command_line_searches_constant_dampening_and_the_card_spells_it_bac
     with pytest.raises(SystemExit):
         build_parser().parse_args(["fix-repetition", "--search", "--search-dampenings", "1.5"])
     assert "give none, relevance, aura or a scale in [0, 1)" in capsys.readouterr().err
+
+
+def test_a_trial_the_cheap_limits_refuse_is_not_measured_and_stays_off_the_front(model, tmp_path):
+    """An evaluation may refuse a mask on KL before measuring its behaviour; the search never chooses it."""
+    measured: list[int] = []
+
+    def screened(mask: Mask) -> TrialMeasure:
+        full = _landscape(mask)
+        if not full.within_limits:
+            return TrialMeasure({}, full.kl, False, {"refused_by": ["kl"]})
+        measured.append(mask.count)
+        return full
+
+    result = _search(model, [], trials=25, start_budgets={"neurons": [10, 60]})
+    again = _search(model, [], trials=25, start_budgets={"neurons": [10, 60]}, evaluate=screened)
+    refused = [p for p in again.points if not p.measured]
+    assert refused, "no trial was over the limit: the test would pass without the screen"
+    assert all(not p.within_limits and not p.pareto and p.effect == {} for p in refused)
+    assert len(measured) == len({p.choice for p in again.points if p.measured})
+    assert again.chosen is not None and again.chosen.measured
+    # Within the limits the same points are measured the same way as without the screen.
+    full = {p.choice: p.effect for p in result.points if p.within_limits}
+    assert all(full[p.choice] == p.effect for p in again.points if p.measured and p.choice in full)
+    # The saved result and its plot keep the refused trials.
+    data = TradeoffResult.load_dict(again.save(tmp_path))
+    assert sum(not point["effect"] for point in data["points"]) == len(refused)
+    # A measure within the limits must carry the behaviour.
+    with pytest.raises(ValueError, match="primary metric"):
+        _search(model, [], trials=1, evaluate=lambda mask: TrialMeasure({}, 0.0, True))

@@ -339,7 +339,7 @@ def run_recipe(
         picked = tradeoff.chosen.choice if tradeoff.chosen is not None else None
         if picked is not None:
             scoring = replace(scoring, method=picked.method, components=(picked.granularity,))
-            selection = replace(selection, granularity=picked.granularity)
+            selection = replace(selection, granularity=picked.granularity, dampen=picked.dampen)
             contrast = picked.contrast
         scores = score_of(ScoreKey(scoring.method, selection.granularity), contrast)
 
@@ -501,13 +501,16 @@ def _tradeoff(
 
     def evaluate(mask: Mask) -> TrialMeasure:
         candidate = apply_masks(model, mask, "bake").model
+        # KL and the induction probe are cheap: every trial is held to them first, so the sampler learns where
+        # copying breaks, and a correction they refuse costs no generation (most of a trial's time).
+        kl, rise, exceeded = general.screen(model, candidate, tokenizer, limits)
+        details: dict[str, Any] = {} if rise is None else {"induction_increase": rise}
+        if exceeded:
+            return TrialMeasure({}, kl, False, {**details, "refused_by": list(exceeded)})
         effect = behaviour.measure(
             generate(candidate, tokenizer, validation_prompts, behaviour.decoding, progress=False)
         )
-        # The induction probe is cheap: every trial is held to it, so the sampler learns where copying breaks
-        # instead of proposing corrections that only the confirmation refuses.
-        kl, rise, exceeded = general.screen(model, candidate, tokenizer, limits)
-        return TrialMeasure(effect, kl, not exceeded, {} if rise is None else {"induction_increase": rise})
+        return TrialMeasure(effect, kl, True, details)
 
     def confirm(mask: Mask) -> TrialMeasure:
         cost = general.cost(model, apply_masks(model, mask, "bake").model, tokenizer, limits)

@@ -226,7 +226,9 @@ class TrialMeasure:
     """What an evaluation of one mask measured.
 
     Attributes:
-        effect: The behaviour metrics on the validation prompts.
+        effect: The behaviour metrics on the validation prompts; empty when a cheap check of the limits already
+            refused the mask and its behaviour was not measured (a search trial's ``within_limits`` is then
+            ``False``), and in a confirmation, which measures only the limits.
         kl: KL(original || corrected) on the general prompts.
         within_limits: Whether the limits this evaluation checks hold.
         details: Its other figures (kept in the report).
@@ -246,11 +248,11 @@ class TradeoffPoint:
         trial: Optuna's trial number.
         choice: The correction.
         budget: Components pruned (as measured; equals ``choice.budget``).
-        effect: The behaviour metrics on the validation prompts.
+        effect: The behaviour metrics on the validation prompts (empty: refused before its behaviour was measured).
         kl: KL(original || corrected) on the general prompts.
         within_limits: Whether the general-behaviour limits held (the confirmed check where one ran:
             ``details["confirmed"]``).
-        pareto: On the Pareto front of (behaviour, KL) among all trials.
+        pareto: On the Pareto front of (behaviour, KL) among the trials whose behaviour was measured.
         details: The rest of the evaluation's general-behaviour figures.
     """
 
@@ -261,6 +263,11 @@ class TradeoffPoint:
     within_limits: bool
     pareto: bool = False
     details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def measured(self) -> bool:
+        """Whether its behaviour was measured (``False``: the cheap limits refused it first)."""
+        return bool(self.effect)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (``report.json``, ``tradeoff.json``)."""
@@ -390,7 +397,9 @@ def tradeoff_search(
             should cache the per-set relevance of each :class:`ScoreKey` (the expensive part); the search
             calls it once per distinct ``(key, contrast)`` pair.
         evaluate: Measures a mask on the validation prompts (every trial): the behaviour and the KL, with
-            ``within_limits`` saying whether the limits it measured hold.
+            ``within_limits`` saying whether the limits it measured hold. It may check the cheap limits first
+            and leave ``effect`` empty for a mask they refuse: the sampler then sees the baseline's behaviour
+            at that KL (no gain) with the constraint broken, and the point stays off the front.
         primary: The behaviour metric to optimise (a key of ``effect``).
         lower_is_better: Its direction.
         baseline: The uncorrected model's metrics on the validation prompts.
@@ -412,7 +421,8 @@ def tradeoff_search(
 
     Raises:
         ValueError: ``trials`` < 1, a method scores none of the searched granularities, or ``primary`` is
-            missing from an evaluation's effect.
+            missing from the effect of an evaluation that measured one or found the mask within the limits, or
+            from ``baseline`` when an evaluation left the effect unmeasured.
 
     Example:
         >>> result = tradeoff_search(space, scores_for, evaluate, primary="toxicity_rate",  # doctest: +SKIP
@@ -471,15 +481,21 @@ def tradeoff_search(
             started = time.perf_counter()
             result = evaluate(mask)
             spent.append(time.perf_counter() - started)
-            if primary not in result.effect:
+            if (result.effect or result.within_limits) and primary not in result.effect:
                 raise ValueError(f"the evaluation measured {sorted(result.effect)}, not the primary metric {primary!r}")
+            if not result.effect and primary not in baseline:
+                raise ValueError(
+                    f"an evaluation refused a mask unmeasured, and the baseline holds {sorted(baseline)}, not the "
+                    f"primary metric {primary!r} that stands in for it; give the uncorrected model's {primary!r}"
+                )
             measured[choice] = TradeoffPoint(
                 trial.number, choice, dict(result.effect), result.kl, result.within_limits, details=dict(result.details)
             )
         order.append((trial.number, choice))
         point = measured[choice]
         trial.set_constraint("general_limits", -1.0 if point.within_limits else 1.0)
-        return _objectives(point.effect[primary], point.kl, lower_is_better)
+        effect = point.effect[primary] if point.measured else baseline[primary]  # refused: no gain, at its KL
+        return _objectives(effect, point.kl, lower_is_better)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, trials))
@@ -526,7 +542,7 @@ def tradeoff_search(
             if check.within_limits:
                 chosen = point.choice
                 break
-    objectives = {c: _objectives(p.effect[primary], p.kl, lower_is_better) for c, p in measured.items()}
+    objectives = {c: _objectives(p.effect[primary], p.kl, lower_is_better) for c, p in measured.items() if p.measured}
     front = {c for c, o in objectives.items() if not any(_dominates(other, o) for other in objectives.values())}
     points = [replace(measured[c], trial=number, pareto=c in front) for number, c in order]
     first: dict[TrialChoice, TradeoffPoint] = {}
@@ -560,8 +576,9 @@ def plot_tradeoff(result: TradeoffResult, path: str | Path) -> Path:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     unique = list({p.choice: p for p in result.points}.values())
-    for i, method in enumerate(sorted({p.choice.method for p in unique})):
-        mine = [p for p in unique if p.choice.method == method]
+    measured = [p for p in unique if p.measured]
+    for i, method in enumerate(sorted({p.choice.method for p in measured})):
+        mine = [p for p in measured if p.choice.method == method]
         ax.scatter(
             [max(p.kl, 1e-6) for p in mine],
             [p.effect[result.primary] for p in mine],
@@ -590,11 +607,20 @@ def plot_tradeoff(result: TradeoffResult, path: str | Path) -> Path:
             zorder=5,
             label="chosen",
         )
+    refused = [p for p in unique if not p.measured]
+    if refused:  # drawn at the uncorrected behaviour: nothing was measured but their KL
+        ax.scatter(
+            [max(p.kl, 1e-6) for p in refused],
+            [result.baseline[result.primary]] * len(refused),
+            marker="x",
+            color="grey",
+            label="refused by KL / probe (behaviour not measured)",
+        )
     if result.primary in result.baseline:
         ax.axhline(result.baseline[result.primary], color="grey", lw=1, label="uncorrected")
     ax.set_xscale("log")
     ax.set_xlabel("KL(original || corrected), validation")
     ax.set_ylabel(result.primary)
-    ax.set_title(f"trade-off search: {len(unique)} corrections measured")
+    ax.set_title(f"trade-off search: {len(unique)} corrections, {len(measured)} within the cheap limits")
     ax.legend(fontsize=8)
     return save_figure(fig, path)

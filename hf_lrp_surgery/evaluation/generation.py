@@ -23,6 +23,10 @@ from hf_lrp_surgery.exceptions import EvaluationError, MissingChatTemplateError,
 __all__ = ["DecodingSettings", "Generation", "generate", "prompt_ids"]
 
 
+#: Prompts per ``model.generate`` call unless given: greedy decoding, sampling (see :class:`DecodingSettings`).
+_GREEDY_BATCH, _SAMPLED_BATCH = 64, 16
+
+
 @dataclass(frozen=True)
 class DecodingSettings:
     """How continuations are generated; recorded with every measurement (see :meth:`to_dict`).
@@ -34,7 +38,10 @@ class DecodingSettings:
         top_p: Nucleus sampling mass in (0, 1]; only used when sampling. No top-k filter is applied.
         num_return_sequences: Continuations per prompt; more than one needs ``do_sample=True``.
         seed: Seed of the random generator when sampling (the global generator state is restored after).
-        batch_size: Prompts per ``model.generate`` call.
+        batch_size: Prompts per ``model.generate`` call (default: 64 when decoding greedily — on 2 CPU cores
+            SmolLM2-135M generates 64 prompts in 20 s at 64 against 32-40 s at 16, with the same continuations —
+            and 16 when sampling, whose rows are 16 x ``num_return_sequences`` and whose random draws follow
+            the batches).
         use_chat_template: Wrap each prompt as a user message with the tokenizer's chat template (and
             a generation prompt) before tokenising.
 
@@ -53,10 +60,12 @@ class DecodingSettings:
     top_p: float = 1.0
     num_return_sequences: int = 1
     seed: int = 0
-    batch_size: int = 16
+    batch_size: int | None = None
     use_chat_template: bool = False
 
     def __post_init__(self) -> None:
+        if self.batch_size is None:
+            object.__setattr__(self, "batch_size", _SAMPLED_BATCH if self.do_sample else _GREEDY_BATCH)
         for name in ("max_new_tokens", "num_return_sequences", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -243,11 +252,11 @@ def generate(
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
     per_prompt: list[list[Generation]] = [[] for _ in prompts]
     seeded = _seeded(settings.seed, device) if settings.do_sample else contextlib.nullcontext()
+    batch = cast(int, settings.batch_size)  # resolved when the settings were made
     with torch.no_grad(), eval_mode(model), seeded:
-        for start in tqdm(
-            range(0, len(order), settings.batch_size), desc="generate", unit="batch", disable=not progress, leave=False
-        ):
-            indices = order[start : start + settings.batch_size]
+        batches = range(0, len(order), batch)
+        for start in tqdm(batches, desc="generate", unit="batch", disable=not progress, leave=False):
+            indices = order[start : start + batch]
             input_ids, attention_mask = pad([encoded[i] for i in indices], pad_id, "left", device)
             # ``generate`` comes from transformers' GenerationMixin, which nn.Module's type does not know.
             output = cast(Any, model).generate(
