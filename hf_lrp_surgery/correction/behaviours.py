@@ -473,15 +473,18 @@ def sampled(decoding: DecodingSettings, samples: int) -> DecodingSettings:
     """The settings that sample ``samples`` continuations per prompt (top-p 0.95) for the paired sets.
 
     Args:
-        decoding: The behaviour's evaluation settings (length and chat template are kept).
+        decoding: The behaviour's evaluation settings (length, chat template and prompts per batch are kept:
+            greedy settings batch 64 prompts by default, so the paired sets sample 64 prompts x ``samples`` rows
+            per call, and their seeded draws follow those batches; the recipes' published sets were made so).
         samples: Continuations per prompt.
 
     Returns:
         The sampling settings.
 
     Example:
-        >>> sampled(DecodingSettings(max_new_tokens=8), 4).num_return_sequences
-        4
+        >>> settings = sampled(DecodingSettings(max_new_tokens=8), 4)
+        >>> settings.num_return_sequences, settings.batch_size
+        (4, 64)
     """
     return replace(decoding, do_sample=True, top_p=0.95, num_return_sequences=samples)
 
